@@ -1,0 +1,180 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fla_mesa.ops.mesa.naive import naive_chunk_mesa_bwd, naive_chunk_mesa_fwd, pad_varlen, unpad_varlen
+from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, use_triton
+
+
+def _use_triton_path(q: torch.Tensor) -> bool:
+    # FLA_MESA_BACKEND=torch forces the PyTorch path (tests use it to check both paths in one process)
+    backend = os.environ.get('FLA_MESA_BACKEND', 'auto')
+    return backend != 'torch' and use_triton(q) and q.dtype != torch.float64 and _triton_chunk is not None
+
+
+try:
+    from fla_mesa.ops.mesa import chunk_triton as _triton_chunk
+except ImportError:
+    _triton_chunk = None
+
+
+def chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
+    dtype = compute_dtype(q)
+    q, k, v, g, beta, lamb = (x.to(dtype) for x in (q, k, v, g, beta, lamb))
+    if cu_seqlens is not None:
+        q, k, v, g, beta = (pad_varlen(x, cu_seqlens) for x in (q, k, v, g, beta))
+    o, x, steps, final = naive_chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size)
+    if cu_seqlens is not None:
+        o, x, steps = (unpad_varlen(t, cu_seqlens) for t in (o, x, steps))
+    return o, x, steps, final
+
+
+def chunk_mesa_bwd_torch(
+    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
+):
+    dtype = x.dtype
+    k, v, g, beta, lamb, do = (t.to(dtype) for t in (k, v, g, beta, lamb, do))
+    if cu_seqlens is not None:
+        x, do, k, v, g, beta = (pad_varlen(t, cu_seqlens) for t in (x, do, k, v, g, beta))
+    grads = naive_chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size)
+    dq, dk, dv, dg, dbeta, dlamb, dh0 = grads
+    if cu_seqlens is not None:
+        dq, dk, dv, dg, dbeta = (unpad_varlen(t, cu_seqlens) for t in (dq, dk, dv, dg, dbeta))
+    return dq, dk, dv, dg, dbeta, dlamb, dh0
+
+
+class ChunkMesaFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(
+        ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
+        chunk_size,
+    ):
+        initial_state = None if h0_kk is None else (h0_kk, h0_kv)
+        args = (cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size)
+        triton = _use_triton_path(q)
+        fwd = _triton_chunk.chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
+        o, x, steps, (ht_kk, ht_kv) = fwd(q, k, v, g, beta, lamb, initial_state, *args)
+        ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens)
+        ctx.args, ctx.triton, ctx.q_dtype = args, triton, q.dtype
+        ctx.mark_non_differentiable(steps)
+        if not output_final_state:
+            ht_kk = ht_kv = None
+        return o.to(v.dtype), ht_kk, ht_kv, steps
+
+    @staticmethod
+    def backward(ctx, do, dht_kk, dht_kv, dsteps):
+        x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens = ctx.saved_tensors
+        cg_max_steps, cg_tol, precondition, _, chunk_size = ctx.args
+        initial_state = None if h0_kk is None else (h0_kk, h0_kv)
+        dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
+        bwd = _triton_chunk.chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
+        dq, dk, dv, dg, dbeta, dlamb, dh0 = bwd(
+            x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
+        )
+        dh0_kk, dh0_kv = (None, None) if dh0 is None else (dh0[0].to(h0_kk), dh0[1].to(h0_kv))
+        return (
+            dq.to(ctx.q_dtype), dk.to(k), dv.to(v), dg.to(g), dbeta.to(beta),
+            dlamb.to(lamb), dh0_kk, dh0_kv, None, None, None, None, None, None,
+        )
+
+
+@torch.compiler.disable
+def chunk_mesa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    lamb: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cg_max_steps: int = 30,
+    cg_tol: float | None = 1e-4,
+    precondition: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    return_cg_steps: bool = False,
+    chunk_size: int = 64,
+):
+    r"""
+    The Mesa layer, chunkwise in parallel over time, for training and prefill.
+    Per head, `o_t = S_tᵀ (H_t + Λ)⁻¹ q_t` with `H_t = γ_t H_{t-1} + β_t k_t k_tᵀ`, `S_t = γ_t S_{t-1} + β_t k_t v_tᵀ`,
+    `γ_t = exp(g_t)`, the solve done by conjugate gradient. The backward differentiates the solve implicitly
+    (an adjoint CG solve), never through the CG iterations.
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, T, H, K]`.
+        k (torch.Tensor):
+            keys of shape `[B, T, H, K]`.
+        v (torch.Tensor):
+            values of shape `[B, T, H, V]`; `V` may differ from `K`.
+        g (torch.Tensor):
+            log-decays `log γ_t <= 0` of shape `[B, T, H]`.
+        beta (torch.Tensor):
+            write strengths of shape `[B, T, H]`.
+        lamb (torch.Tensor):
+            the ridge `Λ`, positive, of shape `[H, K]`.
+        initial_state (Tuple[torch.Tensor, torch.Tensor], Optional):
+            `(h_kk [N, H, K, K], h_kv [N, H, K, V])` in float32, `N` the batch size, or the number of sequences
+            when `cu_seqlens` is given. Default: `None` (zeros).
+        output_final_state (bool, Optional):
+            whether to return the final state, in the layout of `initial_state`. Default: `False`.
+        cg_max_steps (int, Optional):
+            at most this many CG iterations per token; `0` skips the solve (`q* = q`: gated linear attention,
+            the paper's k = 0). Default: `30` (the paper's setting).
+        cg_tol (float, Optional):
+            a token stops once its relative residual `||b - A x|| / ||b||` is at most `cg_tol`; `None` runs every
+            token for `cg_max_steps`. The backward's adjoint solve uses the same rule. Default: `1e-4`, which
+            the paper found to match 30 fixed steps at about 9 steps on average.
+        precondition (bool, Optional):
+            Jacobi-preconditioned CG (with `diag(H_t) + Λ`). Default: `False` (the paper's plain CG).
+        cu_seqlens (torch.LongTensor, Optional):
+            cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
+        use_qk_l2norm_in_kernel (bool, Optional):
+            L2-normalise q and k inside the op. Default: `False`.
+        return_cg_steps (bool, Optional):
+            also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
+        chunk_size (int, Optional):
+            16, 32 or 64. Default: `64`.
+
+    Returns:
+        o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
+        final_state (Tuple[torch.Tensor, torch.Tensor]): the final state if `output_final_state`, else `None`.
+        cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps`.
+
+    Examples::
+        >>> import torch, torch.nn.functional as F
+        >>> from fla_mesa.ops.mesa import chunk_mesa
+        >>> B, T, H, K, V = 2, 100, 4, 64, 32
+        >>> q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+        >>> v = torch.randn(B, T, H, V)
+        >>> g = F.logsigmoid(torch.randn(B, T, H) + 4)
+        >>> beta = torch.rand(B, T, H)
+        >>> lamb = torch.full((H, K), 1.0)
+        >>> o, (h_kk, h_kv) = chunk_mesa(q, k, v, g, beta, lamb, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        # varlen: pack the sequences into one row and pass their boundaries
+        >>> from einops import rearrange
+        >>> cu_seqlens = torch.tensor([0, 100, 200])
+        >>> o_var, _ = chunk_mesa(*(rearrange(x, 'b t ... -> 1 (b t) ...') for x in (q, k, v, g, beta)), lamb,
+        ...                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+    """
+    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, chunk_size)
+    if use_qk_l2norm_in_kernel:
+        if _use_triton_path(q):
+            from fla.modules.l2norm import l2norm as l2norm_triton
+            q, k = l2norm_triton(q), l2norm_triton(k)
+        else:
+            q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
+    h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
+    o, ht_kk, ht_kv, steps = ChunkMesaFunction.apply(
+        q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
+        chunk_size,
+    )
+    final_state = (ht_kk, ht_kv) if output_final_state else None
+    return (o, final_state, steps) if return_cg_steps else (o, final_state)

@@ -1,0 +1,70 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The project's conjugate gradient solver in PyTorch (README.md, "The solver")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def cg_solve(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    diag: torch.Tensor,
+    max_steps: int,
+    tol: float | None = None,
+    precondition: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Solves `A x = b` row by row for a batch of SPD systems given only `matvec(p) = A p`.
+
+    Args:
+        matvec (Callable):
+            Maps `p [..., K]` to `A p [..., K]`, each row with its own matrix.
+        b (torch.Tensor):
+            Right-hand sides `[..., K]`.
+        diag (torch.Tensor):
+            `diag(A)` `[..., K]`, positive; gives the Jacobi start `x0 = b / diag` and the preconditioner.
+        max_steps (int):
+            At most this many iterations; 0 returns the Jacobi start.
+        tol (float, Optional):
+            A row stops once `||r|| <= tol * ||b||`. `None` runs every row for `max_steps` steps
+            (a row whose residual is exactly zero still stops).
+        precondition (bool):
+            Jacobi-preconditioned CG. Default: `False`.
+
+    Returns:
+        x (torch.Tensor): `[..., K]`, the solution.
+        steps (torch.Tensor): `[...]` int32, iterations each row ran.
+    """
+    # normalise each right-hand side: results and step counts do not depend on the scale of b
+    s = b.norm(dim=-1, keepdim=True)
+    nonzero = s > 0
+    b = b / torch.where(nonzero, s, torch.ones_like(s))
+    tol2 = 0.0 if tol is None else float(tol) ** 2
+
+    x = b / diag
+    r = b - matvec(x)
+    z = r / diag if precondition else r
+    p = z
+    rz = (r * z).sum(-1, keepdim=True)
+    active = nonzero & ((r * r).sum(-1, keepdim=True) > tol2)
+    steps = torch.zeros_like(s, dtype=torch.int32)
+    for _ in range(max_steps):
+        if not active.any():
+            break
+        w = matvec(p)
+        pw = (p * w).sum(-1, keepdim=True)
+        # exact zeros are the only guard: no absolute epsilon
+        alpha = torch.where(active & (pw > 0), rz / torch.where(pw > 0, pw, torch.ones_like(pw)), torch.zeros_like(pw))
+        x = x + alpha * p
+        r = r - alpha * w
+        z = r / diag if precondition else r
+        rz_new = (r * z).sum(-1, keepdim=True)
+        ratio = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        p = z + ratio * p
+        rz = torch.where(active, rz_new, rz)
+        steps += active.to(torch.int32)
+        active = active & ((r * r).sum(-1, keepdim=True) > tol2)
+    return x * s, steps.squeeze(-1)

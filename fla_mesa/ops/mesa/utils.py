@@ -1,0 +1,120 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""Input validation and small helpers shared by every Mesa path."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter."""
+    return x.is_cuda or (x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET', '0') == '1')
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Solver and state dtype: float64 only for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's l2norm (x / sqrt(sum x² + eps)) in PyTorch, for the paths that run no Triton."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def _shape(x) -> str:
+    return 'None' if x is None else str(tuple(x.shape))
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    lamb: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None,
+    cu_seqlens: torch.Tensor | None,
+    cg_max_steps: int,
+    cg_tol: float | None,
+    chunk_size: int | None = None,
+) -> int:
+    """Checks the arguments of `chunk_mesa`/`fused_recurrent_mesa`; returns N, the number of sequences."""
+    tensors = dict(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb)
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
+    devices = {name: x.device for name, x in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    if q.dim() != 4:
+        raise ValueError(f"`q` must have shape [B, T, H, K], got {_shape(q)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"`k` must have the shape of `q` {_shape(q)}, got {_shape(k)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"`v` must have shape [B, T, H, V] = [{B}, {T}, {H}, V], got {_shape(v)}")
+    for name, x in (('g', g), ('beta', beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"`{name}` must have shape [B, T, H] = {tuple(q.shape[:3])}, got {_shape(x)}")
+    if lamb.shape != (H, K):
+        raise ValueError(f"`lamb` must have shape [H, K] = ({H}, {K}), got {_shape(lamb)}")
+    # a data-dependent check (one sync); a non-positive lamb makes H + Λ singular
+    if T == 0 or H == 0 or K == 0 or v.shape[-1] == 0:
+        raise ValueError(f"empty inputs are not supported: q {_shape(q)}, v {_shape(v)}")
+    # data-dependent checks in one device sync: Λ > 0 keeps H + Λ positive definite, g <= 0 keeps γ in (0, 1]
+    lmin, gmax = torch.stack([lamb.detach().min().float(), g.detach().max().float()]).tolist()
+    if not lmin > 0:
+        raise ValueError(f"`lamb` must be positive everywhere, got min(lamb) = {lmin}")
+    if not gmax <= 0:
+        raise ValueError(f"`g` is a log-decay and must be <= 0 everywhere (and not NaN), got max(g) = {gmax}")
+    if not isinstance(cg_max_steps, int) or isinstance(cg_max_steps, bool) or cg_max_steps < 0:
+        raise ValueError(f"`cg_max_steps` must be a non-negative int, got {cg_max_steps!r}")
+    if cg_tol is not None and (not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < 1):
+        raise ValueError(f"`cg_tol` must be None or a float in [0, 1), got {cg_tol!r}")
+    if chunk_size is not None and chunk_size not in (16, 32, 64):
+        raise ValueError(f"`chunk_size` must be 16, 32 or 64, got {chunk_size!r}")
+
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"`cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
+            raise ValueError(
+                f"`cu_seqlens` must be a 1-D int32/int64 tensor, got dtype {cu_seqlens.dtype}, shape {_shape(cu_seqlens)}"
+            )
+        if B != 1:
+            raise ValueError(
+                f"The batch size is expected to be 1 rather than {B} when using `cu_seqlens`. "
+                f"Please flatten variable-length inputs before processing."
+            )
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"`cu_seqlens` must be on {q.device}, got {cu_seqlens.device}")
+        cu = cu_seqlens.tolist()
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {cu}")
+        N = len(cu) - 1
+
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError("`initial_state` must be a pair (h_kk [N, H, K, K], h_kv [N, H, K, V])")
+        h_kk, h_kv = initial_state
+        V = v.shape[-1]
+        for name, h, shape in (('h_kk', h_kk, (N, H, K, K)), ('h_kv', h_kv, (N, H, K, V))):
+            if not isinstance(h, torch.Tensor):
+                raise TypeError(f"`initial_state` {name} must be a torch.Tensor, got {type(h).__name__}")
+            if tuple(h.shape) != shape:
+                raise ValueError(
+                    f"`initial_state` {name} must have shape {shape} (N = {N} "
+                    f"{'sequences in cu_seqlens' if cu_seqlens is not None else '= batch size'}), got {_shape(h)}"
+                )
+            if h.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"`initial_state` {name} must be float32 (or float64), got {h.dtype}")
+            if h.device != q.device:
+                raise ValueError(f"`initial_state` {name} must be on {q.device}, got {h.device}")
+    return N
