@@ -49,7 +49,7 @@ def cg_solve(
     z = r / diag if precondition else r
     p = z
     rz = (r * z).sum(-1, keepdim=True)
-    active = nonzero & ((r * r).sum(-1, keepdim=True) > tol2)
+    active = nonzero & ((r * r).sum(-1, keepdim=True) > tol2) & (rz > 0)
     steps = torch.zeros_like(s, dtype=torch.int32)
     for _ in range(max_steps):
         if not active.any():
@@ -66,5 +66,6 @@ def cg_solve(
         p = z + ratio * p
         rz = torch.where(active, rz_new, rz)
         steps += active.to(torch.int32)
-        active = active & ((r * r).sum(-1, keepdim=True) > tol2)
+        # rᵀz can underflow to 0 before rᵀr does: a row stops there too, before 0/0 reaches p
+        active = active & ((r * r).sum(-1, keepdim=True) > tol2) & (rz > 0)
     return x * s, steps.squeeze(-1)

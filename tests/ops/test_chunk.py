@@ -1,0 +1,161 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""`chunk_mesa`, forward and implicit backward, against the float64 exact solve.
+
+Tolerances follow FlashAttention's rule: in float32 an output or gradient may be off the float64 truth by at most
+twice what the exact reference itself loses when run in float32 (a dense `torch.linalg.solve`), with a floor of
+2e-6 for cases where that reference happens to be nearly exact. Runs with `cg_tol=1e-4` are checked against the
+error the tolerance allows, `κ(A)·1e-4`, bounded here by 2e-3.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
+from fla_mesa.ops.mesa import chunk as chunk_module
+from tests.utils import make_inputs, rel_err, run_with_grads
+
+BACKENDS = ['torch']
+if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
+    BACKENDS.append('triton')
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv('FLA_MESA_BACKEND', 'torch' if request.param == 'torch' else 'auto')
+    return request.param
+
+
+def upstream(B, T, H, V, K, scale, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64) * scale
+    dht = (torch.randn(B, H, K, K, generator=gen, dtype=torch.float64) * scale,
+           torch.randn(B, H, K, V, generator=gen, dtype=torch.float64) * scale)
+    return do, dht
+
+
+def compare(inputs64, do, dht, backend_kwargs, scale_note=''):
+    """Errors of chunk_mesa in float32 and of the exact reference in float32, both against float64."""
+    ref = run_with_grads(naive_exact_mesa, inputs64, do, dht)
+    inputs32 = [x.float() if torch.is_tensor(x) else (None if x is None else tuple(h.float() for h in x)) for x in inputs64]
+    base = run_with_grads(naive_exact_mesa, inputs32, do, dht)
+    out = run_with_grads(chunk_mesa, inputs32, do, dht, **backend_kwargs)
+    names = ['o', 'h_kk', 'h_kv'] + list(ref[2])
+    flat = [lambda r: r[0], lambda r: r[1][0], lambda r: r[1][1]] + [lambda r, n=n: r[2][n] for n in ref[2]]
+    return {n: (rel_err(f(out), f(ref)), rel_err(f(base), f(ref))) for n, f in zip(names, flat)}
+
+
+CASES = [
+    # B, T, H, K, V, chunk, gate (mu, sigma of the pre-sigmoid), initial state
+    (1, 1, 1, 16, 16, 16, (3.0, 1.0), False),
+    (2, 63, 2, 16, 8, 16, (3.0, 1.0), True),
+    (1, 130, 2, 8, 24, 64, (3.0, 1.0), False),
+    (1, 70, 1, 16, 16, 32, (8.0, 0.1), True),
+]
+
+
+@pytest.mark.parametrize('precondition', [False, True])
+@pytest.mark.parametrize('B,T,H,K,V,C,gate,h0', [pytest.param(*c, id='B{}-T{}-H{}-K{}-V{}-C{}-{}-h0{}'.format(*c)) for c in CASES])
+def test_chunk_fp32_matches_float64(backend, B, T, H, K, V, C, gate, h0, precondition):
+    inputs = make_inputs(B, T, H, K, V, gate=gate, initial_state=h0)
+    do, dht = upstream(B, T, H, V, K, 1.0)
+    kw = dict(cg_max_steps=3 * K, cg_tol=1e-7, precondition=precondition, chunk_size=C)
+    for name, (err, base) in compare(inputs, do, dht, kw).items():
+        assert err <= max(2 * base, 2e-6), f"{name}: {err:.2e} vs fp32 exact reference {base:.2e}"
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
+def test_chunk_gradients_scale_invariant(backend, scale):
+    # the gradients' relative accuracy must not depend on the size of the upstream gradient
+    inputs = make_inputs(2, 50, 2, 16, 16, gate=(6.0, 0.5), initial_state=True)
+    do, dht = upstream(2, 50, 2, 16, 16, scale)
+    kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=16)
+    for name, (err, base) in compare(inputs, do, dht, kw).items():
+        assert err <= max(2 * base, 2e-6), f"scale {scale} {name}: {err:.2e} vs fp32 exact reference {base:.2e}"
+
+
+@pytest.mark.parametrize('precondition', [False, True])
+def test_chunk_cg_tol(backend, precondition):
+    inputs = make_inputs(1, 64, 2, 32, 16, gate=(5.0, 1.0))
+    do, dht = upstream(1, 64, 2, 16, 32, 1e-6)
+    errs = compare(inputs, do, dht, dict(cg_max_steps=30, cg_tol=1e-4, precondition=precondition))
+    for name, (err, _) in errs.items():
+        assert err <= 2e-3, f"{name}: {err:.2e}"
+    inputs32 = [x.float() if torch.is_tensor(x) else x for x in inputs]
+    _, _, steps = chunk_mesa(*inputs32, cg_max_steps=30, cg_tol=1e-4, precondition=precondition, return_cg_steps=True)
+    assert 1 <= steps.float().mean() < 30 and steps.max() <= 30
+
+
+def test_chunk_gradcheck():
+    # float64, converged CG: the implicit backward is the derivative of the forward
+    q, k, v, g, beta, lamb, (h_kk, h_kv) = make_inputs(1, 11, 1, 4, 3, gate=(3.0, 0.5), initial_state=True)
+    g = g.clamp_max(-1e-3)
+
+    def fn(q, k, v, g, beta, lamb, h_kk, h_kv):
+        o, (a, b) = chunk_mesa(q, k, v, g, beta, lamb, (h_kk, h_kv), output_final_state=True,
+                               cg_max_steps=20, cg_tol=None, chunk_size=16)
+        return o, a, b
+
+    args = [t.clone().requires_grad_() for t in (q, k, v, g, beta, lamb, h_kk, h_kv)]
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_chunk_varlen_equals_per_sequence(backend):
+    cu = torch.tensor([0, 1, 20, 64, 100], dtype=torch.int32)
+    N, T = len(cu) - 1, int(cu[-1])
+    q, k, v, g, beta, lamb, h0 = make_inputs(1, T, 2, 16, 8, dtype=torch.float32, initial_state=True)
+    h0 = tuple(torch.cat([h] * N) for h in h0)
+    do, _ = upstream(1, T, 2, 8, 16, 1e-3)
+    kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=16)
+    o, ht, grads = run_with_grads(chunk_mesa, [q, k, v, g, beta, lamb, h0], do, cu_seqlens=cu, **kw)
+    for i in range(N):
+        s = slice(int(cu[i]), int(cu[i + 1]))
+        inp = [x[:, s] for x in (q, k, v, g, beta)] + [lamb, tuple(h[i:i + 1] for h in h0)]
+        o_i, ht_i, grads_i = run_with_grads(chunk_mesa, inp, do[:, s], **kw)
+        assert rel_err(o[:, s], o_i) < 1e-5
+        assert rel_err(ht[0][i], ht_i[0][0]) < 1e-5 and rel_err(ht[1][i], ht_i[1][0]) < 1e-5
+        for name in ('dq', 'dk', 'dv', 'dg', 'dbeta'):
+            assert rel_err(grads[name][:, s], grads_i[name]) < 1e-5, name
+        assert rel_err(grads['dh0_kk'][i], grads_i['dh0_kk'][0]) < 1e-5
+        assert rel_err(grads['dh0_kv'][i], grads_i['dh0_kv'][0]) < 1e-5
+
+
+def test_chunk_state_carry_equals_whole(backend):
+    q, k, v, g, beta, lamb, h0 = make_inputs(2, 90, 2, 16, 12, dtype=torch.float32, initial_state=True)
+    kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=32, output_final_state=True)
+    o, ht = chunk_mesa(q, k, v, g, beta, lamb, h0, **kw)
+    o1, h1 = chunk_mesa(*(x[:, :37] for x in (q, k, v, g, beta)), lamb, h0, **kw)
+    o2, h2 = chunk_mesa(*(x[:, 37:] for x in (q, k, v, g, beta)), lamb, h1, **kw)
+    assert rel_err(torch.cat([o1, o2], 1), o) < 1e-5
+    assert rel_err(h2[0], ht[0]) < 1e-6 and rel_err(h2[1], ht[1]) < 1e-6
+
+
+def test_chunk_no_solve_is_gla(backend):
+    # cg_max_steps=0: q* = q, so o_t = S_tᵀ q_t, and Λ gets no gradient
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 40, 2, 8, 8, dtype=torch.float32)
+    o, (_, S) = chunk_mesa(q, k, v, g, beta, lamb, output_final_state=True, cg_max_steps=0, chunk_size=16)
+    assert rel_err(o[:, -1], torch.einsum('bhk,bhkv->bhv', q[:, -1], S)) < 1e-6
+    lamb = lamb.clone().requires_grad_()
+    chunk_mesa(q, k, v, g, beta, lamb, cg_max_steps=0)[0].sum().backward()
+    assert (lamb.grad == 0).all()
+
+
+def test_chunk_bf16_inputs(backend):
+    inputs = make_inputs(1, 64, 2, 32, 32, initial_state=True)
+    ref, _ = naive_exact_mesa(*inputs)
+    q, k, v = (x.bfloat16() for x in inputs[:3])
+    o, _ = chunk_mesa(q, k, v, *(x.float() for x in inputs[3:6]), inputs[6] and tuple(h.float() for h in inputs[6]))
+    assert o.dtype == torch.bfloat16
+    # bf16 rounding of q, k, v and o: about 4e-3 each
+    assert rel_err(o, ref) < 2e-2
+
+
+def test_chunk_fixed_steps_past_convergence(backend):
+    # 60 fixed steps on K = 16 in float32: rᵀz underflows long before the last step; nothing may turn NaN
+    inputs = make_inputs(1, 40, 2, 16, 16, initial_state=True)
+    ref, _ = naive_exact_mesa(*inputs)
+    inputs32 = [x.float() if torch.is_tensor(x) else tuple(h.float() for h in x) for x in inputs]
+    for precondition in (False, True):
+        o, _ = chunk_mesa(*inputs32, cg_max_steps=60, cg_tol=None, precondition=precondition)
+        assert rel_err(o, ref) < 2e-6

@@ -1,0 +1,91 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""Bad arguments raise a ValueError/TypeError that names the argument and shows the values."""
+
+import pytest
+import torch
+
+from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
+from tests.utils import make_inputs
+
+OPS = [chunk_mesa] + ([fused_recurrent_mesa] if fused_recurrent_mesa is not None else [])
+
+
+def good():
+    q, k, v, g, beta, lamb, h0 = make_inputs(2, 5, 2, 4, 3, dtype=torch.float32, initial_state=True)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb, initial_state=h0)
+
+
+def replace(name, value):
+    kw = good()
+    kw[name] = value(kw) if callable(value) else value
+    return kw
+
+
+BAD = [
+    ('q', lambda kw: kw['q'][0], ValueError, r'`q` must have shape \[B, T, H, K\], got \(5, 2, 4\)'),
+    ('k', lambda kw: kw['k'][:, :4], ValueError, r'`k` must have the shape of `q`'),
+    ('v', lambda kw: kw['v'][:, :, :1], ValueError, r'`v` must have shape \[B, T, H, V\] = \[2, 5, 2, V\], got \(2, 5, 1, 3\)'),
+    ('g', lambda kw: kw['g'][..., None], ValueError, r'`g` must have shape \[B, T, H\] = \(2, 5, 2\)'),
+    ('beta', lambda kw: kw['beta'][:1], ValueError, r'`beta` must have shape'),
+    ('lamb', lambda kw: kw['lamb'][:, :3], ValueError, r'`lamb` must have shape \[H, K\] = \(2, 4\), got \(2, 3\)'),
+    ('lamb', lambda kw: kw['lamb'] * 0, ValueError, r'`lamb` must be positive everywhere, got min\(lamb\) = 0'),
+    ('lamb', lambda kw: kw['lamb'] - 10, ValueError, r'`lamb` must be positive'),
+    ('g', lambda kw: kw['g'] + 1, ValueError, r'`g` is a log-decay and must be <= 0'),
+    ('g', lambda kw: kw['g'] * float('nan'), ValueError, r'`g` is a log-decay .* nan'),
+    ('q', lambda kw: kw['q'].long(), TypeError, r'`q` must be a floating-point tensor, got dtype torch.int64'),
+    ('q', lambda kw: kw['q'].numpy(), TypeError, r'`q` must be a torch.Tensor, got ndarray'),
+    ('initial_state', lambda kw: kw['initial_state'][0], TypeError, r'`initial_state` must be a pair'),
+    ('initial_state', lambda kw: (kw['initial_state'][0][:1], kw['initial_state'][1]), ValueError,
+     r'`initial_state` h_kk must have shape \(2, 2, 4, 4\) \(N = 2 = batch size\), got \(1, 2, 4, 4\)'),
+    ('initial_state', lambda kw: (kw['initial_state'][0], kw['initial_state'][1][..., :2]), ValueError,
+     r'`initial_state` h_kv must have shape \(2, 2, 4, 3\)'),
+    ('initial_state', lambda kw: (kw['initial_state'][0].half(), kw['initial_state'][1]), TypeError,
+     r'`initial_state` h_kk must be float32'),
+]
+
+
+@pytest.mark.parametrize('op', OPS)
+@pytest.mark.parametrize('name,value,exc,match', BAD, ids=[f'{b[0]}-{i}' for i, b in enumerate(BAD)])
+def test_bad_inputs(op, name, value, exc, match):
+    with pytest.raises(exc, match=match):
+        op(**replace(name, value))
+
+
+@pytest.mark.parametrize('op', OPS)
+@pytest.mark.parametrize('kwargs,exc,match', [
+    (dict(cg_max_steps=-1), ValueError, r'`cg_max_steps` must be a non-negative int, got -1'),
+    (dict(cg_max_steps=2.5), ValueError, r'`cg_max_steps` must be a non-negative int, got 2.5'),
+    (dict(cg_tol=1.5), ValueError, r'`cg_tol` must be None or a float in \[0, 1\), got 1.5'),
+    (dict(cg_tol=-1e-3), ValueError, r'`cg_tol`'),
+])
+def test_bad_solver_args(op, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        op(**good(), **kwargs)
+
+
+def test_bad_chunk_size():
+    with pytest.raises(ValueError, match=r'`chunk_size` must be 16, 32 or 64, got 48'):
+        chunk_mesa(**good(), chunk_size=48)
+
+
+@pytest.mark.parametrize('op', OPS)
+def test_bad_cu_seqlens(op):
+    kw = good()
+    with pytest.raises(ValueError, match=r'batch size is expected to be 1 rather than 2 when using `cu_seqlens`'):
+        op(**kw, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    kw = {n: (x[:1] if n not in ('lamb', 'initial_state') else x) for n, x in kw.items()}
+    kw['initial_state'] = None
+    with pytest.raises(ValueError, match=r'`cu_seqlens` must rise from 0 to T = 5, got \[0, 3, 2, 5\]'):
+        op(**kw, cu_seqlens=torch.tensor([0, 3, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r'`cu_seqlens` must be a 1-D int32/int64 tensor, got dtype torch.float32'):
+        op(**kw, cu_seqlens=torch.tensor([0., 5.]))
+    h0 = tuple(h[:1] for h in good()['initial_state'])
+    with pytest.raises(ValueError, match=r'\(N = 2 sequences in cu_seqlens\), got \(1, 2, 4, 4\)'):
+        op(**{**kw, 'initial_state': h0}, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
+
+
+@pytest.mark.parametrize('op', OPS)
+def test_mixed_devices(op):
+    kw = replace('lamb', lambda kw: kw['lamb'].to('meta'))
+    with pytest.raises(ValueError, match=r'all inputs must be on one device'):
+        op(**kw)

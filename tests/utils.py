@@ -1,0 +1,58 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+
+import torch
+import torch.nn.functional as F
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float('inf')
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_rel(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float):
+    err = rel_err(x, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.float64, gate=(3.0, 1.0), initial_state=False, seed=42, device='cpu'):
+    """Mesa inputs like the layer makes: unit-norm q and k, g = logsigmoid(N(mu, sigma)), beta in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    q = F.normalize(randn(B, T, H, K), dim=-1)
+    k = F.normalize(randn(B, T, H, K), dim=-1)
+    v = randn(B, T, H, V)
+    g = F.logsigmoid(randn(B, T, H) * gate[1] + gate[0])
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    lamb = 0.25 + torch.rand(H, K, generator=gen, dtype=torch.float64)
+    out = [x.to(dtype).to(device) for x in (q, k, v, g, beta)] + [lamb.to(dtype).to(device)]
+    if initial_state:
+        a = randn(B, H, K, K)
+        h_kk = a @ a.transpose(-1, -2) / K
+        h_kv = randn(B, H, K, V)
+        sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        out.append((h_kk.to(sdtype).to(device), h_kv.to(sdtype).to(device)))
+    else:
+        out.append(None)
+    return out
+
+
+def run_with_grads(fn, inputs, do, dht=None, **kwargs):
+    """Runs `fn(q, k, v, g, beta, lamb, initial_state, ...)`, backpropagates `do` (and `dht`), returns outputs and grads."""
+    q, k, v, g, beta, lamb, h0 = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+    h0 = None if h0 is None else tuple(h.detach().clone().requires_grad_() for h in h0)
+    o, ht = fn(*leaves, h0, output_final_state=True, **kwargs)[:2]
+    loss = (o * do.to(o.dtype)).sum()
+    if dht is not None:
+        loss = loss + sum((h * dh.to(h.dtype)).sum() for h, dh in zip(ht, dht))
+    loss.backward()
+    grads = dict(zip(['dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb'], [t.grad for t in leaves]))
+    if h0 is not None:
+        grads['dh0_kk'], grads['dh0_kv'] = h0[0].grad, h0[1].grad
+    return o.detach(), tuple(h.detach() for h in ht), grads
