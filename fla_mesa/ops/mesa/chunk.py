@@ -95,7 +95,7 @@ def chunk_mesa(
     output_final_state: bool = False,
     cg_max_steps: int = 30,
     cg_tol: float | None = 1e-4,
-    precondition: bool = False,
+    precondition: bool = True,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
@@ -133,7 +133,8 @@ def chunk_mesa(
             token for `cg_max_steps`. The backward's adjoint solve uses the same rule. Default: `1e-4`, which
             the paper found to match 30 fixed steps at about 9 steps on average.
         precondition (bool, Optional):
-            Jacobi-preconditioned CG (with `diag(H_t) + Λ`). Default: `False` (the paper's plain CG).
+            Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG. Default: `True`
+            (never more than 0.2 steps slower, and up to 2.6x fewer steps to `cg_tol=1e-4`; see the op README).
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
