@@ -159,3 +159,14 @@ def test_chunk_fixed_steps_past_convergence(backend):
     for precondition in (False, True):
         o, _ = chunk_mesa(*inputs32, cg_max_steps=60, cg_tol=None, precondition=precondition)
         assert rel_err(o, ref) < 2e-6
+
+
+def test_chunk_under_torch_compile():
+    # the op is a graph break (@torch.compiler.disable, as in fla): a compiled caller gets the eager result
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 20, 1, 8, 8, dtype=torch.float32)
+
+    def f(q, k, v, g, beta, lamb):
+        return chunk_mesa(q * 2, k, v, g, beta, lamb, chunk_size=16)[0] + 1
+
+    compiled = torch.compile(f, backend='eager')
+    assert torch.equal(compiled(q, k, v, g, beta, lamb), f(q, k, v, g, beta, lamb))

@@ -1,0 +1,61 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The Triton chunk path: host glue over the state, CG, readout and backward kernels."""
+
+from __future__ import annotations
+
+import torch
+from fla.ops.common.chunk_o import chunk_fwd_o
+from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
+from fla.ops.utils.constant import RCP_LN2
+
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
+from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+from fla_mesa.utils import interpret_compat
+
+
+def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
+    interpret_compat()
+    chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
+    # in-chunk cumulative log-decay in log2 space: the kernels use exp2
+    g_cum = chunk_local_cumsum(g.float(), chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    beta = beta.float()
+    h_kk, h_kv, final_state = chunk_mesa_fwd_h(
+        k, v, g_cum, beta, initial_state=initial_state, output_final_state=True,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size,
+    )
+    return chunk_indices, g_cum, beta, h_kk, h_kv, final_state
+
+
+def chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
+    """Returns `(o, x, steps, final_state)` like the PyTorch path."""
+    chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    if cg_max_steps == 0:
+        # no solve: x = q, and o is gated linear attention with β folded into v
+        x = q.float()
+        steps = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
+        o = chunk_fwd_o(x, k.float(), v.float() * beta[..., None], h_kv, g=g_cum, scale=1.0,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+        return o, x, steps, final_state
+    x, steps, o = chunk_mesa_cg(
+        q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv,
+    )
+    return o, x, steps, final_state
+
+
+def chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
+    """Returns `(dq, dk, dv, dg, dbeta, dlamb, dh0)` like the PyTorch path."""
+    chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    dx = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
+    if cg_max_steps == 0:
+        # x = q: dq is dx itself and there is no solve to differentiate (e = 0 in the surrogate)
+        dq, e = dx, torch.zeros_like(dx)
+    else:
+        dq, _, _ = chunk_mesa_cg(dx, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition, **kw)
+        e = dq
+    dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
+        x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
+    )
+    return dq, dk, dv, dg, dbeta, dlamb, dh0
