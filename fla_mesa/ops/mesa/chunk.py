@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
 from fla_mesa.ops.mesa.naive import naive_chunk_mesa_bwd, naive_chunk_mesa_fwd, pad_varlen, unpad_varlen
 from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, use_triton
@@ -50,6 +51,8 @@ def chunk_mesa_bwd_torch(
 class ChunkMesaFunction(torch.autograd.Function):
 
     @staticmethod
+    @input_guard
+    @autocast_custom_fwd
     def forward(
         ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
         chunk_size,
@@ -67,6 +70,8 @@ class ChunkMesaFunction(torch.autograd.Function):
         return o.to(v.dtype), ht_kk, ht_kv, steps
 
     @staticmethod
+    @input_guard
+    @autocast_custom_bwd
     def backward(ctx, do, dht_kk, dht_kv, dsteps):
         x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens = ctx.saved_tensors
         cg_max_steps, cg_tol, precondition, _, chunk_size = ctx.args
