@@ -77,7 +77,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         cg_max_steps, cg_tol, precondition, _, chunk_size = ctx.args
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
-        bwd = _triton_chunk.chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
+        bwd = _triton_chunk.chunk_mesa_bwd if ctx.triton and _triton_chunk.HAS_BWD else chunk_mesa_bwd_torch
         dq, dk, dv, dg, dbeta, dlamb, dh0 = bwd(
             x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
         )

@@ -8,10 +8,16 @@ from fla.ops.common.chunk_o import chunk_fwd_o
 from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
 from fla.ops.utils.constant import RCP_LN2
 
-from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
 from fla_mesa.utils import interpret_compat
+
+try:
+    from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
+    HAS_BWD = True
+except ImportError:
+    # the backward kernels are optional: without them the backward runs the PyTorch path
+    HAS_BWD = False
 
 
 def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):

@@ -1,0 +1,329 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The chunk path's CG solve `(H_t + Λ) x_t = b_t` (README "The solver"), with the readout `o_t = S_tᵀ x_t` fused."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from fla.ops.utils import prepare_chunk_indices
+from fla.ops.utils.op import exp2
+
+from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, STATE_DOT_PRECISION, mesa_dot
+from fla_mesa.utils import is_interpreting
+
+# operand precision of the products inside the CG loop (README: "Solver precision" has the study)
+CG_DOT_PRECISION = os.environ.get('FLA_MESA_CG_PRECISION', 'tf32x3')
+
+
+@triton.jit
+def _chunk_mesa_matvec(
+    b_p,
+    b_k,
+    b_m,
+    b_e,
+    b_lamb,
+    b_ht,
+    p_ht,
+    m_kk,
+    BR: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    K_IS_BF16: tl.constexpr,
+    H_IN_LOOP: tl.constexpr,
+):
+    # A_t p_t = e^Γ H_c p_t + Σ_j M_tj k_j (k_jᵀ p_t) + λ ⊙ p_t, for the BR rows of the tile at once
+    if H_IN_LOOP:
+        # large K: H_c does not fit on chip; it is re-read (from L2) every step
+        b_ht = tl.load(p_ht, mask=m_kk, other=0.)
+    b_pk = mesa_dot(b_p, tl.trans(b_k), tl.zeros([BR, BT], dtype=tl.float32), PREC, K_IS_BF16) * b_m
+    b_w = mesa_dot(b_pk, b_k, tl.zeros([BR, BK], dtype=tl.float32), PREC, K_IS_BF16)
+    b_w = mesa_dot(b_p * b_e[:, None], b_ht, b_w, PREC, False)
+    return b_w + b_lamb[None, :] * b_p
+
+
+def _cg_configs():
+    # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure
+    if is_interpreting():
+        return [triton.Config({'NR': 1}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1)
+        for NR in [1, 2, 4]
+        for num_warps in [4, 8]
+    ]
+
+
+def _prune_cg_configs(configs, named_args, **kwargs):
+    # at least 16 rows per program (the smallest tl.dot); K > 128 (H_c re-read every step) wants the small tiles
+    BT, K = kwargs['BT'], kwargs['K']
+    pruned = [c for c in configs if BT // c.kwargs['NR'] >= 16 and (c.kwargs['NR'] >= 2) == (K > 128)]
+    return pruned or [c for c in configs if BT // c.kwargs['NR'] >= 16]
+
+
+@triton.heuristics({
+    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
+    'READOUT': lambda args: args['o'] is not None,
+})
+@triton.autotune(
+    configs=_cg_configs(),
+    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT'],
+    prune_configs_by={'early_config_prune': _prune_cg_configs},
+)
+@triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
+def chunk_mesa_cg_fwd_kernel(
+    b,
+    k,
+    g,
+    beta,
+    lamb,
+    h_kk,
+    v,
+    h_kv,
+    x,
+    steps,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    max_steps,
+    tol2,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    NR: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    O_PREC: tl.constexpr,
+    PRECONDITION: tl.constexpr,
+    K_IS_BF16: tl.constexpr,
+    V_IS_BF16: tl.constexpr,
+    H_IN_LOOP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    READOUT: tl.constexpr,
+):
+    # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
+    i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    BR: tl.constexpr = BT // NR
+    i_tg, i_r = i_tr // NR, i_tr % NR
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_tg * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_tg * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        NT = tl.cdiv(T, BT)
+        i_t = i_tg
+        i_tg = i_b * NT + i_t
+        bos = i_b * T
+
+    # rows of this program and columns (all tokens of the chunk)
+    o_r = i_t * BT + i_r * BR + tl.arange(0, BR)
+    o_c = i_t * BT + tl.arange(0, BT)
+    m_r = o_r < T
+    m_c = o_c < T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_rk = m_r[:, None] & m_k[None, :]
+    m_kk = m_k[:, None] & m_k[None, :]
+
+    # [BT, BK] the chunk's keys, in their own dtype
+    b_k = tl.load(k + (bos * H + i_h) * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.)
+    b_gr = tl.load(g + (bos + o_r) * H + i_h, mask=m_r, other=0.).to(tl.float32)
+    b_gc = tl.load(g + (bos + o_c) * H + i_h, mask=m_c, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + (bos + o_c) * H + i_h, mask=m_c, other=0.).to(tl.float32)
+    # padded columns get λ = 1: their d stays positive and p, x stay 0 there
+    b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
+    # [BR, BT] M_ij = 2^(Γ_i − Γ_j) β_j for j <= i (Γ in log2 space)
+    m_rc = (o_r[:, None] >= o_c[None, :]) & m_r[:, None] & m_c[None, :]
+    b_m = tl.where(m_rc, exp2(b_gr[:, None] - b_gc[None, :]) * b_beta[None, :], 0.)
+    b_e = exp2(b_gr)
+
+    # [BK, BK] Hᵀ (so that P Hᵀ = (H p_t)_t, right also for a given unsymmetric h_kk)
+    h_kk += (i_tg * H + i_h) * K * K
+    p_ht = h_kk + o_k[:, None] + o_k[None, :] * K
+    if H_IN_LOOP:
+        b_ht = tl.zeros([BK, BK], dtype=tl.float32)
+    else:
+        b_ht = tl.load(p_ht, mask=m_kk, other=0.)
+    b_hd = tl.load(h_kk + o_k * K + o_k, mask=m_k, other=0.)
+    # diag(A_t) = e^Γ diag(H_c) + Σ_j M_tj k_j² + λ
+    b_kf = b_k.to(tl.float32)
+    b_d = mesa_dot(b_m, b_kf * b_kf, tl.zeros([BR, BK], dtype=tl.float32), PREC, False)
+    b_d += b_e[:, None] * b_hd[None, :] + b_lamb[None, :]
+
+    # per-row normalised right-hand side; an all-zero row is solved by x = 0 in 0 steps
+    b_b = tl.load(b + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+    b_s = tl.sqrt(tl.sum(b_b * b_b, 1))
+    m_nz = b_s > 0
+    b_b = b_b / tl.where(m_nz, b_s, 1.)[:, None]
+
+    # Jacobi start x0 = b / diag(A)
+    b_x = b_b / b_d
+    b_r = b_b - _chunk_mesa_matvec(b_x, b_k, b_m, b_e, b_lamb, b_ht, p_ht, m_kk, BR, BT, BK, PREC, K_IS_BF16, H_IN_LOOP)
+    if PRECONDITION:
+        b_z = b_r / b_d
+    else:
+        b_z = b_r
+    b_p = b_z
+    b_rz = tl.sum(b_r * b_z, 1)
+    # no absolute epsilon: a row is active while its relative residual is above tol and rᵀz > 0
+    m_act = m_nz & (tl.sum(b_r * b_r, 1) > tol2) & (b_rz > 0)
+    b_steps = tl.zeros([BR], dtype=tl.int32)
+
+    i = tl.full([], 0, tl.int32)
+    # a while loop: the tile stops as soon as no row is active
+    while (i < max_steps) & (tl.max(m_act.to(tl.int32), 0) > 0):
+        b_w = _chunk_mesa_matvec(b_p, b_k, b_m, b_e, b_lamb, b_ht, p_ht, m_kk, BR, BT, BK, PREC, K_IS_BF16, H_IN_LOOP)
+        b_pw = tl.sum(b_p * b_w, 1)
+        m_ok = m_act & (b_pw > 0)
+        b_alpha = tl.where(m_ok, b_rz / tl.where(m_ok, b_pw, 1.), 0.)
+        b_x += b_alpha[:, None] * b_p
+        b_r -= b_alpha[:, None] * b_w
+        if PRECONDITION:
+            b_z = b_r / b_d
+        else:
+            b_z = b_r
+        b_rz_new = tl.sum(b_r * b_z, 1)
+        b_ratio = tl.where(m_act, b_rz_new / tl.where(m_act, b_rz, 1.), 0.)
+        b_p = b_z + b_ratio[:, None] * b_p
+        b_rz = tl.where(m_act, b_rz_new, b_rz)
+        b_steps += m_act.to(tl.int32)
+        # frozen rows stay frozen
+        m_act = m_act & (tl.sum(b_r * b_r, 1) > tol2) & (b_rz > 0)
+        i += 1
+
+    b_x = b_x * b_s[:, None]
+    tl.store(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], b_x, mask=m_rk)
+    tl.store(steps + (bos + o_r) * H + i_h, b_steps, mask=m_r)
+
+    if READOUT:
+        # o_t = e^Γ S_cᵀ x_t + Σ_j M_tj v_j (k_jᵀ x_t), BV columns at a time
+        b_xk = mesa_dot(b_x, tl.trans(b_k), tl.zeros([BR, BT], dtype=tl.float32), O_PREC, K_IS_BF16) * b_m
+        b_xe = b_x * b_e[:, None]
+        h_kv += (i_tg * H + i_h) * K * V
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_v = tl.load(v + (bos * H + i_h) * V + o_c[:, None] * (H * V) + o_v[None, :],
+                          mask=m_c[:, None] & m_v[None, :], other=0.)
+            b_s_kv = tl.load(h_kv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+            b_o = mesa_dot(b_xk, b_v, tl.zeros([BR, BV], dtype=tl.float32), O_PREC, V_IS_BF16)
+            b_o = mesa_dot(b_xe, b_s_kv, b_o, O_PREC, False)
+            tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
+
+
+def chunk_mesa_cg(
+    b: torch.Tensor,
+    k: torch.Tensor,
+    g_cum: torch.Tensor,
+    beta: torch.Tensor,
+    lamb: torch.Tensor,
+    h_kk: torch.Tensor,
+    cg_max_steps: int,
+    cg_tol: float | None,
+    precondition: bool,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+    v: torch.Tensor | None = None,
+    h_kv: torch.Tensor | None = None,
+    precision: str | None = None,
+    readout_precision: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    r"""
+    Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
+    (rows of a chunk, head); with `v` and `h_kv` also returns the readout `o_t = S_tᵀ x_t`.
+    The backward's adjoint solve calls it with `b = dx` and no readout.
+
+    Args:
+        b (torch.Tensor): right-hand sides `[B, T, H, K]` (q in the forward).
+        k (torch.Tensor): keys `[B, T, H, K]`.
+        g_cum (torch.Tensor): in-chunk cumulative log-decay in log2 space `[B, T, H]`, float32.
+        beta (torch.Tensor): `[B, T, H]`.
+        lamb (torch.Tensor): `[H, K]`, positive.
+        h_kk (torch.Tensor): chunk-start states `[B, NT, H, K, K]` from `chunk_mesa_fwd_h`.
+        cg_max_steps (int): at most this many iterations.
+        cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps`.
+        precondition (bool): Jacobi PCG.
+        cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
+        chunk_size (int): 16, 32 or 64.
+        v (torch.Tensor, Optional): values `[B, T, H, V]`, for the fused readout.
+        h_kv (torch.Tensor, Optional): chunk-start states `[B, NT, H, K, V]`, for the fused readout.
+        precision (str, Optional): operand precision of the CG loop's products (`DOT_PRECISIONS`).
+            Default: `CG_DOT_PRECISION`.
+        readout_precision (str, Optional): operand precision of the readout's products. Default: `STATE_DOT_PRECISION`.
+
+    Returns:
+        x (torch.Tensor): `[B, T, H, K]` float32.
+        steps (torch.Tensor): `[B, T, H]` int32, the iterations each row ran.
+        o (torch.Tensor): `[B, T, H, V]` float32, or `None` without `v`/`h_kv`.
+    """
+    B, T, H, K = b.shape
+    precision = CG_DOT_PRECISION if precision is None else precision
+    readout_precision = STATE_DOT_PRECISION if readout_precision is None else readout_precision
+    for name, p in (('precision', precision), ('readout_precision', readout_precision)):
+        if p not in DOT_PRECISIONS:
+            raise ValueError(f"`{name}` must be one of {DOT_PRECISIONS}, got {p!r}")
+    if K > 256:
+        raise ValueError(f"the Triton chunk CG supports head dims K <= 256, got K = {K}")
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"`chunk_size` must be 16, 32 or 64, got {chunk_size!r}")
+    if (v is None) != (h_kv is None):
+        raise ValueError("`v` and `h_kv` must be given together (the fused readout needs both)")
+    BT = chunk_size
+    if cu_seqlens is not None and chunk_indices is None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
+    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(chunk_indices)
+    BK = max(triton.next_power_of_2(K), 16)
+    V = K if v is None else v.shape[-1]
+    BV = min(max(triton.next_power_of_2(V), 16), 64)
+    b, k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (b, k, g_cum, beta, lamb, h_kk))
+    if v is not None:
+        v, h_kv = v.contiguous(), h_kv.contiguous()
+
+    x = b.new_empty(B, T, H, K, dtype=torch.float32)
+    steps = b.new_empty(B, T, H, dtype=torch.int32)
+    o = b.new_empty(B, T, H, V, dtype=torch.float32) if v is not None else None
+    tol2 = 0.0 if cg_tol is None else float(cg_tol) ** 2
+
+    def grid(meta):
+        return (NT * meta['NR'], B * H)
+
+    chunk_mesa_cg_fwd_kernel[grid](
+        b=b,
+        k=k,
+        g=g_cum,
+        beta=beta,
+        lamb=lamb,
+        h_kk=h_kk,
+        v=v,
+        h_kv=h_kv,
+        x=x,
+        steps=steps,
+        o=o,
+        cu_seqlens=cu_seqlens,
+        chunk_indices=chunk_indices,
+        max_steps=int(cg_max_steps),
+        tol2=tol2,
+        T=T,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        PREC=precision,
+        O_PREC=readout_precision,
+        PRECONDITION=bool(precondition),
+        K_IS_BF16=k.dtype == torch.bfloat16,
+        V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
+        H_IN_LOOP=BK > 128,
+    )
+    return x, steps, o

@@ -1,0 +1,444 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""Fused-recurrent Mesa for inference: one Triton program per (sequence, head) walks the tokens in order."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fla.utils import input_guard
+
+from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
+from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, use_triton
+from fla_mesa.utils import interpret_compat, is_interpreting
+
+# H [K, K] stays in registers up to this padded K; larger heads stream H through the final-state buffer (L2)
+MAX_BK_IN_REGS = 128
+# one program per (sequence, head) holds all of H: more warps spread its registers thinner (K = 128: 128 KB of
+# fp32 H over 4 warps is 128 registers a thread); which count wins depends on the card, so it is tuned
+NUM_WARPS = [2, 4, 8, 16]
+
+
+def _configs():
+    if is_interpreting():
+        # autotuning needs a GPU driver
+        return [triton.Config({'BV': 32}, num_warps=4)]
+    return [triton.Config({'BV': 32}, num_warps=num_warps) for num_warps in NUM_WARPS]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # H in registers takes BK² / (32 · num_warps) registers a thread: 2 warps cannot hold a 128² H, and small
+    # heads do not need 16 warps
+    BK = kwargs.get('BK', named_args.get('BK'))
+    keep = [c for c in configs if BK * BK // (32 * c.num_warps) <= 128 and (BK > 32 or c.num_warps <= 4)]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+            H_IN_REGS: tl.constexpr, DTYPE: tl.constexpr):
+    """`A p = H p + λ ⊙ p` (H p, not Hᵀ p: a given initial h_kk need not be symmetric)."""
+    if H_IN_REGS:
+        # b_h holds Hᵀ (b_h[j, i] = H[i, j]), so the reduction runs over the first axis
+        b_w = tl.sum(b_h * b_p[:, None], axis=0)
+    else:
+        b_w = tl.zeros([BK], dtype=DTYPE)
+        for i_c in range(0, tl.cdiv(K, BC)):
+            o_c = i_c * BC + tl.arange(0, BC)
+            m_c = o_c < K
+            # [BC, BK], b_t[c, i] = H[i, c]
+            b_t = tl.load(ht_kk + i_nh * K * K + o_k[None, :] * K + o_c[:, None], mask=m_c[:, None] & m_k[None, :], other=0)
+            # the entries of p in this column block, picked out of the register vector
+            b_pc = tl.sum(tl.where(o_k[None, :] == o_c[:, None], b_p[None, :], 0), axis=1)
+            b_w += tl.sum(b_t * b_pc[:, None], axis=0)
+    return b_w + b_lamb * b_p
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda args: args['h0_kk'] is not None,
+    'STORE_CG_STEPS': lambda args: args['cg_steps'] is not None,
+    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
+})
+@triton.autotune(
+    configs=_configs(),
+    # NH: the number of programs, bucketed; few programs want more warps each, many want fewer
+    key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION', 'DTYPE'],
+    prune_configs_by={'early_config_prune': _prune_configs},
+)
+@triton.jit(do_not_specialize=['T', 'max_steps', 'one', 'one_', 'NH'])
+def fused_recurrent_mesa_fwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    lamb,
+    o,
+    h0_kk,
+    h0_kv,
+    ht_kk,
+    ht_kv,
+    cg_steps,
+    cu_seqlens,
+    tol2,
+    max_steps,
+    T,
+    one,
+    one_,
+    NH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    H_IN_REGS: tl.constexpr,
+    SOLVE: tl.constexpr,
+    PRECONDITION: tl.constexpr,
+    DTYPE: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_CG_STEPS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_n * T
+
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=0).to(DTYPE)
+    b_tol2 = tl.cast(tol2, DTYPE)
+
+    # diag(H) is carried as a vector: the Jacobi start and preconditioner need it, and it updates like H
+    if USE_INITIAL_STATE:
+        b_dh = tl.load(h0_kk + i_nh * K * K + o_k * (K + 1), mask=m_k, other=0).to(DTYPE)
+    else:
+        b_dh = tl.zeros([BK], dtype=DTYPE)
+    if H_IN_REGS:
+        # [BK, BK], transposed: b_h[j, i] = H[i, j]; `one` (a runtime 1) hides the contiguity along j from the
+        # compiler, which then spreads i over the lanes and keeps j in registers and warps: the matvec's sum over j
+        # is in-thread adds and one cross-warp step instead of five shuffles per entry
+        if USE_INITIAL_STATE:
+            p_h0 = h0_kk + i_nh * K * K + o_k[None, :] * K + o_k[:, None] * one
+            if K == BK:
+                b_h = tl.load(p_h0).to(DTYPE)
+            else:
+                b_h = tl.load(p_h0, mask=m_k[:, None] & m_k[None, :], other=0).to(DTYPE)
+        else:
+            b_h = tl.zeros([BK, BK], dtype=DTYPE)
+    else:
+        b_h = tl.zeros([1, 1], dtype=DTYPE)
+
+    for i_t in range(0, T):
+        # offsets from scalars each token: loop-carried pointer vectors would be kept in every layout the
+        # compiler loads k in (a [BK] vector replicated over a warp's rows costs BK 64-bit pointers)
+        i_tok = bos + tl.cast(i_t, tl.int64)
+        b_q = tl.load(q + (i_tok * H + i_h) * K + o_k, mask=m_k, other=0).to(DTYPE)
+        b_k = tl.load(k + (i_tok * H + i_h) * K + o_k, mask=m_k, other=0).to(DTYPE)
+        b_gamma = tl.exp(tl.load(g + i_tok * H + i_h).to(DTYPE))
+        b_beta = tl.load(beta + i_tok * H + i_h).to(DTYPE)
+        b_kb = b_k * b_beta
+
+        # H_t = γ H_{t-1} + β k kᵀ
+        b_dh = b_dh * b_gamma + b_kb * b_k
+        if H_IN_REGS:
+            b_h = b_h * b_gamma + b_k[:, None] * b_kb[None, :]
+        else:
+            # H lives in ht_kk; every thread must be done reading the previous token's H
+            tl.debug_barrier()
+            for i_c in range(0, tl.cdiv(K, BC)):
+                o_c = i_c * BC + tl.arange(0, BC)
+                m_c = o_c < K
+                m_ck = m_c[:, None] & m_k[None, :]
+                p_ht = ht_kk + i_nh * K * K + o_c[:, None] * K + o_k[None, :]
+                if USE_INITIAL_STATE:
+                    p_h0 = h0_kk + i_nh * K * K + o_c[:, None] * K + o_k[None, :]
+                    b_hc = tl.load(p_h0, mask=m_ck & (i_t == 0), other=0).to(DTYPE)
+                    b_hc += tl.load(p_ht, mask=m_ck & (i_t > 0), other=0).to(DTYPE)
+                else:
+                    b_hc = tl.load(p_ht, mask=m_ck & (i_t > 0), other=0).to(DTYPE)
+                b_kc = tl.load(k + (i_tok * H + i_h) * K + o_c, mask=m_c, other=0).to(DTYPE)
+                b_hc = b_hc * b_gamma + (b_kc * b_beta)[:, None] * b_k[None, :]
+                tl.store(p_ht, b_hc.to(p_ht.dtype.element_ty), mask=m_ck)
+            # the solve reads H in another layout
+            tl.debug_barrier()
+
+        # x_t = (H_t + Λ)⁻¹ q_t by the project's CG (README, "The solver")
+        i_s = tl.zeros([], dtype=tl.int32)
+        if SOLVE:
+            b_s = tl.sqrt(tl.sum(b_q * b_q))
+            b_b = b_q / tl.where(b_s > 0, b_s, 1)
+            b_d = b_dh + b_lamb
+            # padded lanes: d = 1 keeps them at exactly zero
+            b_d = tl.where(m_k, b_d, 1)
+            b_x = b_b / b_d
+            b_r = b_b - _matvec(b_h, ht_kk, i_nh, b_x, b_lamb, o_k, m_k, K, BK, BC, H_IN_REGS, DTYPE)
+            if PRECONDITION:
+                b_z = b_r / b_d
+            else:
+                b_z = b_r
+            b_p = b_z
+            b_rz = tl.sum(b_r * b_z)
+            b_active = (b_s > 0) & (tl.sum(b_r * b_r) > b_tol2) & (b_rz > 0)
+            while (i_s < max_steps) & b_active:
+                b_w = _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K, BK, BC, H_IN_REGS, DTYPE)
+                b_pw = tl.sum(b_p * b_w)
+                # exact zeros are the only guard: no absolute epsilon
+                b_alpha = tl.where(b_pw > 0, b_rz / tl.where(b_pw > 0, b_pw, 1), 0)
+                b_x += b_alpha * b_p
+                b_r -= b_alpha * b_w
+                if PRECONDITION:
+                    b_z = b_r / b_d
+                    # both sums in one reduction: one cross-warp exchange instead of two
+                    b_rz_new, b_rr = tl.reduce((b_r * b_z, b_r * b_r), 0, _add2)
+                else:
+                    b_z = b_r
+                    b_rz_new = tl.sum(b_r * b_z)
+                    b_rr = b_rz_new
+                b_p = b_z + (b_rz_new / b_rz) * b_p
+                b_rz = b_rz_new
+                i_s += 1
+                # rᵀz can underflow to 0 before rᵀr does: stop there too, before 0/0 reaches p
+                b_active = (b_rr > b_tol2) & (b_rz > 0)
+            b_x = b_x * b_s
+        else:
+            # cg_max_steps = 0: no solve, x = q (gated linear attention)
+            b_x = b_q
+        if STORE_CG_STEPS:
+            tl.store(cg_steps + i_tok * H + i_h, i_s)
+
+        # S_t = γ S_{t-1} + β k vᵀ and o_t = S_tᵀ x_t, V in blocks; S goes through ht_kv, whose block each
+        # thread reads back from where it wrote it the token before (same pointers, same layout)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_kv = m_k[:, None] & m_v[None, :]
+            p_st = ht_kv + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+            if USE_INITIAL_STATE:
+                p_s0 = h0_kv + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+                b_sv = tl.load(p_s0, mask=m_kv & (i_t == 0), other=0).to(DTYPE)
+                b_sv += tl.load(p_st, mask=m_kv & (i_t > 0), other=0).to(DTYPE)
+            else:
+                b_sv = tl.load(p_st, mask=m_kv & (i_t > 0), other=0).to(DTYPE)
+            b_v = tl.load(v + (i_tok * H + i_h) * V + o_v, mask=m_v, other=0).to(DTYPE)
+            b_sv = b_sv * b_gamma + b_kb[:, None] * b_v[None, :]
+            tl.store(p_st, b_sv.to(p_st.dtype.element_ty), mask=m_kv)
+            b_o = tl.sum(b_sv * b_x[:, None], axis=0)
+            tl.store(o + (i_tok * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+    if H_IN_REGS:
+        # `one_` (another runtime 1) keeps the compiler from computing these [BK, BK] offsets once, before the
+        # token loop, and keeping them in registers through it (where they cost as much as H)
+        p_ht = ht_kk + i_nh * K * K + o_k[None, :] * K + o_k[:, None] * one_
+        if K == BK:
+            tl.store(p_ht, b_h.to(ht_kk.dtype.element_ty))
+        else:
+            tl.store(p_ht, b_h.to(ht_kk.dtype.element_ty), mask=(o_k[:, None] * one_ < K) & m_k[None, :])
+    if T == 0:
+        # an empty sequence of a varlen batch: its final state is its initial state
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_kv = m_k[:, None] & (o_v < V)[None, :]
+            b_sv = tl.zeros([BK, BV], dtype=DTYPE)
+            if USE_INITIAL_STATE:
+                b_sv += tl.load(h0_kv + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(DTYPE)
+            tl.store(ht_kv + i_nh * K * V + o_k[:, None] * V + o_v[None, :], b_sv.to(ht_kv.dtype.element_ty), mask=m_kv)
+        if not H_IN_REGS:
+            for i_c in range(0, tl.cdiv(K, BC)):
+                o_c = i_c * BC + tl.arange(0, BC)
+                m_ck = (o_c < K)[:, None] & m_k[None, :]
+                b_hc = tl.zeros([BC, BK], dtype=DTYPE)
+                if USE_INITIAL_STATE:
+                    b_hc += tl.load(h0_kk + i_nh * K * K + o_c[:, None] * K + o_k[None, :], mask=m_ck, other=0).to(DTYPE)
+                tl.store(ht_kk + i_nh * K * K + o_c[:, None] * K + o_k[None, :], b_hc.to(ht_kk.dtype.element_ty), mask=m_ck)
+
+
+def fused_recurrent_mesa_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    lamb: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cg_max_steps: int = 30,
+    cg_tol: float | None = 1e-4,
+    precondition: bool = True,
+    cu_seqlens: torch.LongTensor | None = None,
+    return_cg_steps: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """
+    Launches the kernel on contiguous, validated inputs (no checks here: the decode loop calls this directly).
+    Returns `o [B, T, H, V]` (v's dtype), the final state `(h_kk, h_kv)` and `cg_steps [B, T, H]` or `None`.
+    """
+    B, T, H, K, V = *k.shape, v.shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    dtype = compute_dtype(q)
+    BK = max(triton.next_power_of_2(K), 16)
+    if BK > 256:
+        raise ValueError(f"fused_recurrent_mesa supports head dims K <= 256, got K = {K}")
+    # float64 (tests, references) holds half as many entries in the same registers
+    h_in_regs = BK <= (MAX_BK_IN_REGS // 2 if dtype == torch.float64 else MAX_BK_IN_REGS)
+
+    o = torch.empty_like(v)
+    ht_kk = q.new_empty(N, H, K, K, dtype=dtype)
+    ht_kv = q.new_empty(N, H, K, V, dtype=dtype)
+    cg_steps = q.new_empty(B, T, H, dtype=torch.int32) if return_cg_steps else None
+    h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
+    fused_recurrent_mesa_fwd_kernel[(N * H,)](
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
+        lamb=lamb,
+        o=o,
+        h0_kk=h0_kk,
+        h0_kv=h0_kv,
+        ht_kk=ht_kk,
+        ht_kv=ht_kv,
+        cg_steps=cg_steps,
+        cu_seqlens=cu_seqlens,
+        tol2=0.0 if cg_tol is None else float(cg_tol) ** 2,
+        max_steps=cg_max_steps,
+        T=T,
+        one=1,
+        one_=1,
+        NH=min(triton.next_power_of_2(N * H), 4096),
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BC=16 if dtype == torch.float64 else 32,
+        H_IN_REGS=h_in_regs,
+        SOLVE=cg_max_steps > 0,
+        PRECONDITION=precondition,
+        DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
+    return o, (ht_kk, ht_kv), cg_steps
+
+
+class FusedRecurrentMesaFunction(torch.autograd.Function):
+
+    @staticmethod
+    @input_guard
+    def forward(ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens):
+        initial_state = None if h0_kk is None else (h0_kk, h0_kv)
+        if use_triton(q):
+            o, (ht_kk, ht_kv), steps = fused_recurrent_mesa_fwd(
+                q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
+            )
+        else:
+            o, (ht_kk, ht_kv), steps = naive_recurrent_mesa(
+                q, k, v, g, beta, lamb, initial_state, output_final_state=True, cg_max_steps=cg_max_steps,
+                cg_tol=cg_tol, precondition=precondition, cu_seqlens=cu_seqlens, return_cg_steps=True,
+            )
+        ctx.mark_non_differentiable(steps)
+        return o, ht_kk, ht_kv, steps
+
+    @staticmethod
+    def backward(ctx, do, dht_kk, dht_kv, dsteps):
+        raise NotImplementedError(
+            "fused_recurrent_mesa is for inference only and has no backward; train with `chunk_mesa`."
+        )
+
+
+@torch.compiler.disable
+def fused_recurrent_mesa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    lamb: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cg_max_steps: int = 30,
+    cg_tol: float | None = 1e-4,
+    precondition: bool = True,
+    cu_seqlens: torch.LongTensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    return_cg_steps: bool = False,
+):
+    r"""
+    The Mesa layer token by token, for inference: decoding one or several tokens per call, short prefills and
+    speculative verification. Each (sequence, head) walks its tokens in order with `H` and `S` kept in float32 and
+    solves every token with the same CG as `chunk_mesa` (same start, preconditioner, stopping rule and step counts).
+    Has no backward (train with `chunk_mesa`).
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, T, H, K]`.
+        k (torch.Tensor):
+            keys of shape `[B, T, H, K]`.
+        v (torch.Tensor):
+            values of shape `[B, T, H, V]`; `V` may differ from `K`.
+        g (torch.Tensor):
+            log-decays `log γ_t <= 0` of shape `[B, T, H]`.
+        beta (torch.Tensor):
+            write strengths of shape `[B, T, H]`.
+        lamb (torch.Tensor):
+            the ridge `Λ`, positive, of shape `[H, K]`.
+        initial_state (Tuple[torch.Tensor, torch.Tensor], Optional):
+            `(h_kk [N, H, K, K], h_kv [N, H, K, V])` in float32, `N` the batch size, or the number of sequences
+            when `cu_seqlens` is given. Default: `None` (zeros).
+        output_final_state (bool, Optional):
+            whether to return the final state, in the layout of `initial_state`. Default: `False`.
+        cg_max_steps (int, Optional):
+            at most this many CG iterations per token; `0` skips the solve (`q* = q`). Default: `30`.
+        cg_tol (float, Optional):
+            a token stops once its relative residual is at most `cg_tol`; `None` runs every token for
+            `cg_max_steps`. Default: `1e-4`.
+        precondition (bool, Optional):
+            Jacobi-preconditioned CG. Default: `True`.
+        cu_seqlens (torch.LongTensor, Optional):
+            cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
+        use_qk_l2norm_in_kernel (bool, Optional):
+            L2-normalise q and k inside the op. Default: `False`.
+        return_cg_steps (bool, Optional):
+            also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
+
+    Returns:
+        o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
+        final_state (Tuple[torch.Tensor, torch.Tensor]): the final state if `output_final_state`, else `None`.
+        cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps`.
+
+    Examples::
+        >>> import torch, torch.nn.functional as F
+        >>> from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
+        >>> B, T, H, K, V = 2, 100, 4, 64, 32
+        >>> q, k = torch.randn(B, T + 1, H, K, device='cuda'), torch.randn(B, T + 1, H, K, device='cuda')
+        >>> v = torch.randn(B, T + 1, H, V, device='cuda')
+        >>> g = F.logsigmoid(torch.randn(B, T + 1, H, device='cuda') + 4)
+        >>> beta = torch.rand(B, T + 1, H, device='cuda')
+        >>> lamb = torch.ones(H, K, device='cuda')
+        # prefill with the chunk kernels, then decode one token from the state
+        >>> _, state = chunk_mesa(q[:, :T], k[:, :T], v[:, :T], g[:, :T], beta[:, :T], lamb,
+        ...                       output_final_state=True, use_qk_l2norm_in_kernel=True)
+        >>> o, state = fused_recurrent_mesa(q[:, T:], k[:, T:], v[:, T:], g[:, T:], beta[:, T:], lamb,
+        ...                                 initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    """
+    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol)
+    if use_qk_l2norm_in_kernel:
+        if use_triton(q) and q.dtype != torch.float64:
+            interpret_compat()
+            from fla.modules.l2norm import l2norm_fwd
+            q, k = l2norm_fwd(q)[0], l2norm_fwd(k)[0]
+        else:
+            q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
+    h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
+    o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(
+        q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens,
+    )
+    final_state = (ht_kk, ht_kv) if output_final_state else None
+    return (o, final_state, steps) if return_cg_steps else (o, final_state)

@@ -1,0 +1,218 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""`fused_recurrent_mesa` (the Triton kernel under TRITON_INTERPRET=1) against the float64 exact solve and the other paths.
+
+Tolerances:
+- float64 inputs run the kernel in float64: with `cg_tol=None` and more steps than the head dim, CG has converged
+  to rounding, so outputs and states must match the exact solve to 1e-10 (observed ~1e-15), and token-by-token
+  runs must match the PyTorch CG (`naive_recurrent_mesa`) step for step.
+- float32 inputs (float32 states and solve): 1e-4 relative to float64 (observed ~3e-7; the exact solve run in
+  float32 itself loses ~1e-7 on these conditioning numbers, κ(A) <= ~20).
+- against `chunk_mesa` in float32 with `cg_tol=1e-4`: a token may stop one step apart on the two paths, which the
+  tolerance allows to move x by up to κ(A)·1e-4; bounded here by 2e-3 as in test_chunk.py.
+- bf16 inputs: 1.5x the error of rounding the float64 output itself to bf16 (the output rounding is the floor).
+"""
+
+import os
+
+import pytest
+import torch
+
+from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
+from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
+from tests.utils import make_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='runs the kernel in the Triton interpreter')
+
+
+def to(inputs, dtype):
+    out = [x.to(dtype) for x in inputs[:6]]
+    h0 = inputs[6]
+    return out + [None if h0 is None else tuple(h.to(torch.float64 if dtype == torch.float64 else torch.float32) for h in h0)]
+
+
+def exact(inputs, **kwargs):
+    return naive_exact_mesa(*to(inputs, torch.float64), output_final_state=True, **kwargs)
+
+
+CASES = [
+    # B, T, H, K, V, initial state
+    (2, 5, 2, 16, 8, True),
+    (1, 4, 1, 20, 12, False),   # K, V not powers of two
+    (1, 3, 1, 72, 8, True),     # float64 K = 72 pads to 128 > 64: H streamed through the state buffer
+]
+
+
+@pytest.mark.parametrize('B,T,H,K,V,h0', [pytest.param(*c, id='B{}-T{}-H{}-K{}-V{}-h0{}'.format(*c)) for c in CASES])
+def test_float64_matches_exact(B, T, H, K, V, h0):
+    inputs = make_inputs(B, T, H, K, V, dtype=torch.float64, initial_state=h0)
+    o, (h_kk, h_kv), steps = fused_recurrent_mesa(*inputs, output_final_state=True, cg_max_steps=K + 8, cg_tol=None,
+                                                  return_cg_steps=True)
+    ref, (r_kk, r_kv) = exact(inputs)
+    assert o.dtype == h_kk.dtype == h_kv.dtype == torch.float64 and steps.dtype == torch.int32
+    for name, x, y in (('o', o, ref), ('h_kk', h_kk, r_kk), ('h_kv', h_kv, r_kv)):
+        assert rel_err(x, y) <= 1e-10, f"{name}: {rel_err(x, y):.2e}"
+
+
+@pytest.mark.parametrize('B,T,H,K,V,h0', [(1, 6, 2, 16, 24, True), (2, 3, 1, 130, 8, False)],
+                         ids=['K16-V24', 'K130-streamed'])
+def test_float32_matches_exact(B, T, H, K, V, h0):
+    inputs = make_inputs(B, T, H, K, V, dtype=torch.float64, initial_state=h0)
+    o, (h_kk, h_kv) = fused_recurrent_mesa(*to(inputs, torch.float32), output_final_state=True, cg_max_steps=40,
+                                           cg_tol=None)
+    ref, (r_kk, r_kv) = exact(inputs)
+    assert o.dtype == h_kk.dtype == h_kv.dtype == torch.float32
+    for name, x, y in (('o', o, ref), ('h_kk', h_kk, r_kk), ('h_kv', h_kv, r_kv)):
+        assert rel_err(x, y) <= 1e-4, f"{name}: {rel_err(x, y):.2e}"
+
+
+def test_bf16_matches_exact():
+    inputs = make_inputs(2, 6, 2, 16, 16, dtype=torch.float64, initial_state=True)
+    inputs16 = [x.bfloat16() for x in inputs[:5]] + [inputs[5].float(), inputs[6]]
+    o, _ = fused_recurrent_mesa(*inputs16, cg_max_steps=40, cg_tol=None)
+    # the reference starts from the same bf16-rounded inputs
+    ref, _ = exact(inputs16)
+    assert o.dtype == torch.bfloat16
+    # the floor: rounding the float64 output to bf16. Triton's interpreter casts float32 to bf16 by truncation
+    # (the GPU rounds to nearest), so here the floor is that of truncation, about twice as large
+    truncated = (ref.float().view(torch.int32) & -65536).view(torch.float32).bfloat16()
+    floor = max(rel_err(ref.bfloat16(), ref), rel_err(truncated, ref))
+    assert rel_err(o, ref) <= 1.5 * floor + 1e-6, f"{rel_err(o, ref):.2e} vs bf16 rounding {floor:.2e}"
+
+
+@pytest.mark.parametrize('cg_tol', [None, 1e-4])
+def test_float32_matches_chunk(cg_tol):
+    inputs = to(make_inputs(2, 20, 2, 16, 8, dtype=torch.float64, initial_state=True), torch.float32)
+    o, (h_kk, h_kv), steps = fused_recurrent_mesa(*inputs, output_final_state=True, cg_max_steps=30, cg_tol=cg_tol,
+                                                  return_cg_steps=True)
+    o_c, (c_kk, c_kv), steps_c = chunk_mesa(*inputs, output_final_state=True, cg_max_steps=30, cg_tol=cg_tol,
+                                            return_cg_steps=True, chunk_size=16)
+    assert rel_err(o, o_c) <= (1e-5 if cg_tol is None else 2e-3)
+    assert rel_err(h_kk, c_kk) <= 1e-6 and rel_err(h_kv, c_kv) <= 1e-6
+    if cg_tol is not None:
+        # float32 rounding differs between the paths: a token on the edge of the tolerance may stop a step apart
+        assert (steps - steps_c).abs().max() <= 1 and (steps == steps_c).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize('precondition', [False, True])
+@pytest.mark.parametrize('cg_tol', [None, 1e-4, 1e-2])
+@pytest.mark.parametrize('cg_max_steps', [0, 3, 30])
+def test_matches_naive_recurrent_step_for_step(cg_max_steps, cg_tol, precondition):
+    inputs = make_inputs(2, 4, 2, 12, 8, dtype=torch.float64, initial_state=True)
+    kwargs = dict(output_final_state=True, cg_max_steps=cg_max_steps, cg_tol=cg_tol, precondition=precondition,
+                  return_cg_steps=True)
+    o, (h_kk, h_kv), steps = fused_recurrent_mesa(*inputs, **kwargs)
+    o_n, (n_kk, n_kv), steps_n = naive_recurrent_mesa(*inputs, **kwargs)
+    assert torch.equal(steps, steps_n), f"{steps.flatten().tolist()} != {steps_n.flatten().tolist()}"
+    assert rel_err(o, o_n) <= 1e-12 and rel_err(h_kk, n_kk) <= 1e-14 and rel_err(h_kv, n_kv) <= 1e-14
+    if cg_max_steps == 0:
+        assert (steps == 0).all()
+
+
+def test_float32_step_counts_match_naive_recurrent():
+    inputs = to(make_inputs(1, 12, 2, 16, 8, dtype=torch.float64, gate=(6.0, 1.0), initial_state=True), torch.float32)
+    o, _, steps = fused_recurrent_mesa(*inputs, cg_max_steps=30, cg_tol=1e-4, return_cg_steps=True)
+    o_n, _, steps_n = naive_recurrent_mesa(*inputs, cg_max_steps=30, cg_tol=1e-4, return_cg_steps=True)
+    # float32 sums run in another order: allow a token on the edge of the tolerance to stop one step apart
+    assert (steps - steps_n).abs().max() <= 1 and (steps == steps_n).float().mean() >= 0.9
+    assert rel_err(o, o_n) <= 2e-3
+
+
+def test_all_at_once_equals_one_by_one():
+    inputs = make_inputs(2, 5, 2, 16, 12, dtype=torch.float64, initial_state=True)
+    q, k, v, g, beta, lamb, state = inputs
+    kwargs = dict(output_final_state=True, cg_max_steps=30, cg_tol=1e-6, return_cg_steps=True)
+    o, final, steps = fused_recurrent_mesa(*inputs, **kwargs)
+    outs, all_steps = [], []
+    for t in range(q.shape[1]):
+        o_t, state, s_t = fused_recurrent_mesa(*(x[:, t:t + 1] for x in (q, k, v, g, beta)), lamb, state, **kwargs)
+        outs.append(o_t)
+        all_steps.append(s_t)
+    assert torch.equal(torch.cat(all_steps, 1), steps)
+    assert rel_err(torch.cat(outs, 1), o) <= 1e-13
+    assert rel_err(state[0], final[0]) <= 1e-14 and rel_err(state[1], final[1]) <= 1e-14
+
+
+def test_continues_a_chunk_prefill():
+    inputs = make_inputs(1, 21, 2, 16, 8, dtype=torch.float64, initial_state=True)
+    q, k, v, g, beta, lamb, h0 = inputs
+    T0 = 17
+    kwargs = dict(output_final_state=True, cg_max_steps=40, cg_tol=None)
+    _, state = chunk_mesa(*(x[:, :T0] for x in (q, k, v, g, beta)), lamb, h0, chunk_size=16, **kwargs)
+    o, final = fused_recurrent_mesa(*(x[:, T0:] for x in (q, k, v, g, beta)), lamb, state, **kwargs)
+    ref, (r_kk, r_kv) = exact(inputs)
+    o_all, _ = fused_recurrent_mesa(*inputs, **kwargs)
+    assert rel_err(o, ref[:, T0:]) <= 1e-10 and rel_err(o, o_all[:, T0:]) <= 1e-10
+    assert rel_err(final[0], r_kk) <= 1e-12 and rel_err(final[1], r_kv) <= 1e-12
+
+
+def test_varlen_equals_per_sequence():
+    # the second sequence is empty: its final state is its initial state
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    N, H, K, V = 3, 2, 16, 8
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 7, H, K, V, dtype=torch.float64)
+    h0 = make_inputs(N, 1, H, K, V, dtype=torch.float64, initial_state=True, seed=3)[6]
+    kwargs = dict(output_final_state=True, cg_max_steps=30, cg_tol=1e-6, return_cg_steps=True)
+    o, (h_kk, h_kv), steps = fused_recurrent_mesa(q, k, v, g, beta, lamb, h0, cu_seqlens=cu, **kwargs)
+    for i, (bos, eos) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if eos == bos:
+            assert torch.equal(h_kk[i], h0[0][i]) and torch.equal(h_kv[i], h0[1][i])
+            continue
+        seq = [x[:, bos:eos] for x in (q, k, v, g, beta)]
+        o_i, (kk_i, kv_i), steps_i = fused_recurrent_mesa(*seq, lamb, tuple(h[i:i + 1] for h in h0), **kwargs)
+        assert torch.equal(steps[:, bos:eos], steps_i)
+        assert rel_err(o[:, bos:eos], o_i) <= 1e-13
+        assert rel_err(h_kk[i:i + 1], kk_i) <= 1e-14 and rel_err(h_kv[i:i + 1], kv_i) <= 1e-14
+    o_n, _, steps_n = naive_recurrent_mesa(q, k, v, g, beta, lamb, h0, cu_seqlens=cu, **kwargs)
+    assert torch.equal(steps, steps_n) and rel_err(o, o_n) <= 1e-12
+
+
+def test_qk_l2norm_in_kernel():
+    inputs = make_inputs(1, 4, 2, 16, 8, dtype=torch.float64)
+    inputs[0], inputs[1] = inputs[0] * 3.0, inputs[1] * 0.5
+    ref, _ = exact(inputs, use_qk_l2norm_in_kernel=True)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        o, _ = fused_recurrent_mesa(*to(inputs, dtype), cg_max_steps=40, cg_tol=None, use_qk_l2norm_in_kernel=True)
+        assert rel_err(o, ref) <= tol, f"{dtype}: {rel_err(o, ref):.2e}"
+
+
+def test_outputs_fully_written():
+    # conftest fills fla_mesa's torch.empty allocations with NaN (ints with -2^30): everything must be overwritten
+    inputs = to(make_inputs(1, 5, 3, 20, 12, dtype=torch.float64), torch.float32)
+    o, (h_kk, h_kv), steps = fused_recurrent_mesa(*inputs, output_final_state=True, return_cg_steps=True)
+    assert torch.isfinite(o).all() and torch.isfinite(h_kk).all() and torch.isfinite(h_kv).all()
+    assert ((steps >= 0) & (steps <= 30)).all()
+    o2, final = fused_recurrent_mesa(*inputs)
+    assert final is None and torch.equal(o, o2)
+
+
+def test_pytorch_fallback_without_interpreter(monkeypatch):
+    inputs = make_inputs(1, 4, 2, 16, 8, dtype=torch.float64, initial_state=True)
+    o, final, steps = fused_recurrent_mesa(*inputs, output_final_state=True, return_cg_steps=True)
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    o_t, final_t, steps_t = fused_recurrent_mesa(*inputs, output_final_state=True, return_cg_steps=True)
+    assert torch.equal(steps, steps_t) and rel_err(o, o_t) <= 1e-12 and rel_err(final[0], final_t[0]) <= 1e-14
+
+
+def test_backward_raises():
+    inputs = make_inputs(1, 2, 1, 16, 8, dtype=torch.float32)
+    q = inputs[0].clone().requires_grad_()
+    o, _ = fused_recurrent_mesa(q, *inputs[1:])
+    with pytest.raises(NotImplementedError, match='chunk_mesa'):
+        o.sum().backward()
+
+
+def test_validation_errors():
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 3, 2, 16, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match='lamb'):
+        fused_recurrent_mesa(q, k, v, g, beta, lamb[:, :8])
+    with pytest.raises(ValueError, match='g'):
+        fused_recurrent_mesa(q, k, v, -g, beta, lamb)
+    with pytest.raises(ValueError, match='cg_max_steps'):
+        fused_recurrent_mesa(q, k, v, g, beta, lamb, cg_max_steps=-1)
+    with pytest.raises(ValueError, match='initial_state'):
+        fused_recurrent_mesa(q, k, v, g, beta, lamb, initial_state=(torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 8, 16)))
+    with pytest.raises(ValueError, match='batch size'):
+        fused_recurrent_mesa(*(torch.cat([x, x]) for x in (q, k, v, g, beta)), lamb, cu_seqlens=torch.tensor([0, 3]))
+    big = torch.nn.functional.normalize(torch.randn(1, 1, 1, 300), dim=-1)
+    with pytest.raises(ValueError, match='K <= 256'):
+        fused_recurrent_mesa(big, big, v[:, :1, :1], g[:, :1, :1], beta[:, :1, :1], torch.ones(1, 300))
