@@ -10,13 +10,15 @@ from fla.ops.utils.constant import RCP_LN2
 
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch
+from fla_mesa.ops.mesa.naive import pad_varlen, unpad_varlen
 from fla_mesa.utils import interpret_compat
 
 try:
     from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
     HAS_BWD = True
 except ImportError:
-    # the backward kernels are optional: without them the backward runs the PyTorch path
+    # without the backward kernels, the backward's sums run in PyTorch around the Triton adjoint solve
     HAS_BWD = False
 
 
@@ -52,6 +54,10 @@ def chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, 
 
 def chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
     """Returns `(dq, dk, dv, dg, dbeta, dlamb, dh0)` like the PyTorch path."""
+    if not HAS_BWD:
+        return chunk_mesa_bwd_hybrid(
+            x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
+        )
     chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     dx = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
@@ -65,3 +71,24 @@ def chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps,
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
     )
     return dq, dk, dv, dg, dbeta, dlamb, dh0
+
+
+def chunk_mesa_bwd_hybrid(
+    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
+):
+    """The PyTorch backward with its adjoint solve, the iterative part, run by the Triton CG kernel."""
+    chunk_indices, g_cum, beta32, h_kk, _, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+
+    def solve(dx):
+        # dx comes in the PyTorch path's layout: one padded row per sequence when varlen
+        if cu_seqlens is not None:
+            dx = unpad_varlen(dx, cu_seqlens)
+        e, _, _ = chunk_mesa_cg(
+            dx, k, g_cum, beta32, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size,
+        )
+        return pad_varlen(e, cu_seqlens) if cu_seqlens is not None else e
+
+    return chunk_mesa_bwd_torch(
+        x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, solve
+    )

@@ -217,10 +217,13 @@ def naive_chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg
     return pieces.unchunk(o), pieces.unchunk(x), pieces.unchunk(steps), pieces.final_state
 
 
-def naive_chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size):
+def naive_chunk_mesa_bwd(
+    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size, solve=None
+):
     r"""
     The implicit backward, chunkwise: the adjoint solve `e_t = A_t⁻¹ S_t do_t` with the forward's solver, then
     autograd of the surrogate `L̃ = Σ do·o − Σ e·A x + <dht, final_state>` with x and e held fixed.
+    `solve`, if given, maps `dx [B, T, H, K]` to `e` in place of the PyTorch CG (the Triton path passes its kernel).
     Returns `(dq, dk, dv, dg, dbeta, dlamb, dh0)`.
     """
     leaves = [t.detach().requires_grad_() for t in (k, v, g, beta, lamb)]
@@ -232,6 +235,8 @@ def naive_chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_
             dx = pieces.readout_t(doc)
             if cg_max_steps == 0:
                 e = dx
+            elif solve is not None:
+                e = pieces.chunk(solve(pieces.unchunk(dx)))
             else:
                 e, _ = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol, precondition)
         loss = (pieces.readout(xc) * doc).sum()
