@@ -14,8 +14,9 @@ from fla_mesa.utils import interpret_compat, is_interpreting
 
 # H [K, K] stays in registers up to this padded K; larger heads stream H through the final-state buffer (L2)
 MAX_BK_IN_REGS = 128
-# one program per (sequence, head) holds all of H: more warps spread its registers thinner (K = 128: 128 KB of
-# fp32 H over 4 warps is 128 registers a thread); which count wins depends on the card, so it is tuned
+# one program per (sequence, head) holds all of H: more warps spread its registers thinner (K = 128: 64 KB of
+# fp32 H over 4 warps is 128 registers a thread), fewer keep more programs resident; tuned (on an H100, 4 warps
+# won at every batch size, 8 and 16 warps were 1.6x and 2.2x slower at B·H = 1024)
 NUM_WARPS = [2, 4, 8, 16]
 
 
@@ -42,9 +43,11 @@ def _add2(a0, a1, b0, b1):
 @triton.jit
 def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
             H_IN_REGS: tl.constexpr, DTYPE: tl.constexpr):
-    """`A p = H p + λ ⊙ p` (H p, not Hᵀ p: a given initial h_kk need not be symmetric)."""
+    """`A p = H p + λ ⊙ p`."""
     if H_IN_REGS:
-        # b_h holds Hᵀ (b_h[j, i] = H[i, j]), so the reduction runs over the first axis
+        # Hᵀ p, which is H p: H is symmetric (every update is, and so is a state this op or chunk_mesa wrote).
+        # a coalesced load puts the lanes along H's rows, so the sum over the row index is in-thread adds and one
+        # cross-warp step, where the sum over the column index would be five shuffles for every entry
         b_w = tl.sum(b_h * b_p[:, None], axis=0)
     else:
         b_w = tl.zeros([BK], dtype=DTYPE)
@@ -70,7 +73,7 @@ def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.con
     key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION', 'DTYPE'],
     prune_configs_by={'early_config_prune': _prune_configs},
 )
-@triton.jit(do_not_specialize=['T', 'max_steps', 'one', 'one_', 'NH'])
+@triton.jit(do_not_specialize=['T', 'max_steps', 'NH'])
 def fused_recurrent_mesa_fwd_kernel(
     q,
     k,
@@ -88,8 +91,6 @@ def fused_recurrent_mesa_fwd_kernel(
     tol2,
     max_steps,
     T,
-    one,
-    one_,
     NH,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -124,11 +125,9 @@ def fused_recurrent_mesa_fwd_kernel(
     else:
         b_dh = tl.zeros([BK], dtype=DTYPE)
     if H_IN_REGS:
-        # [BK, BK], transposed: b_h[j, i] = H[i, j]; `one` (a runtime 1) hides the contiguity along j from the
-        # compiler, which then spreads i over the lanes and keeps j in registers and warps: the matvec's sum over j
-        # is in-thread adds and one cross-warp step instead of five shuffles per entry
+        # [BK, BK]
         if USE_INITIAL_STATE:
-            p_h0 = h0_kk + i_nh * K * K + o_k[None, :] * K + o_k[:, None] * one
+            p_h0 = h0_kk + i_nh * K * K + o_k[:, None] * K + o_k[None, :]
             if K == BK:
                 b_h = tl.load(p_h0).to(DTYPE)
             else:
@@ -151,7 +150,7 @@ def fused_recurrent_mesa_fwd_kernel(
         # H_t = γ H_{t-1} + β k kᵀ
         b_dh = b_dh * b_gamma + b_kb * b_k
         if H_IN_REGS:
-            b_h = b_h * b_gamma + b_k[:, None] * b_kb[None, :]
+            b_h = b_h * b_gamma + b_kb[:, None] * b_k[None, :]
         else:
             # H lives in ht_kk; every thread must be done reading the previous token's H
             tl.debug_barrier()
@@ -235,15 +234,12 @@ def fused_recurrent_mesa_fwd_kernel(
             b_o = tl.sum(b_sv * b_x[:, None], axis=0)
             tl.store(o + (i_tok * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
-
     if H_IN_REGS:
-        # `one_` (another runtime 1) keeps the compiler from computing these [BK, BK] offsets once, before the
-        # token loop, and keeping them in registers through it (where they cost as much as H)
-        p_ht = ht_kk + i_nh * K * K + o_k[None, :] * K + o_k[:, None] * one_
+        p_ht = ht_kk + i_nh * K * K + o_k[:, None] * K + o_k[None, :]
         if K == BK:
             tl.store(p_ht, b_h.to(ht_kk.dtype.element_ty))
         else:
-            tl.store(p_ht, b_h.to(ht_kk.dtype.element_ty), mask=(o_k[:, None] * one_ < K) & m_k[None, :])
+            tl.store(p_ht, b_h.to(ht_kk.dtype.element_ty), mask=m_k[:, None] & m_k[None, :])
     if T == 0:
         # an empty sequence of a varlen batch: its final state is its initial state
         for i_v in range(0, tl.cdiv(V, BV)):
@@ -312,8 +308,6 @@ def fused_recurrent_mesa_fwd(
         tol2=0.0 if cg_tol is None else float(cg_tol) ** 2,
         max_steps=cg_max_steps,
         T=T,
-        one=1,
-        one_=1,
         NH=min(triton.next_power_of_2(N * H), 4096),
         H=H,
         K=K,
@@ -328,21 +322,26 @@ def fused_recurrent_mesa_fwd(
     return o, (ht_kk, ht_kv), cg_steps
 
 
+@input_guard
+def _forward(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens):
+    initial_state = None if h0_kk is None else (h0_kk, h0_kv)
+    if use_triton(q):
+        o, (ht_kk, ht_kv), steps = fused_recurrent_mesa_fwd(
+            q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
+        )
+    else:
+        o, (ht_kk, ht_kv), steps = naive_recurrent_mesa(
+            q, k, v, g, beta, lamb, initial_state, output_final_state=True, cg_max_steps=cg_max_steps,
+            cg_tol=cg_tol, precondition=precondition, cu_seqlens=cu_seqlens, return_cg_steps=True,
+        )
+    return o, ht_kk, ht_kv, steps
+
+
 class FusedRecurrentMesaFunction(torch.autograd.Function):
 
     @staticmethod
-    @input_guard
-    def forward(ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens):
-        initial_state = None if h0_kk is None else (h0_kk, h0_kv)
-        if use_triton(q):
-            o, (ht_kk, ht_kv), steps = fused_recurrent_mesa_fwd(
-                q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
-            )
-        else:
-            o, (ht_kk, ht_kv), steps = naive_recurrent_mesa(
-                q, k, v, g, beta, lamb, initial_state, output_final_state=True, cg_max_steps=cg_max_steps,
-                cg_tol=cg_tol, precondition=precondition, cu_seqlens=cu_seqlens, return_cg_steps=True,
-            )
+    def forward(ctx, *args):
+        o, ht_kk, ht_kv, steps = _forward(*args)
         ctx.mark_non_differentiable(steps)
         return o, ht_kk, ht_kv, steps
 
@@ -391,7 +390,8 @@ def fused_recurrent_mesa(
             the ridge `Λ`, positive, of shape `[H, K]`.
         initial_state (Tuple[torch.Tensor, torch.Tensor], Optional):
             `(h_kk [N, H, K, K], h_kv [N, H, K, V])` in float32, `N` the batch size, or the number of sequences
-            when `cu_seqlens` is given. Default: `None` (zeros).
+            when `cu_seqlens` is given. `h_kk` must be symmetric, as every state of this op and of `chunk_mesa`
+            is (for K <= 128 the kernel multiplies by its transpose, which reads H faster). Default: `None` (zeros).
         output_final_state (bool, Optional):
             whether to return the final state, in the layout of `initial_state`. Default: `False`.
         cg_max_steps (int, Optional):
@@ -437,8 +437,9 @@ def fused_recurrent_mesa(
         else:
             q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
-    o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(
-        q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens,
-    )
+    args = (q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens)
+    # the autograd node (whose backward raises) only where a gradient could be asked for: decoding skips its cost
+    tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
+    o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(*args) if tracked else _forward(*args)
     final_state = (ht_kk, ht_kv) if output_final_state else None
     return (o, final_state, steps) if return_cg_steps else (o, final_state)
