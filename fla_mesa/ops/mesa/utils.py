@@ -67,12 +67,14 @@ def check_inputs(
     # a data-dependent check (one sync); a non-positive lamb makes H + Λ singular
     if T == 0 or H == 0 or K == 0 or v.shape[-1] == 0:
         raise ValueError(f"empty inputs are not supported: q {_shape(q)}, v {_shape(v)}")
-    # data-dependent checks in one device sync: Λ > 0 keeps H + Λ positive definite, g <= 0 keeps γ in (0, 1]
-    lmin, gmax = torch.stack([lamb.detach().min().float(), g.detach().max().float()]).tolist()
-    if not lmin > 0:
-        raise ValueError(f"`lamb` must be positive everywhere, got min(lamb) = {lmin}")
-    if not gmax <= 0:
-        raise ValueError(f"`g` is a log-decay and must be <= 0 everywhere (and not NaN), got max(g) = {gmax}")
+    # data-dependent checks in one device sync: Λ > 0 keeps H + Λ positive definite, g <= 0 keeps γ in (0, 1];
+    # skipped while a CUDA graph is captured, where no sync is allowed
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lmin, gmax = torch.stack([lamb.detach().min().float(), g.detach().max().float()]).tolist()
+        if not lmin > 0:
+            raise ValueError(f"`lamb` must be positive everywhere, got min(lamb) = {lmin}")
+        if not gmax <= 0:
+            raise ValueError(f"`g` is a log-decay and must be <= 0 everywhere (and not NaN), got max(g) = {gmax}")
     if not isinstance(cg_max_steps, int) or isinstance(cg_max_steps, bool) or cg_max_steps < 0:
         raise ValueError(f"`cg_max_steps` must be a non-negative int, got {cg_max_steps!r}")
     if cg_tol is not None and (not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < 1):
