@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one call: the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy
+# against float64), the accuracy table beside the bf16 floor, and, given an fla checkout, fla's own harness.
+#   bash benchmarks/gpu_suite.sh [OUT_DIR] [FLA_ROOT]
+set -uo pipefail
+out=${1:-benchmarks/results/latest}
+fla_root=${2:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python benchmarks/benchmark_chunk.py 2>&1 | tee "$out/chunk.md"
+python benchmarks/accuracy.py 2>&1 | tee "$out/accuracy.md"
+if [ -n "$fla_root" ]; then
+    python benchmarks/fla_harness.py --fla-root "$fla_root" --modes fwd fwdbwd 2>&1 | tee "$out/fla_harness.md"
+fi
