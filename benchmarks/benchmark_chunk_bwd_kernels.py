@@ -1,0 +1,242 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+The chunk path's backward kernels on a GPU: accuracy against float64 (operand precisions 'ieee' and 'tf32x3',
+upstream gradients of scale 1, 1e-4, 1e-8, bf16 k/v/do) and time at B·T = 16384, H = 16, D = 128.
+
+    python benchmarks/benchmark_chunk_bwd_kernels.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fla.ops.utils import prepare_chunk_indices  # noqa: E402
+
+from fla_mesa.ops.mesa import chunk_bwd  # noqa: E402
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dh, chunk_mesa_bwd_dx, chunk_mesa_bwd_grads  # noqa: E402
+
+DEV = 'cuda'
+NAMES = ('dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv')
+LINES = []
+
+
+OUT_FILE = None
+
+
+def log(s=''):
+    print(s, flush=True)
+    LINES.append(s)
+    if OUT_FILE:
+        with open(OUT_FILE, 'w') as f:
+            f.write("\n".join(LINES) + "\n")
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float('inf')
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def bounds(B, T, cu):
+    return [(b, 0, T) for b in range(B)] if cu is None else [(0, s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+
+
+def g_cumsum(g, cu, C):
+    out = torch.zeros_like(g, dtype=torch.float64)
+    for b, bos, eos in bounds(g.shape[0], g.shape[1], cu):
+        for s in range(bos, eos, C):
+            e = min(s + C, eos)
+            out[b, s:e] = g[b, s:e].double().cumsum(0) / math.log(2)
+    return out
+
+
+def make(B, T, H, K, V, cu=None, scale=1.0, seed=0, gate=(3.0, 1.0)):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+    N = B if cu is None else len(cu) - 1
+    q, k = F.normalize(randn(B, T, H, K), dim=-1), F.normalize(randn(B, T, H, K), dim=-1)
+    v = randn(B, T, H, V)
+    g = F.logsigmoid(randn(B, T, H) * gate[1] + gate[0])
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    lamb = 0.25 + torch.rand(H, K, generator=gen, dtype=torch.float64)
+    a = randn(N, H, K, K)
+    h0 = (a @ a.transpose(-1, -2) / K, randn(N, H, K, V))
+    do = randn(B, T, H, V) * scale
+    dht = (randn(N, H, K, K) * scale, randn(N, H, K, V) * scale)
+    return [t.to(DEV) for t in (q, k, v, g, beta, lamb)], tuple(t.to(DEV) for t in h0), do.to(DEV), tuple(t.to(DEV) for t in dht)
+
+
+def reference(q, k, v, g, beta, lamb, h0, do, dht, cu, C):
+    """float64 autograd of the surrogate with exact x, e (as in tests/ops/test_chunk_bwd_kernels.py)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    leaves = [t.detach().clone().requires_grad_() for t in (k, v, g, beta, lamb)]
+    k, v, g, beta, lamb = leaves
+    h0 = [t.detach().clone().requires_grad_() for t in h0]
+    x = torch.zeros(B, T, H, K, dtype=torch.float64, device=DEV)
+    e = torch.zeros_like(x)
+    dx = torch.zeros_like(x)
+    hk_all, hv_all, loss = [], [], 0.
+    Lam = torch.diag_embed(lamb)
+    for n, (b, bos, eos) in enumerate(bounds(B, T, cu)):
+        Hs, Ss = h0[0][n], h0[1][n]
+        for t in range(bos, eos):
+            if (t - bos) % C == 0:
+                hk_all.append((b, Hs.detach().clone()))
+                hv_all.append((b, Ss.detach().clone()))
+            kb = k[b, t] * beta[b, t, :, None]
+            gamma = g[b, t].exp()[:, None, None]
+            Hs = gamma * Hs + kb[:, :, None] * k[b, t, :, None, :]
+            Ss = gamma * Ss + kb[:, :, None] * v[b, t, :, None, :]
+            A = Hs + Lam
+            with torch.no_grad():
+                xt = torch.linalg.solve(A, q[b, t])
+                dxt = torch.einsum('hkv,hv->hk', Ss, do[b, t])
+                et = torch.linalg.solve(A.transpose(-1, -2), dxt)
+            x[b, t], dx[b, t], e[b, t] = xt, dxt, et
+            loss = loss + (do[b, t] * torch.einsum('hkv,hk->hv', Ss, xt)).sum()
+            loss = loss - (et * torch.einsum('hij,hj->hi', A, xt)).sum()
+        loss = loss + (dht[0][n] * Hs).sum() + (dht[1][n] * Ss).sum()
+    if cu is None:
+        h_kk = torch.stack([torch.stack([h for bb, h in hk_all if bb == b]) for b in range(B)])
+        h_kv = torch.stack([torch.stack([h for bb, h in hv_all if bb == b]) for b in range(B)])
+    else:
+        h_kk, h_kv = torch.stack([h for _, h in hk_all])[None], torch.stack([h for _, h in hv_all])[None]
+    grads = torch.autograd.grad(loss, leaves + h0)
+    ref = dict(zip(NAMES, grads))
+    ref.update(x=x, e=e, dx=dx, h_kk=h_kk, h_kv=h_kv)
+    return ref
+
+
+def run(k, v, g, beta, h0, do, dht, x, e, h_kk, h_kv, cu, C, precision, io_dtype=torch.float32):
+    f32 = dict(dtype=torch.float32)
+    ci = None if cu is None else prepare_chunk_indices(cu, C)
+    g_cum = g_cumsum(g, cu, C).float()
+    k, v, do = (t.to(io_dtype) for t in (k, v, do))
+    kw = dict(cu_seqlens=cu, chunk_indices=ci, chunk_size=C, precision=precision)
+    dx = chunk_mesa_bwd_dx(do, k, v, g_cum, beta.float(), h_kv.float(), **kw)
+    dk, dv, dg, db, dl, dh0 = chunk_mesa_bwd_grads(
+        x.to(**f32), e.to(**f32), do, k, v, g_cum, beta.float(), h_kk.float(), h_kv.float(),
+        initial_state=tuple(t.float() for t in h0), dht=tuple(t.float() for t in dht), **kw)
+    return dict(dx=dx, dk=dk, dv=dv, dg=dg, dbeta=db, dlamb=dl, dh0_kk=dh0[0], dh0_kv=dh0[1])
+
+
+def accuracy(label, B, T, H, K, V, cu, C, precision, scale, io_dtype=torch.float32, gate=(3.0, 1.0)):
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    (q, k, v, g, beta, lamb), h0, do, dht = make(B, T, H, K, V, cu, scale, gate=gate)
+    if io_dtype == torch.bfloat16:
+        # the reference sees the bf16-rounded values the kernels see
+        k, v, do = (t.to(torch.bfloat16).double() for t in (k, v, do))
+    ref = reference(q, k, v, g, beta, lamb, h0, do, dht, cu_t, C)
+    out = run(k, v, g, beta, h0, do, dht, ref['x'], ref['e'], ref['h_kk'], ref['h_kv'], cu_t, C, precision, io_dtype)
+    errs = {n: rel(out[n], ref[n]) for n in out}
+    log(f"| {label} | {precision} | {str(io_dtype).split('.')[-1]} | {scale:g} | "
+        + " | ".join(f"{errs[n]:.1e}" for n in ('dx',) + NAMES) + " |")
+    return errs
+
+
+def autotuner(name):
+    from triton.runtime.autotuner import Autotuner
+    obj = getattr(chunk_bwd, name)
+    while not isinstance(obj, Autotuner):
+        obj = obj.fn
+    return obj
+
+
+def guarded(fn, *args, **kwargs):
+    # one failing case must not lose the others' numbers
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        log(f"FAILED {fn.__name__}{args}: {type(err).__name__}: {str(err)[:2000]}")
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def timing(B, T, H, D, C, precision, io_dtype):
+    torch.manual_seed(0)
+    k = F.normalize(torch.randn(B, T, H, D, device=DEV), dim=-1).to(io_dtype)
+    v = torch.randn(B, T, H, D, device=DEV).to(io_dtype)
+    do = torch.randn(B, T, H, D, device=DEV).to(io_dtype)
+    x, e = torch.randn(B, T, H, D, device=DEV), torch.randn(B, T, H, D, device=DEV)
+    g = F.logsigmoid(torch.randn(B, T, H, device=DEV) + 3)
+    beta = torch.rand(B, T, H, device=DEV)
+    NT = triton.cdiv(T, C)
+    g_cum = (g.view(B, NT, C, H).cumsum(2) / math.log(2)).view(B, T, H).contiguous()
+    h_kk = torch.randn(B, NT, H, D, D, device=DEV)
+    h_kv = torch.randn(B, NT, H, D, D, device=DEV)
+    kw = dict(chunk_size=C, precision=precision)
+    t_dx = bench(lambda: chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw))
+    t_dh = bench(lambda: chunk_mesa_bwd_dh(x, e, do, g_cum, **kw))
+    t_gr = bench(lambda: chunk_mesa_bwd_grads(x, e, do, k, v, g_cum, beta, h_kk, h_kv, **kw))
+    nch = B * NT * H
+    fl_dx = nch * 2 * (2 * C * C * D + C * D * D)
+    fl_dh = nch * 2 * (2 * C * D * D)
+    fl_gk = nch * 2 * (7 * C * C * D + 5 * C * D * D + C ** 3)
+    t_gk = t_gr - t_dh
+    log(f"| {B}x{T} | {precision} | {str(io_dtype).split('.')[-1]} | {t_dx:.3f} ({fl_dx / t_dx / 1e9:.0f}) | "
+        f"{t_dh:.3f} ({fl_dh / t_dh / 1e9:.0f}) | {t_gk:.3f} ({fl_gk / t_gk / 1e9:.0f}) | {t_dx + t_gr:.3f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--out', default=None)
+    args = parser.parse_args()
+    global OUT_FILE
+    OUT_FILE = args.out
+    commit = os.environ.get('COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    log(f"# Mesa chunk backward kernels: {torch.cuda.get_device_name()}")
+    log(f"torch {torch.__version__}, triton {triton.__version__}, commit {commit} (+ working tree), "
+        f"default precision {chunk_bwd.BWD_DOT_PRECISION}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log()
+    log("## Time (ms; in parentheses achieved TFLOP/s of the matmuls) at B·T = 16384, H = 16, K = V = 128, chunk 64")
+    log("x, e, states fp32; k, v, do in the listed dtype. grads = chunk_mesa_bwd_grads without its dh kernel.")
+    log()
+    log("| B x T | precision | k/v/do | dx | dh (reverse states) | grads | dx + dh + grads |")
+    log("|---|---|---|---|---|---|---|")
+    t0 = time.time()
+    for precision, io in (('tf32x3', torch.bfloat16), ('tf32x3', torch.float32), ('ieee', torch.float32)):
+        guarded(timing, 4, 4096, 16, 128, 64, precision, io)
+    for B, T in ((16, 1024), (1, 16384)):
+        guarded(timing, B, T, 16, 128, 64, 'tf32x3', torch.bfloat16)
+    log()
+    log(f"(autotune + timing took {time.time() - t0:.0f} s)")
+    for name in ('chunk_mesa_bwd_kernel_dx', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
+        kern = autotuner(name)
+        log(f"{name} best configs: " + "; ".join(f"{key[:3]}: {cfg}" for key, cfg in getattr(kern, 'cache', {}).items()))
+    log()
+    log("## Relative error against float64 (same x, e, chunk states; h0 and dht given)")
+    log()
+    log("| case | precision | k/v/do | scale | " + " | ".join(('dx',) + NAMES) + " |")
+    log("|---" * 12 + "|")
+    for precision in ('ieee', 'tf32x3'):
+        for scale in (1.0, 1e-4, 1e-8):
+            guarded(accuracy, 'B1 T300 H2 D128', 1, 300, 2, 128, 128, None, 64, precision, scale)
+    guarded(accuracy, 'B1 T300 H2 D128', 1, 300, 2, 128, 128, None, 64, 'tf32x3', 1.0, torch.bfloat16)
+    guarded(accuracy, 'B1 T300 H2 D128 gates~1', 1, 300, 2, 128, 128, None, 64, 'tf32x3', 1e-8, gate=(9.0, 0.5))
+    # odd shapes: one config per kernel (compile time), masks and varlen on the GPU
+    for name in ('chunk_mesa_bwd_kernel_dx', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
+        kern = autotuner(name)
+        kern.configs = kern.configs[:1]
+    guarded(accuracy, 'varlen [0,1,70,134,150] K48 V40', 1, 150, 2, 48, 40, [0, 1, 70, 134, 150], 64, 'tf32x3', 1e-4)
+    guarded(accuracy, 'B2 T63 K20 V24 C16 strong decay', 2, 63, 1, 20, 24, None, 16, 'ieee', 1.0, gate=(-1.0, 2.0))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,615 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+Backward kernels of the Mesa chunk path (README "Backward: implicit differentiation").
+
+`chunk_mesa_bwd_dx` gives `dx_t = S_t do_t`, the right-hand side of the adjoint solve. With the forward solution x and
+the adjoint solution e held fixed, `chunk_mesa_bwd_grads` takes the gradients of the surrogate
+`L̃ = Σ_t [do_tᵀ S_tᵀ x_t − e_tᵀ (H_t + Λ) x_t] + <dH_T, H_T> + <dS_T, S_T>`: a reverse-time kernel carries the state
+gradients from chunk to chunk, then one program per (chunk, head) forms dk, dv, dg, dβ and dλ from them.
+
+Notation inside a chunk (rows i are "query" positions, columns j "key" positions, Γ the in-chunk cumulative
+log-decay): `A_ij = e^{Γ_i − Γ_j}` for j <= i, `dS'`, `dH'` the gradients of the state after the chunk.
+
+    dv_j = β_j [Σ_i A_ij (x_i·k_j) do_i + e^{Γ_C − Γ_j} dS'ᵀ k_j]
+    dk_j = β_j [Σ_i A_ij ((do_i·v_j) x_i − (e_i·k_j) x_i − (x_i·k_j) e_i) + e^{Γ_C − Γ_j} (dS' v_j + (dH' + dH'ᵀ) k_j)]
+    dβ_j = k_j · (S part of dk_j / β_j + ½ H part of dk_j / β_j)
+    dg_t = Σ_{j<t<=i} A_ij β_j (do_i·v_j − e_i·k_j)(k_j·x_i) + Σ_{i>=t} e^{Γ_i} (do_i·S_cᵀ x_i − e_i·H_c x_i)
+           + Σ_{j<t} β_j e^{Γ_C − Γ_j} (k_j·dS' v_j + k_jᵀ dH' k_j) + e^{Γ_C} (<dS', S_c> + <dH', H_c>)
+    (each term summed over the decays that g_t enters, so no large ± terms cancel)
+
+Every quantity is linear in (do, dH_T, dS_T) at fixed x and e, with no absolute epsilon: gradients of any scale keep
+their relative accuracy. All products take fp32 operands (`BWD_DOT_PRECISION`): 'tf32x3' and 'ieee' both gave
+every gradient within 7e-7 of float64 on an H100 (triton 3.6), tf32x3 2.2x faster, so it is the default
+(benchmarks/results/chunk_bwd_kernels_h100.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
+from fla.ops.utils.op import exp2
+
+from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, mesa_dot
+from fla_mesa.utils import is_interpreting
+
+# operand precision of every product in the backward: 'tf32x3' (tensor cores, ~fp32) or 'ieee' (fp32 FMA)
+BWD_DOT_PRECISION = os.environ.get('FLA_MESA_BWD_PRECISION', 'tf32x3')
+
+
+def _configs():
+    if is_interpreting():
+        # small blocks under the interpreter: the tests exercise the multi-block loops and their masks
+        return [triton.Config({'BK': 32, 'BV': 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({'BK': B, 'BV': B}, num_warps=num_warps, num_stages=1)
+        for B in [32, 64]
+        for num_warps in [4, 8]
+    ]
+
+
+@triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
+@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN'])
+@triton.jit(do_not_specialize=['T'])
+def chunk_mesa_bwd_kernel_dx(
+    do,
+    k,
+    v,
+    g,
+    beta,
+    h_kv,
+    dx,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    K_IS_BF16: tl.constexpr,
+    V_IS_BF16: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # dx_t = e^{Γ_t} S_c do_t + Σ_{j<=t} M_tj k_j (v_j·do_t): GLA's readout with (q, k, v) -> (do, v, k)
+    i_k, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+        bos = i_b * T
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+
+    b_dov = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dx = tl.zeros([BT, BK], dtype=tl.float32)
+    h_kv += (i_tg * H + i_h) * K * V
+    for i_s in range(0, tl.cdiv(V, BV)):
+        o_v = tl.cast(i_s, tl.int64) * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + (bos * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
+        b_v = tl.load(v + (bos * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
+        # [BV, BK] S_cᵀ
+        b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
+        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16)
+        b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False)
+    b_dx *= exp2(b_g)[:, None]
+    # padded rows/columns are masked before exp2 could overflow into inf * 0
+    m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    b_dov = tl.where(m_tt, b_dov * exp2(b_g[:, None] - b_g[None, :]) * b_beta[None, :], 0.)
+    b_k = tl.load(k + (bos * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_dx = mesa_dot(b_dov, b_k, b_dx, PREC, K_IS_BF16)
+    tl.store(dx + (bos * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dx, mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _chunk_mesa_bwd_dh_block(
+    a,
+    b,
+    g,
+    dh,
+    dht,
+    dh0,
+    i_k,
+    i_w,
+    i_n,
+    i_h,
+    bos,
+    T,
+    NT,
+    boh,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    W: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BW: tl.constexpr,
+    PREC: tl.constexpr,
+    SIGN: tl.constexpr,
+    B_IS_BF16: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+):
+    # one [BK, BW] block of D_c = e^{Γ_C} D_{c+1} + SIGN Σ_i e^{Γ_i} a_i b_iᵀ, from the last chunk back to the first;
+    # dh[c] holds the gradient of the state after chunk c
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_w = i_w * BW + tl.arange(0, BW)
+    m_k = o_k < K
+    m_w = o_w < W
+    m_kw = m_k[:, None] & m_w[None, :]
+    i_nh = i_n * H + i_h
+
+    b_dh = tl.zeros([BK, BW], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + i_nh * K * W + o_k[:, None] * W + o_w[None, :], mask=m_kw, other=0.).to(tl.float32)
+
+    for i_s in range(0, NT):
+        i_t = NT - 1 - tl.cast(i_s, tl.int64)
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
+
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # [BK, BT]
+        b_a = tl.load(a + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        # [BT, BW]
+        b_b = tl.load(b + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :], mask=m_t[:, None] & m_w[None, :], other=0.)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+        i_last = tl.minimum((i_t + 1) * BT, T) - 1
+        b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
+
+        b_a = b_a.to(tl.float32) * (SIGN * exp2(b_g))[None, :]
+        b_dh = mesa_dot(b_a, b_b, b_dh * exp2(b_g_last), PREC, B_IS_BF16)
+
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + i_nh * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
+
+
+def _dh_configs():
+    if is_interpreting():
+        return [triton.Config({'BK': 32, 'BW': 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({'BK': 64, 'BW': BW}, num_warps=4, num_stages=num_stages)
+        for BW in [32, 64]
+        for num_stages in [2, 3]
+    ]
+
+
+@triton.heuristics({
+    'USE_DHT_KK': lambda args: args['dht_kk'] is not None,
+    'USE_DHT_KV': lambda args: args['dht_kv'] is not None,
+    'STORE_DH0': lambda args: args['dh0_kk'] is not None,
+    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
+})
+@triton.autotune(configs=_dh_configs(), key=['K', 'V', 'BT', 'PREC', 'DO_IS_BF16'])
+@triton.jit(do_not_specialize=['T'])
+def chunk_mesa_bwd_kernel_dh(
+    x,
+    e,
+    do,
+    g,
+    dh_kk,
+    dh_kv,
+    dht_kk,
+    dht_kv,
+    dh0_kk,
+    dh0_kv,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BW: tl.constexpr,
+    PREC: tl.constexpr,
+    DO_IS_BF16: tl.constexpr,
+    USE_DHT_KK: tl.constexpr,
+    USE_DHT_KV: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # program axis 0 walks the column blocks of [dH | dS] times the row blocks, as the forward's state kernel
+    i_kw, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NK = tl.cdiv(K, BK)
+    NWK = tl.cdiv(K, BW)
+    i_k, i_w = i_kw % NK, i_kw // NK
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+        NT = tl.cdiv(T, BT)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n * T
+        NT = tl.cdiv(T, BT)
+        boh = i_n * NT
+
+    if i_w < NWK:
+        # dH_t = −e_t x_tᵀ (unsymmetrised: A_t x_t uses H_t x_t)
+        _chunk_mesa_bwd_dh_block(
+            e, x, g, dh_kk, dht_kk, dh0_kk, i_k, i_w, i_n, i_h, bos, T, NT, boh,
+            H, K, K, BT, BK, BW, PREC, -1.0, False, USE_DHT_KK, STORE_DH0,
+        )
+    else:
+        # dS_t = x_t do_tᵀ
+        _chunk_mesa_bwd_dh_block(
+            x, do, g, dh_kv, dht_kv, dh0_kv, i_k, i_w - NWK, i_n, i_h, bos, T, NT, boh,
+            H, K, V, BT, BK, BW, PREC, 1.0, DO_IS_BF16, USE_DHT_KV, STORE_DH0,
+        )
+
+
+@triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
+@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
+@triton.jit(do_not_specialize=['T'])
+def chunk_mesa_bwd_kernel_grads(
+    x,
+    e,
+    do,
+    k,
+    v,
+    g,
+    beta,
+    h_kk,
+    h_kv,
+    dh_kk,
+    dh_kv,
+    dk,
+    dv,
+    dg,
+    dbeta,
+    dlamb,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    K_IS_BF16: tl.constexpr,
+    V_IS_BF16: tl.constexpr,
+    DO_IS_BF16: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # one program per (chunk, head); see the module docstring for the formulas
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+        bos = i_b * T
+    NK = tl.cdiv(K, BK)
+    NV = tl.cdiv(V, BV)
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+    i_last = tl.minimum((i_t + 1) * BT, T) - 1
+    b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
+    # e^{Γ_i} (state -> token i), e^{Γ_C − Γ_j} (token j -> state after the chunk)
+    b_gq = exp2(b_g)
+    b_gk = tl.where(m_t, exp2(b_g_last - b_g), 0.)
+    m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    # [BT, BT] A_ij; padded rows/columns masked before exp2 could overflow into inf * 0
+    b_a = tl.where(m_tt, exp2(b_g[:, None] - b_g[None, :]), 0.)
+
+    x += (bos * H + i_h) * K
+    e += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    dk += (bos * H + i_h) * K
+    do += (bos * H + i_h) * V
+    v += (bos * H + i_h) * V
+    dv += (bos * H + i_h) * V
+    h_kk += (i_tg * H + i_h) * K * K
+    dh_kk += (i_tg * H + i_h) * K * K
+    h_kv += (i_tg * H + i_h) * K * V
+    dh_kv += (i_tg * H + i_h) * K * V
+
+    # 1) X Kᵀ, E Kᵀ; dλ = −Σ e ⊙ x (per chunk, summed on the host)
+    b_xk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_ek = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_s in range(0, NK):
+        o_k = tl.cast(i_s, tl.int64) * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_x = tl.load(x + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_e = tl.load(e + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_xk = mesa_dot(b_x, tl.trans(b_k), b_xk, PREC, K_IS_BF16)
+        b_ek = mesa_dot(b_e, tl.trans(b_k), b_ek, PREC, K_IS_BF16)
+        tl.store(dlamb + (i_tg * H + i_h) * K + o_k, -tl.sum(b_e * b_x, 0), mask=o_k < K)
+    b_axk = b_xk * b_a
+    b_aek = b_ek * b_a
+    # e^{Γ_C} (<dS', S_c> + <dH', H_c>)
+    b_last = tl.zeros([], dtype=tl.float32)
+
+    # 2) over V: DO Vᵀ, dv, and the query side's e^{Γ_i} do_i·(S_cᵀ x_i)
+    b_dov = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dgs = tl.zeros([BT], dtype=tl.float32)
+    for i_s in range(0, NV):
+        o_v = tl.cast(i_s, tl.int64) * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
+        b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
+        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16)
+        b_xs = tl.zeros([BT, BV], dtype=tl.float32)
+        b_kds = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_r in range(0, NK):
+            o_k = tl.cast(i_r, tl.int64) * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_tk = m_t[:, None] & m_k[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_x = tl.load(x + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+            b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+            b_s = tl.load(h_kv + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+            b_ds = tl.load(dh_kv + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+            b_xs = mesa_dot(b_x, b_s, b_xs, PREC, False)
+            b_kds = mesa_dot(b_k, b_ds, b_kds, PREC, False)
+            b_last += tl.sum(b_s * b_ds)
+        b_dgs += tl.sum(b_do.to(tl.float32) * b_xs, 1)
+        b_dv = mesa_dot(tl.trans(b_axk), b_do, b_kds * b_gk[:, None], PREC, DO_IS_BF16)
+        tl.store(dv + o_t[:, None] * (H * V) + o_v[None, :], b_dv * b_beta[:, None], mask=m_tv)
+    b_adov = b_dov * b_a
+    # dg, intra-chunk pairs: g_t enters the decay A_ij of every pair j < t <= i, so dg_t = Σ_{j<t<=i} T_ij with
+    # T_ij = A_ij β_j (do_i·v_j − e_i·k_j)(k_j·x_i): summed directly (no cancelling ±T terms), as (T U) with
+    # U_jt = [j < t], then over i >= t
+    o_i = tl.arange(0, BT)
+    b_tm = tl.where(o_i[:, None] > o_i[None, :], (b_adov - b_aek) * b_xk * b_beta[None, :], 0.)
+    b_u = (o_i[:, None] < o_i[None, :]).to(tl.float32)
+    b_tu = mesa_dot(b_tm, b_u, tl.zeros([BT, BT], dtype=tl.float32), PREC, False)
+    b_dg = tl.sum(tl.where(o_i[:, None] >= o_i[None, :], b_tu, 0.), 0)
+
+    # 3) over the output blocks of K: dk, dβ, and the query side's −e^{Γ_i} e_i·(H_c x_i)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    # Σ over the key side's inter-chunk terms (k_j·dS' v_j + k_jᵀ dH' k_j) e^{Γ_C − Γ_j}, for the last token's dΓ
+    b_dbi = tl.zeros([BT], dtype=tl.float32)
+    for i_s in range(0, NK):
+        o_k = tl.cast(i_s, tl.int64) * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_x = tl.load(x + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_e = tl.load(e + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        # S part: Σ_i A_ij (do_i·v_j) x_i + e^{Γ_C − Γ_j} dS' v_j
+        b_dks = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_r in range(0, NV):
+            o_v = tl.cast(i_r, tl.int64) * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+            # [BV, BK] dS'ᵀ
+            b_dst = tl.load(dh_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
+            b_dks = mesa_dot(b_v, b_dst, b_dks, PREC, False)
+        b_dks *= b_gk[:, None]
+        b_dbi += tl.sum(b_k * b_dks, 1)
+        b_dks = mesa_dot(tl.trans(b_adov), b_x, b_dks, PREC, False)
+        # H part: −Σ_i A_ij ((e_i·k_j) x_i + (x_i·k_j) e_i) + e^{Γ_C − Γ_j} (dH' + dH'ᵀ) k_j
+        b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
+        b_xh = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_r in range(0, NK):
+            o_r = tl.cast(i_r, tl.int64) * BK + tl.arange(0, BK)
+            m_r = o_r < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            b_kr = tl.load(k + o_t[:, None] * (H * K) + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0.)
+            b_xr = tl.load(x + o_t[:, None] * (H * K) + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0.)
+            # [BK (r), BK (k)] blocks dH'[r, k], dH'[k, r], H_c[k, r]
+            b_dh1 = tl.load(dh_kk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.)
+            b_dh2 = tl.load(dh_kk + o_k[None, :] * K + o_r[:, None], mask=m_rk, other=0.)
+            b_ht = tl.load(h_kk + o_k[None, :] * K + o_r[:, None], mask=m_rk, other=0.)
+            b_dkh = mesa_dot(b_kr, b_dh1 + b_dh2, b_dkh, PREC, False)
+            b_xh = mesa_dot(b_xr, b_ht, b_xh, PREC, False)
+            b_last += tl.sum(b_dh2 * b_ht)
+        b_dkh *= b_gk[:, None]
+        b_dbi += 0.5 * tl.sum(b_k * b_dkh, 1)
+        b_dgs -= tl.sum(b_e * b_xh, 1)
+        b_dkh2 = mesa_dot(tl.trans(b_aek), b_x, tl.zeros([BT, BK], dtype=tl.float32), PREC, False)
+        b_dkh2 = mesa_dot(tl.trans(b_axk), b_e, b_dkh2, PREC, False)
+        b_dkh -= b_dkh2
+        b_dbeta += tl.sum(b_k * (b_dks + 0.5 * b_dkh), 1)
+        tl.store(dk + o_t[:, None] * (H * K) + o_k[None, :], (b_dks + b_dkh) * b_beta[:, None], mask=m_tk)
+
+    # dg_t, the other terms, each summed where g_t enters: the state-to-token decays e^{Γ_i} of tokens i >= t, the
+    # token-to-next-state decays e^{Γ_C − Γ_j} of tokens j < t, and the state-to-next-state decay e^{Γ_C}
+    b_dg += tl.sum(tl.where(o_i[:, None] >= o_i[None, :], (b_gq * b_dgs)[:, None], 0.), 0)
+    b_dg += tl.sum(tl.where(o_i[:, None] < o_i[None, :], (b_beta * b_dbi)[:, None], 0.), 0)
+    b_dg += exp2(b_g_last) * b_last
+    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+    tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
+
+
+def _check_precision(precision):
+    precision = BWD_DOT_PRECISION if precision is None else precision
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"`precision` must be one of {DOT_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _num_chunks(T, cu_seqlens, chunk_indices, BT):
+    if cu_seqlens is None:
+        return triton.cdiv(T, BT), None
+    if chunk_indices is None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
+    return len(chunk_indices), chunk_indices
+
+
+def chunk_mesa_bwd_dx(
+    do: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cum: torch.Tensor,
+    beta: torch.Tensor,
+    h_kv: torch.Tensor,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+    precision: str | None = None,
+) -> torch.Tensor:
+    r"""
+    `dx_t = S_t do_t`, the gradient reaching the solution x_t (and the right-hand side of the adjoint solve).
+
+    Args:
+        do (torch.Tensor): `[B, T, H, V]`.
+        k (torch.Tensor): `[B, T, H, K]`.
+        v (torch.Tensor): `[B, T, H, V]`.
+        g_cum (torch.Tensor): `[B, T, H]` float32, in-chunk cumulative log-decay in log2 space.
+        beta (torch.Tensor): `[B, T, H]`.
+        h_kv (torch.Tensor): chunk-start states `[B, NT, H, K, V]` float32.
+        cu_seqlens, chunk_indices: varlen as in fla.
+        chunk_size (int): the chunk length.
+        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION`.
+
+    Returns:
+        dx (torch.Tensor): `[B, T, H, K]` float32.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BT = chunk_size
+    precision = _check_precision(precision)
+    NT, chunk_indices = _num_chunks(T, cu_seqlens, chunk_indices, BT)
+    do, k, v, g_cum, beta, h_kv = (t.contiguous() for t in (do, k, v, g_cum, beta, h_kv))
+    dx = k.new_empty(B, T, H, K, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(K, meta['BK']), NT, B * H)
+
+    chunk_mesa_bwd_kernel_dx[grid](
+        do=do, k=k, v=v, g=g_cum, beta=beta, h_kv=h_kv, dx=dx,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, K=K, V=V, BT=BT, PREC=precision,
+        K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16,
+    )
+    return dx
+
+
+def chunk_mesa_bwd_dh(
+    x: torch.Tensor,
+    e: torch.Tensor,
+    do: torch.Tensor,
+    g_cum: torch.Tensor,
+    dht: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    output_dh0: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+    precision: str | None = None,
+):
+    r"""
+    The gradients of the surrogate with respect to the state after every chunk, `dh_kk [B, NT, H, K, K]` (of H, from
+    `−e_t x_tᵀ`) and `dh_kv [B, NT, H, K, V]` (of S, from `x_t do_tᵀ`), float32, plus the initial-state gradients
+    `(dh0_kk, dh0_kv)` when `output_dh0` (else `None`).
+    """
+    B, T, H, K = x.shape
+    V = do.shape[-1]
+    BT = chunk_size
+    precision = _check_precision(precision)
+    if cu_seqlens is None:
+        N, NT, chunk_offsets = B, triton.cdiv(T, BT), None
+    else:
+        chunk_offsets = prepare_chunk_offsets(cu_seqlens, BT)
+        N = len(cu_seqlens) - 1
+        NT = len(chunk_indices) if chunk_indices is not None else int(chunk_offsets[-1].item())
+    x, e, do, g_cum = (t.contiguous() for t in (x, e, do, g_cum))
+    dht_kk, dht_kv = (None, None) if dht is None else dht
+    dht_kk = None if dht_kk is None else dht_kk.contiguous()
+    dht_kv = None if dht_kv is None else dht_kv.contiguous()
+    dh_kk = x.new_empty(B, NT, H, K, K, dtype=torch.float32)
+    dh_kv = x.new_empty(B, NT, H, K, V, dtype=torch.float32)
+    dh0_kk = x.new_empty(N, H, K, K, dtype=torch.float32) if output_dh0 else None
+    dh0_kv = x.new_empty(N, H, K, V, dtype=torch.float32) if output_dh0 else None
+
+    def grid(meta):
+        nk = triton.cdiv(K, meta['BK'])
+        return (nk * (triton.cdiv(K, meta['BW']) + triton.cdiv(V, meta['BW'])), N * H)
+
+    chunk_mesa_bwd_kernel_dh[grid](
+        x=x, e=e, do=do, g=g_cum, dh_kk=dh_kk, dh_kv=dh_kv, dht_kk=dht_kk, dht_kv=dht_kv,
+        dh0_kk=dh0_kk, dh0_kv=dh0_kv, cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
+        T=T, H=H, K=K, V=V, BT=BT, PREC=precision, DO_IS_BF16=do.dtype == torch.bfloat16,
+    )
+    return dh_kk, dh_kv, ((dh0_kk, dh0_kv) if output_dh0 else None)
+
+
+def chunk_mesa_bwd_grads(
+    x: torch.Tensor,
+    e: torch.Tensor,
+    do: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cum: torch.Tensor,
+    beta: torch.Tensor,
+    h_kk: torch.Tensor,
+    h_kv: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dht: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+    precision: str | None = None,
+):
+    r"""
+    Gradients of the implicit-differentiation surrogate
+    `L̃ = Σ_t [do_tᵀ S_tᵀ x_t − e_tᵀ (H_t + Λ) x_t] + <dht_kk, H_T> + <dht_kv, S_T>` (x, e fixed).
+
+    Args:
+        x (torch.Tensor): forward solutions `[B, T, H, K]`.
+        e (torch.Tensor): adjoint solutions `[B, T, H, K]`.
+        do (torch.Tensor): `[B, T, H, V]`.
+        k, v, g_cum, beta: as for `chunk_mesa_bwd_dx` (g_cum: in-chunk cumsum of g, log2 space).
+        h_kk, h_kv (torch.Tensor): chunk-start states `[B, NT, H, K, K]`, `[B, NT, H, K, V]` float32.
+        initial_state (Tuple[torch.Tensor, torch.Tensor], Optional): if given, its gradient is returned.
+        dht (Tuple, Optional): `(dht_kk [N, H, K, K] or None, dht_kv [N, H, K, V] or None)`.
+        cu_seqlens, chunk_indices, chunk_size: as in fla.
+        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION`.
+
+    Returns:
+        dk `[B, T, H, K]`, dv `[B, T, H, V]`, dg `[B, T, H]` (of the raw natural-log g), dbeta `[B, T, H]`,
+        dlamb `[H, K]`, dh0 (`(dh0_kk, dh0_kv)` or `None`), all float32.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BT = chunk_size
+    precision = _check_precision(precision)
+    NT, chunk_indices = _num_chunks(T, cu_seqlens, chunk_indices, BT)
+    kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, precision=precision)
+    dh_kk, dh_kv, dh0 = chunk_mesa_bwd_dh(x, e, do, g_cum, dht=dht, output_dh0=initial_state is not None, **kw)
+
+    x, e, do, k, v, g_cum, beta, h_kk, h_kv = (t.contiguous() for t in (x, e, do, k, v, g_cum, beta, h_kk, h_kv))
+    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
+    dv = k.new_empty(B, T, H, V, dtype=torch.float32)
+    dg = k.new_empty(B, T, H, dtype=torch.float32)
+    dbeta = k.new_empty(B, T, H, dtype=torch.float32)
+    # per-chunk partial sums of −e ⊙ x, reduced below (deterministic, no atomics)
+    dlamb = k.new_empty(B * NT, H, K, dtype=torch.float32)
+    chunk_mesa_bwd_kernel_grads[(NT, B * H)](
+        x=x, e=e, do=do, k=k, v=v, g=g_cum, beta=beta, h_kk=h_kk, h_kv=h_kv, dh_kk=dh_kk, dh_kv=dh_kv,
+        dk=dk, dv=dv, dg=dg, dbeta=dbeta, dlamb=dlamb, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+        T=T, H=H, K=K, V=V, BT=BT, PREC=precision,
+        K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
+    )
+    return dk, dv, dg, dbeta, dlamb.sum(0), dh0
