@@ -1,0 +1,402 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from torch.nn import functional as F
+
+from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
+from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
+
+from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
+from fla_mesa.ops.mesa.utils import use_triton
+from fla_mesa.utils import interpret_compat, is_interpreting
+
+if TYPE_CHECKING:
+    from fla.models.cache_utils import Cache
+    from transformers.processing_utils import Unpack
+
+# γ of the write gate at initialisation is drawn so that 1 - γ is log-uniform in this range: memories that last
+# from ten to a thousand tokens (a zero bias would start every head at γ = 0.5, forgetting within a few tokens)
+GATE_INIT_DECAY_RANGE = (1e-3, 1e-1)
+
+
+def use_fla_kernels(x: torch.Tensor) -> bool:
+    """fla's Triton modules (short conv, norms) run on GPUs and under `TRITON_INTERPRET=1`; elsewhere PyTorch does."""
+    return use_triton(x)
+
+
+def short_conv_torch(
+    conv: ShortConvolution,
+    x: torch.Tensor,
+    cache: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    `ShortConvolution.forward` in PyTorch with the module's own weights, for CPUs without Triton.
+    Same cache layout as fla: `[N, D, W]`, the last `W` inputs, the newest at `W - 1`.
+    """
+    D, W = conv.hidden_size, conv.kernel_size[0]
+    if cu_seqlens is None:
+        seqs = list(x)
+    else:
+        seqs = [x[0, bos:eos] for bos, eos in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    ys, states = [], []
+    for i, s in enumerate(seqs):
+        prev = x.new_zeros(W, D) if cache is None else cache[i].transpose(0, 1).to(x.dtype)
+        # [W + T, D]: the cached inputs, then the new ones; the conv sees the last W - 1 cached ones
+        xs = torch.cat([prev, s], 0)
+        bias = None if conv.bias is None else conv.bias.to(x.dtype)
+        y = F.conv1d(xs[1:].transpose(0, 1).unsqueeze(0), conv.weight.to(x.dtype), bias, groups=D)
+        y = y.squeeze(0).transpose(0, 1)
+        if conv.activation in ('silu', 'swish'):
+            y = F.silu(y)
+        ys.append(y)
+        states.append(xs[-W:].transpose(0, 1))
+    y = torch.stack(ys, 0) if cu_seqlens is None else torch.cat(ys, 0).unsqueeze(0)
+    return y, (torch.stack(states, 0).contiguous() if output_final_state else None)
+
+
+def rms_norm_torch(norm: RMSNorm | FusedRMSNormGated, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """fla's `RMSNorm` / `FusedRMSNormGated` (norm, weight, then the gate's activation) in PyTorch, in float32."""
+    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)
+    if norm.weight is not None:
+        y = y * norm.weight.float()
+    if getattr(norm, 'bias', None) is not None:
+        y = y + norm.bias.float()
+    if g is not None:
+        y = y * (torch.sigmoid(g.float()) if norm.activation == 'sigmoid' else F.silu(g.float()))
+    return y.to(x.dtype)
+
+
+def _check(name: str, value, ok: bool, expected: str):
+    if not ok:
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
+
+
+class MesaNet(nn.Module):
+    r"""
+    The Mesa layer of [MesaNet: Sequence Modeling by Locally Optimal Test-Time Training](https://arxiv.org/abs/2506.05233),
+    a drop-in token mixer for fla models. Per head, with `γ_t = σ(a_t)` (capped, see `use_gamma_cap`) and `β_t = σ(b_t)`:
+
+        H_t = γ_t H_{t-1} + β_t k_t k_tᵀ,   S_t = γ_t S_{t-1} + β_t k_t v_tᵀ,   o_t = S_tᵀ (H_t + Λ)⁻¹ q_t
+
+    with `q`, `k` L2-normalised and `Λ = lambda_lower_bound + softplus(λ)` learnt per head and key dimension.
+    The solve is done by conjugate gradient (`fla_mesa.ops.mesa`).
+
+    Args:
+        hidden_size (int, Optional):
+            The hidden size of the input. Default: 2048.
+        num_heads (int, Optional):
+            The number of heads. Default: 16.
+        head_dim (int, Optional):
+            The key (and query) dimension of each head. Default: 128.
+        expand_v (float, Optional):
+            The value dimension of each head is `head_dim * expand_v`. Default: 1.
+        mode (str, Optional):
+            The kernel for long inputs outside training: `chunk` or `fused_recurrent`. Training and inputs with
+            gradients always use `chunk`; inference inputs of at most 64 tokens use `fused_recurrent`. Default: `chunk`.
+        use_output_gate (bool, Optional):
+            Whether to gate the output: `FusedRMSNormGated` instead of `RMSNorm`. Default: `False`.
+        use_short_conv (bool, Optional):
+            Whether to apply short causal convolutions (with SiLU) to q and k; without them q and k get a SiLU only.
+            Default: `True`.
+        use_v_conv (bool, Optional):
+            Whether to apply a short convolution to v as well (only with `use_short_conv`). Default: `False`.
+        conv_size (int, Optional):
+            The kernel size of the short convolutions. Default: 4.
+        conv_bias (bool, Optional):
+            Whether the short convolutions have a bias. Default: `False`.
+        layer_idx (int, Optional):
+            The index of the layer (needed with a cache). Default: `None`.
+        norm_eps (float, Optional):
+            The epsilon of the output norm. Default: 1e-5.
+        lambda_lower_bound (float, Optional):
+            The lower bound of `Λ`, positive. Default: 0.25.
+        lambda_initial_value (float, Optional):
+            The value of `Λ` at initialisation, above `lambda_lower_bound`. Default: 1.0.
+        use_gamma_cap (bool, Optional):
+            The paper's cap on the forget gate, `γ_t ← γ_t (1 - (1 - gamma_cap) β_t²)`, which keeps `H_t` bounded over
+            runs of repeated tokens. Default: `True`.
+        gamma_cap (float, Optional):
+            `b` of the cap, in (0, 1]. Default: 0.9975.
+        use_solver (bool, Optional):
+            `False` skips the solve (`q* = q`), which makes the layer gated linear attention (the paper's baseline);
+            `Λ` is then unused. Default: `True`.
+        cg_max_steps_training (int, Optional):
+            The most CG steps per token in training. Default: 30.
+        cg_tol_training (float, Optional):
+            The relative residual at which CG stops in training; `None` runs all steps. Default: 1e-4.
+        cg_max_steps_inference (int, Optional):
+            The most CG steps per token in inference (eval mode). Default: 30.
+        cg_tol_inference (float, Optional):
+            The relative residual at which CG stops in inference; `None` runs all steps. Default: 1e-4.
+        precondition (bool, Optional):
+            Jacobi-preconditioned CG. Default: `True`.
+        chunk_size (int, Optional):
+            The chunk size of `chunk_mesa`: 16, 32 or 64. Default: 64.
+        max_cg_step_training, max_cg_step_decoding (int, Optional):
+            fla's names for `cg_max_steps_training` and `cg_max_steps_inference`, accepted for drop-in use.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        num_heads: int = 16,
+        head_dim: int = 128,
+        expand_v: float = 1.0,
+        mode: str = 'chunk',
+        use_output_gate: bool = False,
+        use_short_conv: bool = True,
+        use_v_conv: bool = False,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        layer_idx: int | None = None,
+        norm_eps: float = 1e-5,
+        lambda_lower_bound: float = 0.25,
+        lambda_initial_value: float = 1.0,
+        use_gamma_cap: bool = True,
+        gamma_cap: float = 0.9975,
+        use_solver: bool = True,
+        cg_max_steps_training: int = 30,
+        cg_tol_training: float | None = 1e-4,
+        cg_max_steps_inference: int = 30,
+        cg_tol_inference: float | None = 1e-4,
+        precondition: bool = True,
+        chunk_size: int = 64,
+        max_cg_step_training: int | None = None,
+        max_cg_step_decoding: int | None = None,
+        **kwargs,
+    ):
+        super().__init__()
+        if max_cg_step_training is not None:
+            cg_max_steps_training = max_cg_step_training
+        if max_cg_step_decoding is not None:
+            cg_max_steps_inference = max_cg_step_decoding
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        _check('hidden_size', hidden_size, is_int(hidden_size) and hidden_size > 0, 'a positive int')
+        _check('num_heads', num_heads, is_int(num_heads) and num_heads > 0, 'a positive int')
+        _check('head_dim', head_dim, is_int(head_dim) and head_dim > 0, 'a positive int')
+        _check('expand_v', expand_v, isinstance(expand_v, (int, float)) and expand_v > 0, 'a positive number')
+        head_v_dim = head_dim * expand_v
+        _check('expand_v', expand_v, math.isclose(head_v_dim, round(head_v_dim), rel_tol=1e-5),
+               f'such that head_dim * expand_v is an int (head_dim = {head_dim})')
+        _check('mode', mode, mode in ('chunk', 'fused_recurrent'), "'chunk' or 'fused_recurrent'")
+        _check('conv_size', conv_size, is_int(conv_size) and conv_size >= 1, 'an int >= 1')
+        _check('norm_eps', norm_eps, isinstance(norm_eps, (int, float)) and norm_eps > 0, 'a positive float')
+        _check('lambda_lower_bound', lambda_lower_bound,
+               isinstance(lambda_lower_bound, (int, float)) and lambda_lower_bound > 0, 'a positive float (Λ > 0)')
+        _check('lambda_initial_value', lambda_initial_value,
+               isinstance(lambda_initial_value, (int, float)) and lambda_initial_value > lambda_lower_bound,
+               f'a float above lambda_lower_bound = {lambda_lower_bound}')
+        _check('gamma_cap', gamma_cap, isinstance(gamma_cap, (int, float)) and 0 < gamma_cap <= 1, 'a float in (0, 1]')
+        for name, value in (('cg_max_steps_training', cg_max_steps_training),
+                            ('cg_max_steps_inference', cg_max_steps_inference)):
+            _check(name, value, is_int(value) and value >= 0, 'a non-negative int')
+        for name, value in (('cg_tol_training', cg_tol_training), ('cg_tol_inference', cg_tol_inference)):
+            _check(name, value, value is None or (isinstance(value, (int, float)) and 0 <= value < 1),
+                   'None or a float in [0, 1)')
+        _check('chunk_size', chunk_size, chunk_size in (16, 32, 64), '16, 32 or 64')
+        _check('layer_idx', layer_idx, layer_idx is None or (is_int(layer_idx) and layer_idx >= 0), 'None or an int >= 0')
+
+        self.mode = mode
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.expand_v = expand_v
+        self.head_k_dim = head_dim
+        self.head_v_dim = int(round(head_v_dim))
+        self.key_dim = num_heads * self.head_k_dim
+        self.value_dim = num_heads * self.head_v_dim
+        self.use_output_gate = use_output_gate
+        self.use_short_conv = use_short_conv
+        self.use_v_conv = use_short_conv and use_v_conv
+        self.conv_size = conv_size
+        self.conv_bias = conv_bias
+        self.layer_idx = layer_idx
+        self.lambda_lower_bound = float(lambda_lower_bound)
+        self.lambda_initial_value = float(lambda_initial_value)
+        self.use_gamma_cap = use_gamma_cap
+        self.gamma_cap = float(gamma_cap)
+        self.use_solver = use_solver
+        self.cg_max_steps_training = cg_max_steps_training
+        self.cg_tol_training = cg_tol_training
+        self.cg_max_steps_inference = cg_max_steps_inference
+        self.cg_tol_inference = cg_tol_inference
+        self.precondition = precondition
+        self.chunk_size = chunk_size
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        # gates γ = σ(a), β = σ(b), one per head; the a bias sets the initial memory length
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.a_proj._is_mesa_gate = True
+        # Λ = lambda_lower_bound + softplus(lambda_params), per head and key dimension, kept in float32
+        self.lambda_params = nn.Parameter(torch.empty(self.key_dim, dtype=torch.float32))
+        self.lambda_params._no_weight_decay = True
+
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias, activation='silu')
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias, activation='silu')
+            if self.use_v_conv:
+                self.v_conv1d = ShortConvolution(self.value_dim, conv_size, bias=conv_bias, activation='silu')
+        else:
+            warnings.warn(
+                "ShortConvolution is crucial to the performance. "
+                "Do not turn it off, i.e., setting `use_short_conv=False` unless you know what you are doing.",
+            )
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.o_norm = FusedRMSNormGated(self.head_v_dim, eps=norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps, dtype=torch.float32)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.reset_mesa_parameters()
+
+    @torch.no_grad()
+    def reset_mesa_parameters(self):
+        """Initialises what generic initialisers do not know: `Λ` (to `lambda_initial_value`) and the γ gate's bias."""
+        if self.lambda_params.device.type == 'meta':
+            return
+        # softplus⁻¹(Λ₀ − lower bound)
+        self.lambda_params.fill_(math.log(math.expm1(self.lambda_initial_value - self.lambda_lower_bound)))
+        init_gate_bias(self.a_proj.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"use_solver={self.use_solver}, cg_training=({self.cg_max_steps_training}, {self.cg_tol_training}), "
+            f"cg_inference=({self.cg_max_steps_inference}, {self.cg_tol_inference}), precondition={self.precondition}, "
+            f"use_gamma_cap={self.use_gamma_cap}"
+        )
+
+    def get_lambda(self) -> torch.Tensor:
+        """`Λ` as `[H, K]` float32."""
+        return (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound).view(self.num_heads, self.head_k_dim)
+
+    def _conv(self, conv, x, cache, use_cache, cu_seqlens, fla_kernels):
+        if fla_kernels:
+            return conv(x=x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        return short_conv_torch(conv, x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs: Unpack[dict],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "Expected attention_mask as a 0-1 matrix with shape [batch_size, seq_len] for padding purposes "
+                f"(0 indicating padding); arbitrary attention masks are not allowed, got shape {tuple(attention_mask.shape)}"
+            )
+        batch_size, q_len, _ = hidden_states.shape
+        if torch.is_grad_enabled():
+            mode = 'chunk'
+        elif q_len <= 64 and not self.training:
+            mode = 'fused_recurrent'
+        else:
+            mode = self.mode
+        if self.training and mode != 'chunk':
+            raise ValueError(f"Only chunk mode is supported in training, got mode `{mode}`")
+
+        fla_kernels = use_fla_kernels(hidden_states)
+        if fla_kernels and is_interpreting():
+            interpret_compat()
+        last_state = get_layer_cache(self, past_key_values)
+        cu_seqlens = kwargs.get('cu_seqlens')
+        hidden_states, indices, cu_seqlens = unpad_hidden_states(hidden_states, cu_seqlens, attention_mask, q_len)
+
+        conv_state_q = conv_state_k = conv_state_v = None
+        if last_state is not None and last_state.get('conv_state') is not None:
+            conv_state_q, conv_state_k, *conv_state_v = last_state['conv_state']
+            conv_state_v = conv_state_v[0] if conv_state_v else None
+        if self.use_short_conv:
+            conv_args = (use_cache, cu_seqlens, fla_kernels)
+            q, conv_state_q = self._conv(self.q_conv1d, self.q_proj(hidden_states), conv_state_q, *conv_args)
+            k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, *conv_args)
+        else:
+            q, k = F.silu(self.q_proj(hidden_states)), F.silu(self.k_proj(hidden_states))
+        if self.use_v_conv:
+            v, conv_state_v = self._conv(self.v_conv1d, self.v_proj(hidden_states), conv_state_v, use_cache, cu_seqlens,
+                                         fla_kernels)
+        else:
+            v = self.v_proj(hidden_states)
+
+        q, k = (rearrange(x, '... (h d) -> ... h d', d=self.head_k_dim) for x in (q, k))
+        v = rearrange(v, '... (h d) -> ... h d', d=self.head_v_dim)
+        beta = self.b_proj(hidden_states).float().sigmoid()
+        g = F.logsigmoid(self.a_proj(hidden_states).float())
+        if self.use_gamma_cap:
+            # γ(1 − (1 − b)β²), in log space
+            g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
+        lamb = self.get_lambda()
+
+        if self.training:
+            cg_max_steps, cg_tol = self.cg_max_steps_training, self.cg_tol_training
+        else:
+            cg_max_steps, cg_tol = self.cg_max_steps_inference, self.cg_tol_inference
+        if not self.use_solver:
+            cg_max_steps = 0
+
+        recurrent_state = last_state['recurrent_state'] if last_state is not None else None
+        op_kwargs = dict(
+            initial_state=recurrent_state,
+            output_final_state=use_cache,
+            cg_max_steps=cg_max_steps,
+            cg_tol=cg_tol,
+            precondition=self.precondition,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+            return_cg_steps=True,
+        )
+        if mode == 'chunk':
+            o, recurrent_state, cg_steps = chunk_mesa(q, k, v, g, beta, lamb, chunk_size=self.chunk_size, **op_kwargs)
+        elif mode == 'fused_recurrent':
+            o, recurrent_state, cg_steps = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
+        else:
+            raise NotImplementedError(f"Not supported mode `{mode}`.")
+        # the CG steps of the last call, per token and head (for monitoring; not differentiable)
+        self.last_cg_steps = cg_steps
+
+        update_layer_cache(
+            self,
+            past_key_values,
+            recurrent_state=recurrent_state,
+            conv_state=((conv_state_q, conv_state_k, conv_state_v) if self.use_v_conv else (conv_state_q, conv_state_k))
+            if self.use_short_conv else None,
+            offset=q_len,
+        )
+
+        gate = None
+        if self.use_output_gate:
+            gate = rearrange(self.g_proj(hidden_states), '... (h d) -> ... h d', d=self.head_v_dim)
+        if fla_kernels:
+            o = self.o_norm(o, gate) if self.use_output_gate else self.o_norm(o)
+        else:
+            o = rms_norm_torch(self.o_norm, o, gate)
+        o = self.o_proj(rearrange(o, 'b t h d -> b t (h d)'))
+        o = repad_hidden_states(o, indices, batch_size, q_len)
+        return o, None, past_key_values
+
+
+@torch.no_grad()
+def init_gate_bias(bias: torch.Tensor):
+    """γ₀ = σ(bias) with 1 − γ₀ log-uniform in `GATE_INIT_DECAY_RANGE`, one per head."""
+    lo, hi = (math.log(x) for x in GATE_INIT_DECAY_RANGE)
+    decay = torch.exp(torch.rand(bias.shape, dtype=torch.float32, device=bias.device) * (hi - lo) + lo)
+    bias.copy_(torch.log1p(-decay) - torch.log(decay))

@@ -1,0 +1,260 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
+from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel, get_attention
+from fla.modules import GatedMLP, RMSNorm
+from fla.ops.attnres import fused_attnres
+from torch.nn import functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import logging
+
+from fla_mesa.layers.mesa_net import MesaNet, init_gate_bias, rms_norm_torch, use_fla_kernels
+from fla_mesa.models.mesa_net.configuration_mesa_net import MesaConfig
+
+if TYPE_CHECKING:
+    from fla.models.cache_utils import Cache
+    from transformers.processing_utils import Unpack
+
+
+logger = logging.get_logger(__name__)
+
+
+class MesaRMSNorm(RMSNorm):
+    """fla's fused `RMSNorm` (same parameters), in PyTorch where Triton cannot run (a CPU without the interpreter)."""
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        if use_fla_kernels(x):
+            return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+        if residual is not None:
+            x = (x.float() + residual.float()) if residual_in_fp32 else x + residual
+            residual = x
+        y = rms_norm_torch(self, x)
+        if prenorm:
+            return y, (x if residual is None else residual)
+        return y
+
+
+class MesaMLP(GatedMLP):
+    """fla's `GatedMLP` (same parameters), in PyTorch where Triton cannot run."""
+
+    def forward(self, x, **kwargs):
+        if use_fla_kernels(x):
+            return super().forward(x, **kwargs)
+        gate, y = self.gate_proj(x), self.up_proj(x)
+        if self.hidden_act == 'powlu':
+            raise NotImplementedError("hidden_act='powlu' needs fla's Triton kernels (a GPU or TRITON_INTERPRET=1)")
+        return self.down_proj(F.silu(gate) * y)
+
+
+class MesaBlock(GradientCheckpointingLayer):
+
+    def __init__(self, config: MesaConfig, layer_idx: int):
+        super().__init__()
+
+        self.config = config
+        self.layer_idx = layer_idx
+
+        self.attn_norm = (MesaRMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+        self.attn = get_attention(config=config, layer_idx=layer_idx)
+        if self.attn is None:
+            self.attn = MesaNet(
+                hidden_size=config.hidden_size,
+                num_heads=config.num_heads,
+                head_dim=config.head_dim,
+                expand_v=config.expand_v,
+                mode=config.attn_mode,
+                use_output_gate=config.use_output_gate,
+                use_short_conv=config.use_short_conv,
+                use_v_conv=config.use_v_conv,
+                conv_size=config.conv_size,
+                layer_idx=layer_idx,
+                norm_eps=config.norm_eps,
+                lambda_lower_bound=config.lambda_lower_bound,
+                lambda_initial_value=config.lambda_initial_value,
+                use_gamma_cap=config.use_gamma_cap,
+                gamma_cap=config.gamma_cap,
+                use_solver=config.use_solver,
+                cg_max_steps_training=config.cg_max_steps_training,
+                cg_tol_training=config.cg_tol_training,
+                cg_max_steps_inference=config.cg_max_steps_inference,
+                cg_tol_inference=config.cg_tol_inference,
+                precondition=config.precondition,
+                chunk_size=config.chunk_size,
+            )
+        self.mlp_norm = (MesaRMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+        self.mlp = MesaMLP(
+            hidden_size=config.hidden_size,
+            hidden_ratio=config.hidden_ratio,
+            intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act,
+            fuse_swiglu=config.fuse_swiglu,
+        )
+
+        self.use_attnres = config.attnres_block_size is not None
+        if self.use_attnres:
+            self.attn_res_proj = nn.Linear(in_features=config.hidden_size, out_features=1, bias=False)
+            self.attn_res_norm = nn.RMSNorm(normalized_shape=config.hidden_size, eps=config.norm_eps)
+            self.mlp_res_proj = nn.Linear(in_features=config.hidden_size, out_features=1, bias=False)
+            self.mlp_res_norm = nn.RMSNorm(normalized_shape=config.hidden_size, eps=config.norm_eps)
+            block_size = config.attnres_block_size
+            self.attnres_is_attn_boundary = (2 * layer_idx) % block_size == 0
+            self.attnres_is_mlp_boundary = (2 * layer_idx + 1) % block_size == 0
+            self.attn_res_proj._is_attnres_proj = True
+            self.mlp_res_proj._is_attnres_proj = True
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | list[torch.FloatTensor] | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        attnres_states: list[torch.Tensor] | None = None,
+        **kwargs: Unpack[dict],
+    ) -> tuple[torch.FloatTensor, tuple[torch.FloatTensor, torch.FloatTensor] | None]:
+        if self.use_attnres:
+            prefix_sum = hidden_states
+            if attnres_states is None:
+                # at the first layer attnres is the identity: apply the prenorm directly
+                hidden_states = self.attn_norm(prefix_sum)
+                attnres_states = [prefix_sum]
+                prefix_sum = None
+            else:
+                residuals = [*attnres_states, prefix_sum]
+                if self.attnres_is_attn_boundary:
+                    attnres_states = residuals
+                    prefix_sum = None
+                hidden_states = fused_attnres(
+                    query=self.attn_res_proj.weight,
+                    residuals=residuals,
+                    rms_weight=self.attn_res_norm.weight,
+                    output_rms_weight=self.attn_norm.weight,
+                    rms_eps=self.attn_res_norm.eps,
+                )
+        else:
+            residual = hidden_states
+            hidden_states = self.attn_norm(hidden_states)
+        hidden_states, attentions, past_key_values = self.attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+
+        if self.use_attnres:
+            prefix_sum = hidden_states if prefix_sum is None else prefix_sum + hidden_states
+            residuals = [*attnres_states, prefix_sum]
+            if self.attnres_is_mlp_boundary:
+                attnres_states = residuals
+                prefix_sum = None
+            hidden_states = fused_attnres(
+                query=self.mlp_res_proj.weight,
+                residuals=residuals,
+                rms_weight=self.mlp_res_norm.weight,
+                output_rms_weight=self.mlp_norm.weight,
+                rms_eps=self.mlp_res_norm.eps,
+            )
+        elif self.config.fuse_norm:
+            hidden_states, residual = self.mlp_norm(hidden_states, residual, True)
+        else:
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = self.mlp_norm(hidden_states)
+        hidden_states = self.mlp(hidden_states, **kwargs)
+
+        if self.use_attnres:
+            hidden_states = hidden_states if prefix_sum is None else prefix_sum + hidden_states
+        else:
+            hidden_states = residual + hidden_states
+
+        return hidden_states, attentions, past_key_values, attnres_states
+
+
+class MesaPreTrainedModel(FLAPreTrainedModel):
+
+    config_class = MesaConfig
+    base_model_prefix = 'model'
+    supports_gradient_checkpointing = True
+    _no_split_modules = ['MesaBlock']
+    _supports_cache_class = True
+
+    def _init_weights(self, module: nn.Module, prenorm_residual_strategy: str | None = None, num_residuals_per_layer: int = 2):
+        if isinstance(module, MesaNet):
+            # the layer's own parameter, which generic initialisers skip: Λ = lambda_initial_value
+            module.reset_mesa_parameters()
+        elif isinstance(module, (nn.Linear, nn.Conv1d)):
+            if getattr(module, '_is_attnres_proj', False):
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                if getattr(module, '_is_mesa_gate', False):
+                    init_gate_bias(module.bias)
+                else:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+
+        if prenorm_residual_strategy is not None:
+            # scale residual weights by 1/sqrt(N), N the number of residual layers (GPT-2)
+            p = None
+            if hasattr(module, 'o_proj'):
+                p = module.o_proj.weight
+            elif hasattr(module, 'down_proj'):
+                p = module.down_proj.weight
+            if p is not None:
+                if prenorm_residual_strategy == 'rescale':
+                    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                    with torch.no_grad():
+                        p /= math.sqrt(num_residuals_per_layer * self.config.num_hidden_layers)
+                elif prenorm_residual_strategy == 'zero':
+                    nn.init.zeros_(p)
+                else:
+                    raise ValueError(f"Invalid prenorm_residual_strategy: {prenorm_residual_strategy}")
+
+
+class MesaModel(MesaPreTrainedModel, FLAModel):
+
+    def __init__(self, config: MesaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MesaBlock(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
+        self.norm = (MesaRMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+
+        self.use_attnres = config.attnres_block_size is not None
+        if self.use_attnres:
+            self.res_proj = nn.Linear(in_features=config.hidden_size, out_features=1, bias=False)
+            self.res_norm = nn.RMSNorm(normalized_shape=config.hidden_size, eps=config.norm_eps)
+            self.res_proj._is_attnres_proj = True
+
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+
+class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
+
+    _tied_weights_keys = {'lm_head.weight': 'model.embeddings.weight'}
+
+    def __init__(self, config: MesaConfig):
+        super().__init__(config)
+        self.model = MesaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.criterion = None
+
+        self.post_init()

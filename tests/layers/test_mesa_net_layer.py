@@ -1,0 +1,285 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The MesaNet layer on CPU through its PyTorch paths; one test compares them with fla's Triton modules (interpreter)."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fla.models.utils import Cache
+
+from fla_mesa.layers import MesaNet
+from fla_mesa.layers import mesa_net as mesa_net_module
+from fla_mesa.ops.mesa import naive_exact_mesa
+from tests.utils import assert_rel
+
+device = 'cpu'
+INTERPRETING = os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+@pytest.fixture(autouse=True)
+def torch_paths(monkeypatch):
+    # the op and the layer run PyTorch on CPU tensors unless TRITON_INTERPRET=1: these tests check the layer, fast
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    warnings.filterwarnings('ignore', message='ShortConvolution is crucial')
+
+
+def make_layer(dtype=torch.float32, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    args = dict(hidden_size=32, num_heads=2, head_dim=16, layer_idx=0, cg_tol_training=None, cg_tol_inference=None)
+    args.update(kwargs)
+    layer = MesaNet(**args).to(device=device, dtype=dtype)
+    # random (not identity) norm weights and a spread of Λ, so that every parameter matters
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith('norm.weight'):
+                p.uniform_(0.5, 1.5)
+            elif name == 'lambda_params':
+                p.normal_(0.0, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return layer
+
+
+def inputs(B=2, T=12, D=32, dtype=torch.float32, seed=1):
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
+
+
+def reference(layer, x):
+    """The layer written out in float64 from its weights: causal convs, SiLU, gates, the exact solve, norm, proj."""
+    layer = layer.double()
+    x = x.double()
+    H, K, V, W = layer.num_heads, layer.head_k_dim, layer.head_v_dim, layer.conv_size
+
+    def conv(module, y):
+        y = F.conv1d(F.pad(y.transpose(1, 2), (W - 1, 0)), module.weight, module.bias, groups=y.shape[-1])
+        return F.silu(y.transpose(1, 2))
+
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+    if layer.use_short_conv:
+        q, k = conv(layer.q_conv1d, q), conv(layer.k_conv1d, k)
+        if layer.use_v_conv:
+            v = conv(layer.v_conv1d, v)
+    else:
+        q, k = F.silu(q), F.silu(k)
+    q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
+    beta = torch.sigmoid(layer.b_proj(x))
+    gamma = torch.sigmoid(layer.a_proj(x))
+    if layer.use_gamma_cap:
+        gamma = gamma * (1 - (1 - layer.gamma_cap) * beta ** 2)
+    lamb = layer.lambda_lower_bound + F.softplus(layer.lambda_params).view(H, K)
+    if layer.use_solver:
+        o, _ = naive_exact_mesa(q, k, v, gamma.log(), beta, lamb, use_qk_l2norm_in_kernel=True)
+    else:
+        # gated linear attention: o_t = S_tᵀ q_t with unit-norm q and k
+        q, k = (y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True) + 1e-6) for y in (q, k))
+        s, o = 0, []
+        for t in range(x.shape[1]):
+            s = gamma[:, t, :, None, None] * s + beta[:, t, :, None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+            o.append(torch.einsum('bhk,bhkv->bhv', q[:, t], s))
+        o = torch.stack(o, 1)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
+    if layer.use_output_gate:
+        o = o * F.silu(layer.g_proj(x).unflatten(-1, (H, V)))
+    return layer.o_proj(o.flatten(-2))
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(),
+    dict(expand_v=2, use_output_gate=True, use_v_conv=True),
+    dict(use_short_conv=False, use_gamma_cap=False),
+    dict(use_solver=False),
+], ids=['default', 'expand_v2-gate-vconv', 'noconv-nocap', 'gla'])
+@pytest.mark.parametrize('training', [True, False], ids=['chunk', 'fused_recurrent'])
+def test_layer_matches_float64_reference(kwargs, training):
+    layer = make_layer(dtype=torch.float64, **kwargs).train(training)
+    x = inputs(T=20, dtype=torch.float64)
+    with torch.set_grad_enabled(training):
+        o, attn, cache = layer(x)
+    assert attn is None and cache is None
+    assert_rel('o', o, reference(layer, x), 1e-6)
+    steps = layer.last_cg_steps
+    assert steps.shape == (2, 20, 2)
+    assert (steps == 0).all() if not layer.use_solver else (steps > 0).all()
+
+
+def test_gamma_cap_formula(monkeypatch):
+    layer = make_layer(gamma_cap=0.9)
+    seen = {}
+    real = mesa_net_module.chunk_mesa
+
+    def spy(q, k, v, g, beta, lamb, **kwargs):
+        seen.update(g=g, beta=beta)
+        return real(q, k, v, g, beta, lamb, **kwargs)
+
+    monkeypatch.setattr(mesa_net_module, 'chunk_mesa', spy)
+    x = inputs()
+    layer(x)
+    gamma = torch.sigmoid(layer.a_proj(x).float()) * (1 - 0.1 * torch.sigmoid(layer.b_proj(x).float()) ** 2)
+    torch.testing.assert_close(seen['g'], gamma.log(), rtol=1e-5, atol=1e-6)
+    layer.use_gamma_cap = False
+    layer(x)
+    torch.testing.assert_close(seen['g'], F.logsigmoid(layer.a_proj(x).float()))
+
+
+def test_dense_equals_varlen():
+    layer = make_layer()
+    x = inputs(B=3, T=20)
+    o_dense, _, _ = layer(x)
+    cu_seqlens = torch.tensor([0, 20, 40, 60], dtype=torch.int32, device=device)
+    o_var, _, _ = layer(x.reshape(1, 60, -1), cu_seqlens=cu_seqlens)
+    assert_rel('o', o_var.view_as(o_dense), o_dense, 1e-5)
+    # and the gradients of every parameter
+    grads_dense = torch.autograd.grad(o_dense.square().sum(), list(layer.parameters()))
+    o_var, _, _ = layer(x.reshape(1, 60, -1), cu_seqlens=cu_seqlens)
+    grads_var = torch.autograd.grad(o_var.square().sum(), list(layer.parameters()))
+    for (name, _), a, b in zip(layer.named_parameters(), grads_var, grads_dense):
+        assert_rel(name, a, b, 1e-4)
+
+
+@pytest.mark.parametrize('grad', [True, False], ids=['chunk', 'fused_recurrent'])
+def test_padding_mask_equals_per_sample(grad):
+    layer = make_layer().train(grad)
+    lens = [12, 7, 3]
+    x = inputs(B=3, T=12)
+    mask = torch.zeros(3, 12, dtype=torch.long, device=device)
+    for i, n in enumerate(lens):
+        mask[i, 12 - n:] = 1  # left padding, as in generation
+    with torch.set_grad_enabled(grad):
+        o, _, _ = layer(x, attention_mask=mask)
+        for i, n in enumerate(lens):
+            o_i, _, _ = layer(x[i:i + 1, 12 - n:])
+            assert_rel(f'sample {i}', o[i, 12 - n:], o_i[0], 1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(use_short_conv=False), dict(use_v_conv=True, expand_v=0.5)],
+                         ids=['default', 'noconv', 'vconv'])
+@pytest.mark.parametrize('pieces', [[6] + [1] * 10, [6, 3, 5, 2], [1, 15]], ids=['one-by-one', 'chunks', 'decode-first'])
+def test_cache_continuation_equals_full(kwargs, pieces):
+    layer = make_layer(**kwargs).eval()
+    x = inputs(T=16)
+    with torch.no_grad():
+        o_full, _, _ = layer(x)
+        cache, outs, t = Cache(), [], 0
+        for n in pieces:
+            o, _, cache = layer(x[:, t:t + n], past_key_values=cache, use_cache=True)
+            outs.append(o)
+            t += n
+    assert_rel('o', torch.cat(outs, 1), o_full, 1e-5)
+    assert cache.get_seq_length(0) == 16
+
+
+def test_cache_continuation_chunk_mode_and_mask():
+    # with gradients the layer takes the chunk path: continuing from a cache must work there too, and with padding
+    layer = make_layer()
+    x = inputs(B=2, T=16)
+    mask = torch.ones(2, 16, dtype=torch.long, device=device)
+    mask[1, :5] = 0
+    o_full, _, _ = layer(x, attention_mask=mask)
+    cache, outs = Cache(), []
+    for a, b in ((0, 9), (9, 13), (13, 16)):
+        o, _, cache = layer(x[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
+        outs.append(o)
+    o = torch.cat(outs, 1)
+    assert_rel('o', o[mask.bool()], o_full[mask.bool()], 1e-5)
+
+
+def test_backward_all_parameters_finite():
+    layer = make_layer(use_output_gate=True, use_v_conv=True, expand_v=2)
+    x = inputs().requires_grad_()
+    o, _, _ = layer(x)
+    o.square().mean().backward()
+    for name, p in list(layer.named_parameters()) + [('x', x)]:
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_init_values():
+    torch.manual_seed(0)
+    layer = MesaNet(hidden_size=32, num_heads=4, head_dim=8)
+    torch.testing.assert_close(layer.get_lambda(), torch.ones(4, 8))
+    gamma = torch.sigmoid(layer.a_proj.bias)
+    assert ((gamma > 0.89) & (gamma < 0.9991)).all()
+    layer = MesaNet(hidden_size=32, num_heads=4, head_dim=8, lambda_lower_bound=0.1, lambda_initial_value=2.0)
+    torch.testing.assert_close(layer.get_lambda(), torch.full((4, 8), 2.0))
+    # fla's constructor keywords are accepted
+    layer = MesaNet(hidden_size=32, num_heads=4, head_dim=8, max_cg_step_training=7, max_cg_step_decoding=5)
+    assert (layer.cg_max_steps_training, layer.cg_max_steps_inference) == (7, 5)
+
+
+def test_train_and_eval_cg_settings(monkeypatch):
+    layer = make_layer(cg_max_steps_training=3, cg_tol_training=None, cg_max_steps_inference=5, cg_tol_inference=0.5)
+    seen = []
+    for name in ('chunk_mesa', 'fused_recurrent_mesa'):
+        real = getattr(mesa_net_module, name)
+        monkeypatch.setattr(mesa_net_module, name, lambda *a, _real=real, _name=name, **kw: (
+            seen.append((_name, kw['cg_max_steps'], kw['cg_tol'])), _real(*a, **kw))[1])
+    x = inputs()
+    layer.train()
+    layer(x)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        layer.mode = 'chunk'
+        layer(inputs(T=70))
+    assert seen == [('chunk_mesa', 3, None), ('fused_recurrent_mesa', 5, 0.5), ('chunk_mesa', 5, 0.5)]
+    assert (layer.last_cg_steps <= 5).all()
+
+
+@pytest.mark.parametrize('name, value', [
+    ('hidden_size', 0), ('num_heads', -1), ('head_dim', 1.5), ('expand_v', 0.3), ('mode', 'parallel'),
+    ('conv_size', 0), ('lambda_lower_bound', 0.0), ('lambda_initial_value', 0.2), ('gamma_cap', 1.5),
+    ('cg_max_steps_training', -1), ('cg_max_steps_inference', 2.0), ('cg_tol_training', 1.0), ('cg_tol_inference', -0.1),
+    ('chunk_size', 48), ('layer_idx', -2), ('norm_eps', 0),
+])
+def test_bad_arguments(name, value):
+    with pytest.raises(ValueError, match=f'`{name}`'):
+        MesaNet(**{**dict(hidden_size=32, num_heads=2, head_dim=16), name: value})
+
+
+def test_bad_forward_inputs():
+    layer = make_layer()
+    with pytest.raises(ValueError, match='attention_mask'):
+        layer(inputs(), attention_mask=torch.ones(2, 12, 12))
+    with pytest.raises(ValueError, match='layer_idx'):
+        MesaNet(hidden_size=32, num_heads=2, head_dim=16)(inputs(), past_key_values=Cache(), use_cache=True)
+
+
+def test_lambda_is_used_and_learnt():
+    layer = make_layer()
+    x = inputs()
+    o, _, _ = layer(x)
+    o.square().sum().backward()
+    assert layer.lambda_params.grad.abs().min() > 0
+    assert (layer.get_lambda() > layer.lambda_lower_bound).all()
+
+
+@pytest.mark.skipif(not INTERPRETING, reason='needs TRITON_INTERPRET=1 at start-up (fla kernels are compiled at import)')
+def test_fla_modules_match_torch_fallbacks(monkeypatch):
+    layer = make_layer(use_output_gate=True, use_v_conv=True)
+    x = inputs(T=10)
+
+    def run(interpret):
+        monkeypatch.setenv('TRITON_INTERPRET', interpret)
+        monkeypatch.setenv('FLA_MESA_BACKEND', 'torch')
+        layer.eval()
+        with torch.no_grad():
+            o_full, _, _ = layer(x)
+            cache, outs = Cache(), []
+            for a, b in ((0, 4), (4, 5), (5, 10)):
+                o, _, cache = layer(x[:, a:b], past_key_values=cache, use_cache=True)
+                outs.append(o)
+        layer.train()
+        o_train, _, _ = layer(x)
+        grads = torch.autograd.grad(o_train.square().sum(), list(layer.parameters()))
+        return o_full, torch.cat(outs, 1), cache[0]['conv_state'], grads
+
+    ref, test = run('0'), run('1')
+    for name, a, b in zip(['full', 'cached'], test[:2], ref[:2]):
+        assert_rel(name, a, b, 1e-5)
+    for a, b in zip(test[2], ref[2]):
+        assert_rel('conv_state', a, b, 1e-6)
+    for (name, _), a, b in zip(layer.named_parameters(), test[3], ref[3]):
+        assert_rel(name, a, b, 1e-4)
