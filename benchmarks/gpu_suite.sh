@@ -8,7 +8,6 @@ fla_root=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python benchmarks/benchmark_chunk.py 2>&1 | tee "$out/chunk.md"
-python benchmarks/accuracy.py 2>&1 | tee "$out/accuracy.md"
 if [ -n "$fla_root" ]; then
     python benchmarks/fla_harness.py --fla-root "$fla_root" --modes fwd fwdbwd 2>&1 | tee "$out/fla_harness.md"
 fi

@@ -12,9 +12,11 @@ from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, use_tri
 
 
 def _use_triton_path(q: torch.Tensor) -> bool:
-    # FLA_MESA_BACKEND=torch forces the PyTorch path (tests use it to check both paths in one process)
+    # FLA_MESA_BACKEND=torch forces the PyTorch path (tests use it to check both paths in one process);
+    # K > 128 runs it too: the CG kernel's K x K tile overflows shared memory on an H100 there (measured)
     backend = os.environ.get('FLA_MESA_BACKEND', 'auto')
-    return backend != 'torch' and use_triton(q) and q.dtype != torch.float64 and _triton_chunk is not None
+    return (backend != 'torch' and use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
+            and _triton_chunk is not None)
 
 
 try:
