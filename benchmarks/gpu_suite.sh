@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project in one call: the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy
-# against float64), the accuracy table beside the bf16 floor, and, given an fla checkout, fla's own harness.
+# against float64 beside the bf16 rounding floor) and, given an fla checkout, fla's own harness.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] [FLA_ROOT]
 set -uo pipefail
 out=${1:-benchmarks/results/latest}
