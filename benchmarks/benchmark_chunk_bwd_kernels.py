@@ -25,6 +25,8 @@ from fla.ops.utils import prepare_chunk_indices  # noqa: E402
 
 from fla_mesa.ops.mesa import chunk_bwd  # noqa: E402
 from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dh, chunk_mesa_bwd_dx, chunk_mesa_bwd_grads  # noqa: E402
+# the float64 reference the tests check the kernels against (computed on the CPU)
+from tests.ops.test_chunk_bwd_kernels import g_cumsum, reference  # noqa: E402
 
 DEV = 'cuda'
 NAMES = ('dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv')
@@ -49,19 +51,6 @@ def rel(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def bounds(B, T, cu):
-    return [(b, 0, T) for b in range(B)] if cu is None else [(0, s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
-
-
-def g_cumsum(g, cu, C):
-    out = torch.zeros_like(g, dtype=torch.float64)
-    for b, bos, eos in bounds(g.shape[0], g.shape[1], cu):
-        for s in range(bos, eos, C):
-            e = min(s + C, eos)
-            out[b, s:e] = g[b, s:e].double().cumsum(0) / math.log(2)
-    return out
-
-
 def make(B, T, H, K, V, cu=None, scale=1.0, seed=0, gate=(3.0, 1.0)):
     gen = torch.Generator().manual_seed(seed)
 
@@ -78,48 +67,6 @@ def make(B, T, H, K, V, cu=None, scale=1.0, seed=0, gate=(3.0, 1.0)):
     do = randn(B, T, H, V) * scale
     dht = (randn(N, H, K, K) * scale, randn(N, H, K, V) * scale)
     return [t.to(DEV) for t in (q, k, v, g, beta, lamb)], tuple(t.to(DEV) for t in h0), do.to(DEV), tuple(t.to(DEV) for t in dht)
-
-
-def reference(q, k, v, g, beta, lamb, h0, do, dht, cu, C):
-    """float64 autograd of the surrogate with exact x, e (as in tests/ops/test_chunk_bwd_kernels.py)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    leaves = [t.detach().clone().requires_grad_() for t in (k, v, g, beta, lamb)]
-    k, v, g, beta, lamb = leaves
-    h0 = [t.detach().clone().requires_grad_() for t in h0]
-    x = torch.zeros(B, T, H, K, dtype=torch.float64, device=DEV)
-    e = torch.zeros_like(x)
-    dx = torch.zeros_like(x)
-    hk_all, hv_all, loss = [], [], 0.
-    Lam = torch.diag_embed(lamb)
-    for n, (b, bos, eos) in enumerate(bounds(B, T, cu)):
-        Hs, Ss = h0[0][n], h0[1][n]
-        for t in range(bos, eos):
-            if (t - bos) % C == 0:
-                hk_all.append((b, Hs.detach().clone()))
-                hv_all.append((b, Ss.detach().clone()))
-            kb = k[b, t] * beta[b, t, :, None]
-            gamma = g[b, t].exp()[:, None, None]
-            Hs = gamma * Hs + kb[:, :, None] * k[b, t, :, None, :]
-            Ss = gamma * Ss + kb[:, :, None] * v[b, t, :, None, :]
-            A = Hs + Lam
-            with torch.no_grad():
-                xt = torch.linalg.solve(A, q[b, t])
-                dxt = torch.einsum('hkv,hv->hk', Ss, do[b, t])
-                et = torch.linalg.solve(A.transpose(-1, -2), dxt)
-            x[b, t], dx[b, t], e[b, t] = xt, dxt, et
-            loss = loss + (do[b, t] * torch.einsum('hkv,hk->hv', Ss, xt)).sum()
-            loss = loss - (et * torch.einsum('hij,hj->hi', A, xt)).sum()
-        loss = loss + (dht[0][n] * Hs).sum() + (dht[1][n] * Ss).sum()
-    if cu is None:
-        h_kk = torch.stack([torch.stack([h for bb, h in hk_all if bb == b]) for b in range(B)])
-        h_kv = torch.stack([torch.stack([h for bb, h in hv_all if bb == b]) for b in range(B)])
-    else:
-        h_kk, h_kv = torch.stack([h for _, h in hk_all])[None], torch.stack([h for _, h in hv_all])[None]
-    grads = torch.autograd.grad(loss, leaves + h0)
-    ref = dict(zip(NAMES, grads))
-    ref.update(x=x, e=e, dx=dx, h_kk=h_kk, h_kv=h_kv)
-    return ref
 
 
 def run(k, v, g, beta, h0, do, dht, x, e, h_kk, h_kv, cu, C, precision, io_dtype=torch.float32):
@@ -141,7 +88,7 @@ def accuracy(label, B, T, H, K, V, cu, C, precision, scale, io_dtype=torch.float
     if io_dtype == torch.bfloat16:
         # the reference sees the bf16-rounded values the kernels see
         k, v, do = (t.to(torch.bfloat16).double() for t in (k, v, do))
-    ref = reference(q, k, v, g, beta, lamb, h0, do, dht, cu_t, C)
+    ref = {n: t.to(DEV) for n, t in reference(q, k, v, g, beta, lamb, h0, do, dht, cu_t, C).items()}
     out = run(k, v, g, beta, h0, do, dht, ref['x'], ref['e'], ref['h_kk'], ref['h_kv'], cu_t, C, precision, io_dtype)
     errs = {n: rel(out[n], ref[n]) for n in out}
     log(f"| {label} | {precision} | {str(io_dtype).split('.')[-1]} | {scale:g} | "

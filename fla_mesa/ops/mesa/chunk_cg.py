@@ -11,56 +11,62 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, STATE_DOT_PRECISION, mesa_dot
+from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, STATE_DOT_PRECISION, mesa_dot, mesa_dot_split, mesa_split
 from fla_mesa.utils import is_interpreting
 
-# operand precision of the products inside the CG loop (README: "Solver precision" has the study)
-CG_DOT_PRECISION = os.environ.get('FLA_MESA_CG_PRECISION', 'tf32x3')
+# operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
+# (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, 2-2.5x faster and ~2e-6 off float64, far under their rounding
+CG_DOT_PRECISION = os.environ.get('FLA_MESA_CG_PRECISION', 'auto')
+
+
+def cg_precision(k: torch.Tensor, precision: str | None = None) -> str:
+    precision = CG_DOT_PRECISION if precision is None else precision
+    if precision == 'auto':
+        return 'tf32x3' if k.dtype == torch.float32 else 'bf16x3'
+    return precision
 
 
 @triton.jit
 def _chunk_mesa_matvec(
     b_p,
-    b_k,
+    b_k_hi,
+    b_k_lo,
     b_m,
     b_e,
     b_lamb,
-    b_ht,
+    b_h_hi,
+    b_h_lo,
     p_ht,
     m_kk,
-    BR: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
     PREC: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     H_IN_LOOP: tl.constexpr,
 ):
-    # A_t p_t = e^Γ H_c p_t + Σ_j M_tj k_j (k_jᵀ p_t) + λ ⊙ p_t, for the BR rows of the tile at once
+    # A_t p_t = e^Γ H_c p_t + Σ_j M_tj k_j (k_jᵀ p_t) + λ ⊙ p_t, for the rows of the tile at once; the loop
+    # invariants (k, H_c) come split already (`mesa_split`), so each step splits only what changes
     if H_IN_LOOP:
         # large K: H_c does not fit on chip; it is re-read (from L2) every step
-        b_ht = tl.load(p_ht, mask=m_kk, other=0.)
-    b_pk = mesa_dot(b_p, tl.trans(b_k), tl.zeros([BR, BT], dtype=tl.float32), PREC, K_IS_BF16) * b_m
-    b_w = mesa_dot(b_pk, b_k, tl.zeros([BR, BK], dtype=tl.float32), PREC, K_IS_BF16)
-    b_w = mesa_dot(b_p * b_e[:, None], b_ht, b_w, PREC, False)
-    return b_w + b_lamb[None, :] * b_p
+        b_h_hi, b_h_lo = mesa_split(tl.load(p_ht, mask=m_kk, other=0.), PREC)
+    b_p_hi, b_p_lo = mesa_split(b_p, PREC)
+    b_pk = mesa_dot_split(b_p_hi, b_p_lo, tl.trans(b_k_hi), tl.trans(b_k_lo),
+                          tl.zeros(b_m.shape, dtype=tl.float32), PREC, False, K_IS_BF16) * b_m
+    b_pk_hi, b_pk_lo = mesa_split(b_pk, PREC)
+    b_w = mesa_dot_split(b_pk_hi, b_pk_lo, b_k_hi, b_k_lo, b_lamb[None, :] * b_p, PREC, False, K_IS_BF16)
+    b_p_hi, b_p_lo = mesa_split(b_p * b_e[:, None], PREC)
+    return mesa_dot_split(b_p_hi, b_p_lo, b_h_hi, b_h_lo, b_w, PREC, False, False)
 
 
 def _cg_configs():
-    # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure
+    # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure (the fastest
+    # four of six on an H100, benchmarks/results/cg_kernel_study_h100.md)
     if is_interpreting():
         return [triton.Config({'NR': 1}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1)
-        for NR in [1, 2, 4]
-        for num_warps in [4, 8]
-    ]
+    return [triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1) for NR, num_warps in [(1, 4), (2, 8), (4, 4), (4, 8)]]
 
 
 def _prune_cg_configs(configs, named_args, **kwargs):
-    # at least 16 rows per program (the smallest tl.dot); K > 128 (H_c re-read every step) wants the small tiles
-    BT, K = kwargs['BT'], kwargs['K']
-    pruned = [c for c in configs if BT // c.kwargs['NR'] >= 16 and (c.kwargs['NR'] >= 2) == (K > 128)]
-    return pruned or [c for c in configs if BT // c.kwargs['NR'] >= 16]
+    # at least 16 rows per program (the smallest tl.dot)
+    return [c for c in configs if kwargs['BT'] // c.kwargs['NR'] >= 16]
 
 
 @triton.heuristics({
@@ -149,14 +155,15 @@ def chunk_mesa_cg_fwd_kernel(
     h_kk += (i_tg * H + i_h) * K * K
     p_ht = h_kk + o_k[:, None] + o_k[None, :] * K
     if H_IN_LOOP:
-        b_ht = tl.zeros([BK, BK], dtype=tl.float32)
+        b_h_hi = tl.zeros([BK, BK], dtype=tl.float32)
+        b_h_lo = b_h_hi
     else:
-        b_ht = tl.load(p_ht, mask=m_kk, other=0.)
+        b_h_hi, b_h_lo = mesa_split(tl.load(p_ht, mask=m_kk, other=0.), PREC)
     b_hd = tl.load(h_kk + o_k * K + o_k, mask=m_k, other=0.)
     # diag(A_t) = e^Γ diag(H_c) + Σ_j M_tj k_j² + λ
     b_kf = b_k.to(tl.float32)
-    b_d = mesa_dot(b_m, b_kf * b_kf, tl.zeros([BR, BK], dtype=tl.float32), PREC, False)
-    b_d += b_e[:, None] * b_hd[None, :] + b_lamb[None, :]
+    b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], PREC, False)
+    b_k_hi, b_k_lo = mesa_split(b_k, PREC)
 
     # per-row normalised right-hand side; an all-zero row is solved by x = 0 in 0 steps
     b_b = tl.load(b + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
@@ -166,7 +173,8 @@ def chunk_mesa_cg_fwd_kernel(
 
     # Jacobi start x0 = b / diag(A)
     b_x = b_b / b_d
-    b_r = b_b - _chunk_mesa_matvec(b_x, b_k, b_m, b_e, b_lamb, b_ht, p_ht, m_kk, BR, BT, BK, PREC, K_IS_BF16, H_IN_LOOP)
+    b_r = b_b - _chunk_mesa_matvec(b_x, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
+                                      H_IN_LOOP)
     if PRECONDITION:
         b_z = b_r / b_d
     else:
@@ -180,7 +188,8 @@ def chunk_mesa_cg_fwd_kernel(
     i = tl.full([], 0, tl.int32)
     # a while loop: the tile stops as soon as no row is active
     while (i < max_steps) & (tl.max(m_act.to(tl.int32), 0) > 0):
-        b_w = _chunk_mesa_matvec(b_p, b_k, b_m, b_e, b_lamb, b_ht, p_ht, m_kk, BR, BT, BK, PREC, K_IS_BF16, H_IN_LOOP)
+        b_w = _chunk_mesa_matvec(b_p, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
+                                 H_IN_LOOP)
         b_pw = tl.sum(b_p * b_w, 1)
         m_ok = m_act & (b_pw > 0)
         b_alpha = tl.where(m_ok, b_rz / tl.where(m_ok, b_pw, 1.), 0.)
@@ -205,6 +214,9 @@ def chunk_mesa_cg_fwd_kernel(
 
     if READOUT:
         # o_t = e^Γ S_cᵀ x_t + Σ_j M_tj v_j (k_jᵀ x_t), BV columns at a time
+        # k again: keeping it live through the loop costs registers
+        b_k = tl.load(k + (bos * H + i_h) * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                      other=0.)
         b_xk = mesa_dot(b_x, tl.trans(b_k), tl.zeros([BR, BT], dtype=tl.float32), O_PREC, K_IS_BF16) * b_m
         b_xe = b_x * b_e[:, None]
         h_kv += (i_tg * H + i_h) * K * V
@@ -256,8 +268,8 @@ def chunk_mesa_cg(
         chunk_size (int): 16, 32 or 64.
         v (torch.Tensor, Optional): values `[B, T, H, V]`, for the fused readout.
         h_kv (torch.Tensor, Optional): chunk-start states `[B, NT, H, K, V]`, for the fused readout.
-        precision (str, Optional): operand precision of the CG loop's products (`DOT_PRECISIONS`).
-            Default: `CG_DOT_PRECISION`.
+        precision (str, Optional): operand precision of the CG loop's products (`DOT_PRECISIONS` or 'auto').
+            Default: `CG_DOT_PRECISION` ('auto': tf32x3 for fp32 `k`, bf16x3 otherwise).
         readout_precision (str, Optional): operand precision of the readout's products. Default: `STATE_DOT_PRECISION`.
 
     Returns:
@@ -266,7 +278,7 @@ def chunk_mesa_cg(
         o (torch.Tensor): `[B, T, H, V]` float32, or `None` without `v`/`h_kv`.
     """
     B, T, H, K = b.shape
-    precision = CG_DOT_PRECISION if precision is None else precision
+    precision = cg_precision(k, precision)
     readout_precision = STATE_DOT_PRECISION if readout_precision is None else readout_precision
     for name, p in (('precision', precision), ('readout_precision', readout_precision)):
         if p not in DOT_PRECISIONS:

@@ -15,8 +15,8 @@ from fla_mesa.utils import is_interpreting
 
 # operand precisions of `mesa_dot` (the README's precision study compares them):
 #   'ieee'   fp32 FMA products, no tensor cores
-#   'tf32x3' three tf32 tensor-core products (Triton's split), about fp32 accuracy; two when `b` is bf16
-#            (exact in tf32: only `a` is split)
+#   'tf32x3' a = a_hi + a_lo with a_hi exact in tf32, a_hi b_hi + a_hi b_lo + a_lo b_hi on tf32 tensor cores,
+#            about fp32 accuracy; two products when `b` is bf16 (exact in tf32: b_lo = 0)
 #   'tf32'   one tf32 product (10-bit mantissa operands)
 #   'bf16'   one bf16 product (8-bit mantissa operands)
 #   'bf16x3' our own split: a = a_hi + a_lo in bf16, a_hi b_hi + a_hi b_lo + a_lo b_hi (16-bit operands);
@@ -31,34 +31,55 @@ BF16_DOT_TYPE = tl.constexpr(tl.float32 if is_interpreting() else tl.bfloat16)
 
 
 @triton.jit
-def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr):
-    """`acc + a @ b` with fp32 accumulation and operands rounded as `PREC` says; `B_IS_BF16`: b holds bf16 values."""
-    if PREC == 'bf16':
-        acc = tl.dot(a.to(tl.bfloat16).to(BF16_DOT_TYPE), b.to(tl.bfloat16).to(BF16_DOT_TYPE), acc)
-    elif PREC == 'bf16x3':
-        a_hi = a.to(tl.bfloat16)
-        a_lo = (a.to(tl.float32) - a_hi.to(tl.float32)).to(tl.bfloat16).to(BF16_DOT_TYPE)
-        a_hi = a_hi.to(BF16_DOT_TYPE)
-        b_hi = b.to(tl.bfloat16)
-        if not B_IS_BF16:
-            b_lo = (b.to(tl.float32) - b_hi.to(tl.float32)).to(tl.bfloat16).to(BF16_DOT_TYPE)
-            acc = tl.dot(a_hi, b_lo, acc)
-        b_hi = b_hi.to(BF16_DOT_TYPE)
+def mesa_split(a, PREC: tl.constexpr):
+    """`a` as the operand pair `(hi, lo)` of `mesa_dot_split`: split once, outside loops, what a loop reuses."""
+    if PREC == 'bf16x3':
+        hi = a.to(tl.bfloat16)
+        lo = (a.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16).to(BF16_DOT_TYPE)
+        hi = hi.to(BF16_DOT_TYPE)
+    elif PREC == 'tf32x3':
+        # hi: a's top 10 mantissa bits, exact in tf32
+        lo = a.to(tl.float32)
+        hi = (lo.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        lo = lo - hi
+    elif PREC == 'bf16':
+        hi = a.to(tl.bfloat16).to(BF16_DOT_TYPE)
+        lo = hi
+    else:
+        hi = a.to(tl.float32)
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def mesa_dot_split(a_hi, a_lo, b_hi, b_lo, acc, PREC: tl.constexpr, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
+    """`acc + a @ b` from split operands; `A_EXACT`/`B_EXACT`: that operand's lo part is zero (bf16 values)."""
+    if PREC == 'bf16x3':
         # small terms first
-        acc = tl.dot(a_lo, b_hi, acc)
+        if not B_EXACT:
+            acc = tl.dot(a_hi, b_lo, acc)
+        if not A_EXACT:
+            acc = tl.dot(a_lo, b_hi, acc)
         acc = tl.dot(a_hi, b_hi, acc)
     elif PREC == 'tf32x3':
-        if B_IS_BF16:
-            # b is exact in tf32: split only a (a_hi: a's top 10 mantissa bits), two products instead of three
-            a = a.to(tl.float32)
-            a_hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            acc = tl.dot(a - a_hi, b.to(tl.float32), acc, input_precision='tf32')
-            acc = tl.dot(a_hi, b.to(tl.float32), acc, input_precision='tf32')
-        else:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision='tf32x3')
+        if not B_EXACT:
+            acc = tl.dot(a_hi, b_lo, acc, input_precision='tf32')
+        if not A_EXACT:
+            acc = tl.dot(a_lo, b_hi, acc, input_precision='tf32')
+        acc = tl.dot(a_hi, b_hi, acc, input_precision='tf32')
+    elif PREC == 'bf16':
+        acc = tl.dot(a_hi, b_hi, acc)
     else:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+        acc = tl.dot(a_hi, b_hi, acc, input_precision=PREC)
     return acc
+
+
+@triton.jit
+def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr):
+    """`acc + a @ b` with fp32 accumulation and operands rounded as `PREC` says; `B_IS_BF16`: b holds bf16 values."""
+    a_hi, a_lo = mesa_split(a, PREC)
+    b_hi, b_lo = mesa_split(b, PREC)
+    return mesa_dot_split(a_hi, a_lo, b_hi, b_lo, acc, PREC, False, B_IS_BF16)
 
 
 @triton.jit
