@@ -157,6 +157,9 @@ CASES = {
     'varlen': (1, 150, 2, 48, 40, [0, 1, 70, 134, 150], True, True, (3.0, 1.0), 64),
     'gates_near_1': (1, 100, 2, 32, 40, None, True, True, (9.0, 0.5), 32),
     'strong_decay_c16': (2, 45, 1, 20, 24, None, False, True, (-1.0, 2.0), 16),
+    # more K blocks than V blocks and the other way round (the grads kernel's slices)
+    'k72_v16': (1, 70, 1, 72, 16, None, True, True, (3.0, 1.0), 64),
+    'k16_v72': (1, 40, 2, 16, 72, None, False, True, (3.0, 1.0), 32),
 }
 
 

@@ -51,6 +51,18 @@ def _configs():
     ]
 
 
+def _grads_configs():
+    # BK, BV: the dk/dv columns of one program (its slice); BC: the inner loops' block, small to keep the
+    # [BC, BK] state blocks (and their split operands) out of local memory
+    if is_interpreting():
+        return [triton.Config({'BK': 32, 'BV': 32, 'BC': 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({'BK': B, 'BV': B, 'BC': 32}, num_warps=num_warps, num_stages=1)
+        for B in [32, 64]
+        for num_warps in [4, 8]
+    ]
+
+
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
 @triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
@@ -258,8 +270,8 @@ def chunk_mesa_bwd_kernel_dh(
 
 
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
-@triton.jit(do_not_specialize=['T'])
+@triton.autotune(configs=_grads_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
+@triton.jit(do_not_specialize=['T', 'NTOK'])
 def chunk_mesa_bwd_kernel_grads(
     x,
     e,
@@ -280,20 +292,24 @@ def chunk_mesa_bwd_kernel_grads(
     cu_seqlens,
     chunk_indices,
     T,
+    NTOK,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    BC: tl.constexpr,
     PREC: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr,
     DO_IS_BF16: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    # one program per (chunk, head); see the module docstring for the formulas
-    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # one program per (slice, chunk, head), see the module docstring for the formulas: slice i_s writes the i_s-th
+    # blocks of dk (BK columns) and dv (BV columns) and its share of dg, dβ; each slice recomputes the chunk's
+    # [BT, BT] products, which need every column
+    i_s, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     if IS_VARLEN:
         i_tg = i_t
@@ -317,9 +333,6 @@ def chunk_mesa_bwd_kernel_grads(
     # e^{Γ_i} (state -> token i), e^{Γ_C − Γ_j} (token j -> state after the chunk)
     b_gq = exp2(b_g)
     b_gk = tl.where(m_t, exp2(b_g_last - b_g), 0.)
-    m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    # [BT, BT] A_ij; padded rows/columns masked before exp2 could overflow into inf * 0
-    b_a = tl.where(m_tt, exp2(b_g[:, None] - b_g[None, :]), 0.)
 
     x += (bos * H + i_h) * K
     e += (bos * H + i_h) * K
@@ -333,37 +346,59 @@ def chunk_mesa_bwd_kernel_grads(
     h_kv += (i_tg * H + i_h) * K * V
     dh_kv += (i_tg * H + i_h) * K * V
 
-    # 1) X Kᵀ, E Kᵀ; dλ = −Σ e ⊙ x (per chunk, summed on the host)
+    # 1) X Kᵀ, E Kᵀ, DO Vᵀ (every slice)
     b_xk = tl.zeros([BT, BT], dtype=tl.float32)
     b_ek = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_s in range(0, NK):
-        o_k = tl.cast(i_s, tl.int64) * BK + tl.arange(0, BK)
+    for i_r in range(0, tl.cdiv(K, BC)):
+        o_k = tl.cast(i_r, tl.int64) * BC + tl.arange(0, BC)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         b_x = tl.load(x + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
         b_e = tl.load(e + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
         b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
         b_xk = mesa_dot(b_x, tl.trans(b_k), b_xk, PREC, K_IS_BF16)
         b_ek = mesa_dot(b_e, tl.trans(b_k), b_ek, PREC, K_IS_BF16)
-        tl.store(dlamb + (i_tg * H + i_h) * K + o_k, -tl.sum(b_e * b_x, 0), mask=o_k < K)
-    b_axk = b_xk * b_a
-    b_aek = b_ek * b_a
-    # e^{Γ_C} (<dS', S_c> + <dH', H_c>)
-    b_last = tl.zeros([], dtype=tl.float32)
-
-    # 2) over V: DO Vᵀ, dv, and the query side's e^{Γ_i} do_i·(S_cᵀ x_i)
     b_dov = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dgs = tl.zeros([BT], dtype=tl.float32)
-    for i_s in range(0, NV):
-        o_v = tl.cast(i_s, tl.int64) * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
+    for i_r in range(0, tl.cdiv(V, BC)):
+        o_v = tl.cast(i_r, tl.int64) * BC + tl.arange(0, BC)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
         b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
         b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16)
+    # [BT, BT] A_ij; padded rows/columns masked before exp2 could overflow into inf * 0 (formed after the products,
+    # and the products' raw forms dropped early: [BT, BT] fp32 tiles are what fills the registers)
+    m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    b_a = tl.where(m_tt, exp2(b_g[:, None] - b_g[None, :]), 0.)
+    b_axk = b_xk * b_a
+    # D = A ⊙ (DO Vᵀ − E Kᵀ): dk's intra-chunk part is Dᵀ X − (A ⊙ X Kᵀ)ᵀ E, so two [BT, BT] tiles stay live
+    b_d = (b_dov - b_ek) * b_a
+    o_i = tl.arange(0, BT)
+    b_dg = tl.zeros([BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    if i_s == 0:
+        # dβ's intra-chunk part: k_j·(S part + ½ H part of dk_j/β_j) = Σ_i D_ij (x_i·k_j)
+        b_dx = b_d * b_xk
+        b_dbeta = tl.sum(b_dx, 0)
+        # dg, intra-chunk pairs: g_t enters the decay A_ij of every pair j < t <= i, so dg_t = Σ_{j<t<=i} T_ij with
+        # T_ij = D_ij β_j (k_j·x_i): summed directly (no cancelling ±T terms), as (T U) with U_jt = [j < t], then
+        # over i >= t
+        b_tm = tl.where(o_i[:, None] > o_i[None, :], b_dx * b_beta[None, :], 0.)
+        b_u = (o_i[:, None] < o_i[None, :]).to(tl.float32)
+        b_tu = mesa_dot(b_tm, b_u, tl.zeros([BT, BT], dtype=tl.float32), PREC, False)
+        b_dg = tl.sum(tl.where(o_i[:, None] >= o_i[None, :], b_tu, 0.), 0)
+    # e^{Γ_C} (<dS', S_c> + <dH', H_c>)
+    b_last = tl.zeros([], dtype=tl.float32)
+
+    # 2) this slice's V block: dv, and the query side's e^{Γ_i} do_i·(S_cᵀ x_i)
+    b_dgs = tl.zeros([BT], dtype=tl.float32)
+    if i_s < NV:
+        o_v = i_s * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
         b_xs = tl.zeros([BT, BV], dtype=tl.float32)
         b_kds = tl.zeros([BT, BV], dtype=tl.float32)
-        for i_r in range(0, NK):
-            o_k = tl.cast(i_r, tl.int64) * BK + tl.arange(0, BK)
+        for i_r in range(0, tl.cdiv(K, BC)):
+            o_k = tl.cast(i_r, tl.int64) * BC + tl.arange(0, BC)
             m_k = o_k < K
             m_tk = m_t[:, None] & m_k[None, :]
             m_kv = m_k[:, None] & m_v[None, :]
@@ -377,71 +412,62 @@ def chunk_mesa_bwd_kernel_grads(
         b_dgs += tl.sum(b_do.to(tl.float32) * b_xs, 1)
         b_dv = mesa_dot(tl.trans(b_axk), b_do, b_kds * b_gk[:, None], PREC, DO_IS_BF16)
         tl.store(dv + o_t[:, None] * (H * V) + o_v[None, :], b_dv * b_beta[:, None], mask=m_tv)
-    b_adov = b_dov * b_a
-    # dg, intra-chunk pairs: g_t enters the decay A_ij of every pair j < t <= i, so dg_t = Σ_{j<t<=i} T_ij with
-    # T_ij = A_ij β_j (do_i·v_j − e_i·k_j)(k_j·x_i): summed directly (no cancelling ±T terms), as (T U) with
-    # U_jt = [j < t], then over i >= t
-    o_i = tl.arange(0, BT)
-    b_tm = tl.where(o_i[:, None] > o_i[None, :], (b_adov - b_aek) * b_xk * b_beta[None, :], 0.)
-    b_u = (o_i[:, None] < o_i[None, :]).to(tl.float32)
-    b_tu = mesa_dot(b_tm, b_u, tl.zeros([BT, BT], dtype=tl.float32), PREC, False)
-    b_dg = tl.sum(tl.where(o_i[:, None] >= o_i[None, :], b_tu, 0.), 0)
 
-    # 3) over the output blocks of K: dk, dβ, and the query side's −e^{Γ_i} e_i·(H_c x_i)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    # 3) this slice's K block: dk, dλ = −Σ e ⊙ x (per chunk, summed on the host), the inter-chunk part of dβ, and
+    # the query side's −e^{Γ_i} e_i·(H_c x_i)
     # Σ over the key side's inter-chunk terms (k_j·dS' v_j + k_jᵀ dH' k_j) e^{Γ_C − Γ_j}, for the last token's dΓ
     b_dbi = tl.zeros([BT], dtype=tl.float32)
-    for i_s in range(0, NK):
-        o_k = tl.cast(i_s, tl.int64) * BK + tl.arange(0, BK)
+    if i_s < NK:
+        o_k = i_s * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_x = tl.load(x + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
-        b_e = tl.load(e + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
-        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        # S part: Σ_i A_ij (do_i·v_j) x_i + e^{Γ_C − Γ_j} dS' v_j
+        # inter-chunk S part e^{Γ_C − Γ_j} dS' v_j
         b_dks = tl.zeros([BT, BK], dtype=tl.float32)
-        for i_r in range(0, NV):
-            o_v = tl.cast(i_r, tl.int64) * BV + tl.arange(0, BV)
+        for i_r in range(0, tl.cdiv(V, BC)):
+            o_v = tl.cast(i_r, tl.int64) * BC + tl.arange(0, BC)
             m_v = o_v < V
             b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-            # [BV, BK] dS'ᵀ
+            # [BC, BK] dS'ᵀ
             b_dst = tl.load(dh_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
             b_dks = mesa_dot(b_v, b_dst, b_dks, PREC, False)
-        b_dks *= b_gk[:, None]
-        b_dbi += tl.sum(b_k * b_dks, 1)
-        b_dks = mesa_dot(tl.trans(b_adov), b_x, b_dks, PREC, False)
-        # H part: −Σ_i A_ij ((e_i·k_j) x_i + (x_i·k_j) e_i) + e^{Γ_C − Γ_j} (dH' + dH'ᵀ) k_j
+        # inter-chunk H part e^{Γ_C − Γ_j} (dH' + dH'ᵀ) k_j, and X H_cᵀ
         b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
         b_xh = tl.zeros([BT, BK], dtype=tl.float32)
-        for i_r in range(0, NK):
-            o_r = tl.cast(i_r, tl.int64) * BK + tl.arange(0, BK)
+        for i_r in range(0, tl.cdiv(K, BC)):
+            o_r = tl.cast(i_r, tl.int64) * BC + tl.arange(0, BC)
             m_r = o_r < K
             m_rk = m_r[:, None] & m_k[None, :]
             b_kr = tl.load(k + o_t[:, None] * (H * K) + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0.)
             b_xr = tl.load(x + o_t[:, None] * (H * K) + o_r[None, :], mask=m_t[:, None] & m_r[None, :], other=0.)
-            # [BK (r), BK (k)] blocks dH'[r, k], dH'[k, r], H_c[k, r]
+            # [BC (r), BK (k)] blocks dH'[r, k], dH'[k, r], H_c[k, r]
             b_dh1 = tl.load(dh_kk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.)
             b_dh2 = tl.load(dh_kk + o_k[None, :] * K + o_r[:, None], mask=m_rk, other=0.)
             b_ht = tl.load(h_kk + o_k[None, :] * K + o_r[:, None], mask=m_rk, other=0.)
             b_dkh = mesa_dot(b_kr, b_dh1 + b_dh2, b_dkh, PREC, False)
             b_xh = mesa_dot(b_xr, b_ht, b_xh, PREC, False)
             b_last += tl.sum(b_dh2 * b_ht)
-        b_dkh *= b_gk[:, None]
-        b_dbi += 0.5 * tl.sum(b_k * b_dkh, 1)
+        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_x = tl.load(x + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_e = tl.load(e + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+        b_dki = b_dks + 0.5 * b_dkh
+        b_kdi = tl.sum(b_k * b_dki, 1) * b_gk
+        b_dbi += b_kdi
+        b_dbeta += b_kdi
         b_dgs -= tl.sum(b_e * b_xh, 1)
-        b_dkh2 = mesa_dot(tl.trans(b_aek), b_x, tl.zeros([BT, BK], dtype=tl.float32), PREC, False)
-        b_dkh2 = mesa_dot(tl.trans(b_axk), b_e, b_dkh2, PREC, False)
-        b_dkh -= b_dkh2
-        b_dbeta += tl.sum(b_k * (b_dks + 0.5 * b_dkh), 1)
-        tl.store(dk + o_t[:, None] * (H * K) + o_k[None, :], (b_dks + b_dkh) * b_beta[:, None], mask=m_tk)
+        # intra-chunk part Dᵀ X − (A ⊙ X Kᵀ)ᵀ E
+        b_dk = mesa_dot(tl.trans(b_d), b_x, (b_dks + b_dkh) * b_gk[:, None], PREC, False)
+        b_dk = mesa_dot(tl.trans(-b_axk), b_e, b_dk, PREC, False)
+        tl.store(dk + o_t[:, None] * (H * K) + o_k[None, :], b_dk * b_beta[:, None], mask=m_tk)
+        tl.store(dlamb + (i_tg * H + i_h) * K + o_k, -tl.sum(b_e * b_x, 0), mask=m_k)
 
     # dg_t, the other terms, each summed where g_t enters: the state-to-token decays e^{Γ_i} of tokens i >= t, the
     # token-to-next-state decays e^{Γ_C − Γ_j} of tokens j < t, and the state-to-next-state decay e^{Γ_C}
     b_dg += tl.sum(tl.where(o_i[:, None] >= o_i[None, :], (b_gq * b_dgs)[:, None], 0.), 0)
     b_dg += tl.sum(tl.where(o_i[:, None] < o_i[None, :], (b_beta * b_dbi)[:, None], 0.), 0)
     b_dg += exp2(b_g_last) * b_last
-    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
-    tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
+    # this slice's shares, summed on the host
+    tl.store(dg + i_s * NTOK * H + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+    tl.store(dbeta + i_s * NTOK * H + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
 
 
 def _check_precision(precision):
@@ -602,14 +628,20 @@ def chunk_mesa_bwd_grads(
     x, e, do, k, v, g_cum, beta, h_kk, h_kv = (t.contiguous() for t in (x, e, do, k, v, g_cum, beta, h_kk, h_kv))
     dk = k.new_empty(B, T, H, K, dtype=torch.float32)
     dv = k.new_empty(B, T, H, V, dtype=torch.float32)
-    dg = k.new_empty(B, T, H, dtype=torch.float32)
-    dbeta = k.new_empty(B, T, H, dtype=torch.float32)
-    # per-chunk partial sums of −e ⊙ x, reduced below (deterministic, no atomics)
+    # the shares of dg and dβ of every slice (K/V column block; as many as the smallest block gives, those that
+    # the chosen block size leaves out stay 0) and per-chunk partial sums of dλ, reduced below (no atomics)
+    NS = max(triton.cdiv(K, 32), triton.cdiv(V, 32))
+    dg = k.new_zeros(NS, B, T, H, dtype=torch.float32)
+    dbeta = k.new_zeros(NS, B, T, H, dtype=torch.float32)
     dlamb = k.new_empty(B * NT, H, K, dtype=torch.float32)
-    chunk_mesa_bwd_kernel_grads[(NT, B * H)](
+
+    def grid(meta):
+        return (max(triton.cdiv(K, meta['BK']), triton.cdiv(V, meta['BV'])), NT, B * H)
+
+    chunk_mesa_bwd_kernel_grads[grid](
         x=x, e=e, do=do, k=k, v=v, g=g_cum, beta=beta, h_kk=h_kk, h_kv=h_kv, dh_kk=dh_kk, dh_kv=dh_kv,
         dk=dk, dv=dv, dg=dg, dbeta=dbeta, dlamb=dlamb, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-        T=T, H=H, K=K, V=V, BT=BT, PREC=precision,
+        T=T, NTOK=B * T, H=H, K=K, V=V, BT=BT, PREC=precision,
         K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
     )
-    return dk, dv, dg, dbeta, dlamb.sum(0), dh0
+    return dk, dv, dg.sum(0), dbeta.sum(0), dlamb.sum(0), dh0

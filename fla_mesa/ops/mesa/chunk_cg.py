@@ -11,7 +11,7 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, STATE_DOT_PRECISION, mesa_dot, mesa_dot_split, mesa_split
+from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, mesa_dot, mesa_dot_split, mesa_split
 from fla_mesa.utils import is_interpreting
 
 # operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
@@ -248,6 +248,7 @@ def chunk_mesa_cg(
     h_kv: torch.Tensor | None = None,
     precision: str | None = None,
     readout_precision: str | None = None,
+    o_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -270,16 +271,17 @@ def chunk_mesa_cg(
         h_kv (torch.Tensor, Optional): chunk-start states `[B, NT, H, K, V]`, for the fused readout.
         precision (str, Optional): operand precision of the CG loop's products (`DOT_PRECISIONS` or 'auto').
             Default: `CG_DOT_PRECISION` ('auto': tf32x3 for fp32 `k`, bf16x3 otherwise).
-        readout_precision (str, Optional): operand precision of the readout's products. Default: `STATE_DOT_PRECISION`.
+        readout_precision (str, Optional): operand precision of the readout's products. Default: as `precision`.
+        o_dtype (torch.dtype): dtype of `o` (the op's output dtype saves a cast pass). Default: float32.
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
         steps (torch.Tensor): `[B, T, H]` int32, the iterations each row ran.
-        o (torch.Tensor): `[B, T, H, V]` float32, or `None` without `v`/`h_kv`.
+        o (torch.Tensor): `[B, T, H, V]` in `o_dtype`, or `None` without `v`/`h_kv`.
     """
     B, T, H, K = b.shape
     precision = cg_precision(k, precision)
-    readout_precision = STATE_DOT_PRECISION if readout_precision is None else readout_precision
+    readout_precision = cg_precision(k, readout_precision)
     for name, p in (('precision', precision), ('readout_precision', readout_precision)):
         if p not in DOT_PRECISIONS:
             raise ValueError(f"`{name}` must be one of {DOT_PRECISIONS}, got {p!r}")
@@ -302,7 +304,7 @@ def chunk_mesa_cg(
 
     x = b.new_empty(B, T, H, K, dtype=torch.float32)
     steps = b.new_empty(B, T, H, dtype=torch.int32)
-    o = b.new_empty(B, T, H, V, dtype=torch.float32) if v is not None else None
+    o = b.new_empty(B, T, H, V, dtype=o_dtype) if v is not None else None
     tol2 = 0.0 if cg_tol is None else float(cg_tol) ** 2
 
     def grid(meta):

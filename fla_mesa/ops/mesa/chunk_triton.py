@@ -47,7 +47,7 @@ def chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, 
         return o, x, steps, final_state
     x, steps, o = chunk_mesa_cg(
         q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
-        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv, o_dtype=v.dtype,
     )
     return o, x, steps, final_state
 
