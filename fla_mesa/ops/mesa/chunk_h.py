@@ -31,6 +31,12 @@ BF16_DOT_TYPE = tl.constexpr(tl.float32 if is_interpreting() else tl.bfloat16)
 
 
 @triton.jit
+def _round_tf32(a):
+    # to the nearest value with a 10-bit mantissa (ties away from zero), by integer arithmetic on the fp32 bits
+    return ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mesa_split(a, PREC: tl.constexpr):
     """`a` as the operand pair `(hi, lo)` of `mesa_dot_split`: split once, outside loops, what a loop reuses."""
     if PREC == 'bf16x3':
@@ -38,10 +44,9 @@ def mesa_split(a, PREC: tl.constexpr):
         lo = (a.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16).to(BF16_DOT_TYPE)
         hi = hi.to(BF16_DOT_TYPE)
     elif PREC == 'tf32x3':
-        # hi: a's top 10 mantissa bits, exact in tf32
-        lo = a.to(tl.float32)
-        hi = (lo.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        lo = lo - hi
+        # both parts rounded to nearest tf32 (the tensor cores would truncate them: a bias that measured 5x the error)
+        hi = _round_tf32(a.to(tl.float32))
+        lo = _round_tf32(a.to(tl.float32) - hi)
     elif PREC == 'bf16':
         hi = a.to(tl.bfloat16).to(BF16_DOT_TYPE)
         lo = hi
