@@ -46,9 +46,11 @@ def header():
         fla_version = getattr(fla, '__version__', '?')
     except ImportError:
         fla_version = 'not installed'
+    # COMMIT=...: where the files were copied to the GPU machine without their git history
+    commit = os.environ.get('COMMIT')
     try:
-        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
+        commit = commit or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
     except Exception:
         commit = 'unknown'
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
