@@ -141,16 +141,7 @@ def timing(B, T, H, D, C, precision, io_dtype):
         f"{t_dh:.3f} ({fl_dh / t_dh / 1e9:.0f}) | {t_gk:.3f} ({fl_gk / t_gk / 1e9:.0f}) | {t_dx + t_gr:.3f} |")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--out', default=None)
-    args = parser.parse_args()
-    global OUT_FILE
-    OUT_FILE = args.out
-    commit = os.environ.get('COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    log(f"# Mesa chunk backward kernels: {torch.cuda.get_device_name()}")
-    log(f"torch {torch.__version__}, triton {triton.__version__}, commit {commit} (+ working tree), "
-        f"default precision {chunk_bwd.BWD_DOT_PRECISION}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+def speed():
     log()
     log("## Time (ms; in parentheses achieved TFLOP/s of the matmuls) at B·T = 16384, H = 16, K = V = 128, chunk 64")
     log("x, e, states fp32; k, v, do in the listed dtype. grads = chunk_mesa_bwd_grads without its dh kernel.")
@@ -167,6 +158,21 @@ def main():
     for name in ('chunk_mesa_bwd_kernel_dx', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
         kern = autotuner(name)
         log(f"{name} best configs: " + "; ".join(f"{key[:3]}: {cfg}" for key, cfg in getattr(kern, 'cache', {}).items()))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--out', default=None)
+    parser.add_argument('--no-speed', action='store_true')
+    args = parser.parse_args()
+    global OUT_FILE
+    OUT_FILE = args.out
+    commit = os.environ.get('COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    log(f"# Mesa chunk backward kernels: {torch.cuda.get_device_name()}")
+    log(f"torch {torch.__version__}, triton {triton.__version__}, commit {commit} (+ working tree), "
+        f"default precision {chunk_bwd.BWD_DOT_PRECISION}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if not args.no_speed:
+        speed()
     log()
     log("## Relative error against float64 (same x, e, chunk states; h0 and dht given)")
     log()
