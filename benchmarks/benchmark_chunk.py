@@ -77,7 +77,7 @@ def make_inputs(B, T, H, D, device=None, gate_mu=4.0, seed=0, dtype=torch.bfloat
 # the ops: each maps (q, k, v, g, beta, lamb) to o
 
 
-def op_table():
+def op_table(only=None):
     ops = {}
     try:
         from fla_mesa.ops.mesa import chunk_mesa
@@ -106,7 +106,8 @@ def op_table():
         ops['fla gated delta rule'] = f"{type(e).__name__}: {e}"
     ops['torch sdpa causal'] = lambda q, k, v, g, b, l: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
-    return ops
+    # --ops: the rows whose name contains one of the given strings
+    return {n: f for n, f in ops.items() if not only or any(s in n for s in only)}
 
 
 def short(e: BaseException) -> str:
@@ -201,7 +202,7 @@ def fla_cg_time(q, k, v, g, beta, lamb, steps, chunk=64):
 
 
 def speed_table(args):
-    ops = op_table()
+    ops = op_table(args.ops)
     H, D = args.H, args.D
     log(f"\n## Speed: B·T = {args.tokens}, H = {H}, D = {D}, bf16 q/k/v, fp32 g/beta/lamb (ms, do_bench median)\n")
     log("| T | op | fwd ms | fwd+bwd ms | peak mem fwd+bwd GB | CG kernel ms | CG TFLOP/s | mean steps (token / tile) |")
@@ -275,7 +276,7 @@ def grads_of(fn, inputs, do):
 
 def accuracy_table(args):
     from fla_mesa.ops.mesa import naive_exact_mesa
-    ops = op_table()
+    ops = op_table(args.ops)
     B, T, H, D = 1, args.acc_T, 4, args.D
     log(f"\n## Accuracy: B={B}, T={T}, H={H}, D={D}, bf16 q/k/v; relative error against a float64 exact solve of the "
         "same inputs; 'scale' is the std of the upstream gradient do\n")
@@ -475,6 +476,7 @@ def main():
     p.add_argument('--D', type=int, default=128)
     p.add_argument('--acc-T', type=int, default=256)
     p.add_argument('--scales', type=float, nargs='+', default=[1, 1e-5, 1e-8])
+    p.add_argument('--ops', nargs='+', default=None, help="only the rows whose name contains one of these, e.g. mesa")
     p.add_argument('--no-speed', action='store_true')
     p.add_argument('--no-accuracy', action='store_true')
     p.add_argument('--study', action='store_true', help='forward kernels only: checks, precision study, fwd timings')

@@ -18,9 +18,9 @@ log-decay): `A_ij = e^{Γ_i − Γ_j}` for j <= i, `dS'`, `dH'` the gradients of
     (each term summed over the decays that g_t enters, so no large ± terms cancel)
 
 Every quantity is linear in (do, dH_T, dS_T) at fixed x and e, with no absolute epsilon: gradients of any scale keep
-their relative accuracy. All products take fp32 operands (`BWD_DOT_PRECISION`): 'tf32x3' and 'ieee' both gave
-every gradient within 7e-7 of float64 on an H100 (triton 3.6), tf32x3 2.2x faster, so it is the default
-(benchmarks/results/chunk_bwd_kernels_h100.md).
+their relative accuracy. The products' operand precision (`BWD_DOT_PRECISION`, default 'auto'): with fp32 inputs
+'tf32x3' and 'ieee' both gave every gradient within 1.2e-6 of float64 on an H100 (triton 3.6), tf32x3 3x faster, so
+'auto' takes tf32x3 there, and bf16x3 for 16-bit inputs (benchmarks/results/chunk_bwd_kernels_h100.md).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, mesa_dot
+from fla_mesa.ops.mesa.chunk_h import mesa_dot, resolve_precision
 from fla_mesa.utils import is_interpreting
 
-# operand precision of every product in the backward: 'tf32x3' (tensor cores, ~fp32) or 'ieee' (fp32 FMA)
-BWD_DOT_PRECISION = os.environ.get('FLA_MESA_BWD_PRECISION', 'tf32x3')
+# operand precision of every product in the backward; 'auto': tf32x3 (tensor cores, ~fp32) for fp32 inputs, bf16x3
+# for 16-bit ones
+BWD_DOT_PRECISION = os.environ.get('FLA_MESA_BWD_PRECISION', 'auto')
 
 
 def _configs():
@@ -470,11 +471,8 @@ def chunk_mesa_bwd_kernel_grads(
     tl.store(dbeta + i_s * NTOK * H + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
 
 
-def _check_precision(precision):
-    precision = BWD_DOT_PRECISION if precision is None else precision
-    if precision not in DOT_PRECISIONS:
-        raise ValueError(f"`precision` must be one of {DOT_PRECISIONS}, got {precision!r}")
-    return precision
+def _check_precision(precision, ref):
+    return resolve_precision(precision, BWD_DOT_PRECISION, ref)
 
 
 def _num_chunks(T, cu_seqlens, chunk_indices, BT):
@@ -509,7 +507,7 @@ def chunk_mesa_bwd_dx(
         h_kv (torch.Tensor): chunk-start states `[B, NT, H, K, V]` float32.
         cu_seqlens, chunk_indices: varlen as in fla.
         chunk_size (int): the chunk length.
-        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION`.
+        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION` ('auto').
 
     Returns:
         dx (torch.Tensor): `[B, T, H, K]` float32.
@@ -517,7 +515,7 @@ def chunk_mesa_bwd_dx(
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = chunk_size
-    precision = _check_precision(precision)
+    precision = _check_precision(precision, k)
     NT, chunk_indices = _num_chunks(T, cu_seqlens, chunk_indices, BT)
     do, k, v, g_cum, beta, h_kv = (t.contiguous() for t in (do, k, v, g_cum, beta, h_kv))
     dx = k.new_empty(B, T, H, K, dtype=torch.float32)
@@ -553,7 +551,7 @@ def chunk_mesa_bwd_dh(
     B, T, H, K = x.shape
     V = do.shape[-1]
     BT = chunk_size
-    precision = _check_precision(precision)
+    precision = _check_precision(precision, do)
     if cu_seqlens is None:
         N, NT, chunk_offsets = B, triton.cdiv(T, BT), None
     else:
@@ -611,7 +609,7 @@ def chunk_mesa_bwd_grads(
         initial_state (Tuple[torch.Tensor, torch.Tensor], Optional): if given, its gradient is returned.
         dht (Tuple, Optional): `(dht_kk [N, H, K, K] or None, dht_kv [N, H, K, V] or None)`.
         cu_seqlens, chunk_indices, chunk_size: as in fla.
-        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION`.
+        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION` ('auto').
 
     Returns:
         dk `[B, T, H, K]`, dv `[B, T, H, V]`, dg `[B, T, H]` (of the raw natural-log g), dbeta `[B, T, H]`,
@@ -620,7 +618,7 @@ def chunk_mesa_bwd_grads(
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = chunk_size
-    precision = _check_precision(precision)
+    precision = _check_precision(precision, k)
     NT, chunk_indices = _num_chunks(T, cu_seqlens, chunk_indices, BT)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, precision=precision)
     dh_kk, dh_kv, dh0 = chunk_mesa_bwd_dh(x, e, do, g_cum, dht=dht, output_dh0=initial_state is not None, **kw)

@@ -11,19 +11,12 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, mesa_dot, mesa_dot_split, mesa_split
+from fla_mesa.ops.mesa.chunk_h import mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16
 from fla_mesa.utils import is_interpreting
 
 # operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
-# (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, 2-2.5x faster and ~2e-6 off float64, far under their rounding
+# (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, 2.5x faster and ~2e-6 off float64, far under their rounding
 CG_DOT_PRECISION = os.environ.get('FLA_MESA_CG_PRECISION', 'auto')
-
-
-def cg_precision(k: torch.Tensor, precision: str | None = None) -> str:
-    precision = CG_DOT_PRECISION if precision is None else precision
-    if precision == 'auto':
-        return 'tf32x3' if k.dtype == torch.float32 else 'bf16x3'
-    return precision
 
 
 @triton.jit
@@ -72,10 +65,11 @@ def _prune_cg_configs(configs, named_args, **kwargs):
 @triton.heuristics({
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
     'READOUT': lambda args: args['o'] is not None,
+    'O_IS_BF16': lambda args: args['o'] is not None and args['o'].dtype == torch.bfloat16,
 })
 @triton.autotune(
     configs=_cg_configs(),
-    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT'],
+    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT', 'O_IS_BF16'],
     prune_configs_by={'early_config_prune': _prune_cg_configs},
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
@@ -111,6 +105,7 @@ def chunk_mesa_cg_fwd_kernel(
     H_IN_LOOP: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr,
+    O_IS_BF16: tl.constexpr,
 ):
     # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
     i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -228,6 +223,8 @@ def chunk_mesa_cg_fwd_kernel(
             b_s_kv = tl.load(h_kv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
             b_o = mesa_dot(b_xk, b_v, tl.zeros([BR, BV], dtype=tl.float32), O_PREC, V_IS_BF16)
             b_o = mesa_dot(b_xe, b_s_kv, b_o, O_PREC, False)
+            if O_IS_BF16:
+                b_o = round_bf16(b_o)
             tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
 
 
@@ -280,11 +277,8 @@ def chunk_mesa_cg(
         o (torch.Tensor): `[B, T, H, V]` in `o_dtype`, or `None` without `v`/`h_kv`.
     """
     B, T, H, K = b.shape
-    precision = cg_precision(k, precision)
-    readout_precision = cg_precision(k, readout_precision)
-    for name, p in (('precision', precision), ('readout_precision', readout_precision)):
-        if p not in DOT_PRECISIONS:
-            raise ValueError(f"`{name}` must be one of {DOT_PRECISIONS}, got {p!r}")
+    precision = resolve_precision(precision, CG_DOT_PRECISION, k)
+    readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
     if K > 256:
         raise ValueError(f"the Triton chunk CG supports head dims K <= 256, got K = {K}")
     if chunk_size not in (16, 32, 64):

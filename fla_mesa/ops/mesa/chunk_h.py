@@ -22,8 +22,19 @@ from fla_mesa.utils import is_interpreting
 #   'bf16x3' our own split: a = a_hi + a_lo in bf16, a_hi b_hi + a_hi b_lo + a_lo b_hi (16-bit operands);
 #            two products when `b` is already bf16 (k, v in bf16: b_lo = 0)
 DOT_PRECISIONS = ('ieee', 'tf32x3', 'tf32', 'bf16', 'bf16x3')
-# the states are summed once per chunk, not per CG step: spend the precision there (see README's study)
-STATE_DOT_PRECISION = os.environ.get('FLA_MESA_STATE_PRECISION', 'tf32x3')
+# every kernel's default is 'auto' (`resolve_precision`): tf32x3 (fp32 level) for fp32 inputs, bf16x3 for 16-bit
+# inputs, whose own rounding (~1e-3) stays 100x above what bf16x3 adds (README: "Solver precision")
+STATE_DOT_PRECISION = os.environ.get('FLA_MESA_STATE_PRECISION', 'auto')
+
+
+def resolve_precision(precision: str | None, default: str, ref: torch.Tensor, name: str = 'precision') -> str:
+    """`precision`, else `default`; 'auto' by the dtype of `ref` (an input of the op)."""
+    precision = default if precision is None else precision
+    if precision == 'auto':
+        precision = 'tf32x3' if ref.dtype == torch.float32 else 'bf16x3'
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"`{name}` must be one of {DOT_PRECISIONS} or 'auto', got {precision!r}")
+    return precision
 
 # the interpreter multiplies bf16 tensors as raw uint16: round to bf16, then multiply in fp32 (the same
 # numbers a bf16 tensor-core product with fp32 accumulation gives)
@@ -34,6 +45,14 @@ BF16_DOT_TYPE = tl.constexpr(tl.float32 if is_interpreting() else tl.bfloat16)
 def _round_tf32(a):
     # to the nearest value with a 10-bit mantissa (ties away from zero), by integer arithmetic on the fp32 bits
     return ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_bf16(a):
+    # fp32 -> the nearest bf16 value (ties to even), still fp32: a store to bf16 then needs no rounding (the
+    # interpreter's cast truncates)
+    bits = a.to(tl.int32, bitcast=True)
+    return ((bits + 32767 + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -263,8 +282,8 @@ def chunk_mesa_fwd_h(
         chunk_indices (torch.LongTensor, Optional): `prepare_chunk_indices(cu_seqlens, chunk_size)`; only its
             length is used (the number of chunks).
         chunk_size (int): the chunk length `BT`.
-        precision (str, Optional): operand precision of the products, one of `DOT_PRECISIONS`.
-            Default: `STATE_DOT_PRECISION`.
+        precision (str, Optional): operand precision of the products, one of `DOT_PRECISIONS` or 'auto'.
+            Default: `STATE_DOT_PRECISION` ('auto': tf32x3 for fp32 `k`, bf16x3 otherwise).
 
     Returns:
         h_kk (torch.Tensor): `[B, NT, H, K, K]` float32, `h_kk[:, i]` the state before chunk i (varlen: B = 1, NT
@@ -275,9 +294,7 @@ def chunk_mesa_fwd_h(
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = chunk_size
-    precision = STATE_DOT_PRECISION if precision is None else precision
-    if precision not in DOT_PRECISIONS:
-        raise ValueError(f"`precision` must be one of {DOT_PRECISIONS}, got {precision!r}")
+    precision = resolve_precision(precision, STATE_DOT_PRECISION, k)
     if cu_seqlens is None:
         N, NT, chunk_offsets = B, triton.cdiv(T, BT), None
     else:
