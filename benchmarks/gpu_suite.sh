@@ -8,6 +8,8 @@ fla_root=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python benchmarks/benchmark_chunk.py 2>&1 | tee "$out/chunk.md"
+python benchmarks/cg_kernel_study.py 2>&1 | tee "$out/cg_kernel_study.md"
+python benchmarks/benchmark_chunk_bwd_kernels.py --out "$out/chunk_bwd_kernels.md"
 if [ -n "$fla_root" ]; then
     python benchmarks/fla_harness.py --fla-root "$fla_root" --modes fwd fwdbwd 2>&1 | tee "$out/fla_harness.md"
 fi
