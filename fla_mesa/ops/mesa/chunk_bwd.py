@@ -33,7 +33,7 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import mesa_dot, resolve_precision
+from fla_mesa.ops.mesa.chunk_h import chunk_program, mesa_dot, resolve_precision, state_configs, state_program
 from fla_mesa.utils import is_interpreting
 
 # operand precision of every product in the backward; 'auto': tf32x3 (tensor cores, ~fp32) for fp32 inputs, bf16x3
@@ -92,16 +92,7 @@ def chunk_mesa_bwd_kernel_dx(
     # dx_t = e^{Γ_t} S_c do_t + Σ_{j<=t} M_tj k_j (v_j·do_t): GLA's readout with (q, k, v) -> (do, v, k)
     i_k, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
-        bos = i_b * T
+    i_tg, i_t, bos, T = chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -194,23 +185,13 @@ def _chunk_mesa_bwd_dh_block(
         tl.store(dh0 + i_nh * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
 
 
-def _dh_configs():
-    if is_interpreting():
-        return [triton.Config({'BK': 32, 'BW': 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({'BK': 64, 'BW': BW}, num_warps=4, num_stages=num_stages)
-        for BW in [32, 64]
-        for num_stages in [2, 3]
-    ]
-
-
 @triton.heuristics({
     'USE_DHT_KK': lambda args: args['dht_kk'] is not None,
     'USE_DHT_KV': lambda args: args['dht_kv'] is not None,
     'STORE_DH0': lambda args: args['dh0_kk'] is not None,
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=_dh_configs(), key=['K', 'V', 'BT', 'PREC', 'DO_IS_BF16'])
+@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC', 'DO_IS_BF16'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_bwd_kernel_dh(
     x,
@@ -245,16 +226,7 @@ def chunk_mesa_bwd_kernel_dh(
     NWK = tl.cdiv(K, BW)
     i_k, i_w = i_kw % NK, i_kw // NK
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-        NT = tl.cdiv(T, BT)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n * T
-        NT = tl.cdiv(T, BT)
-        boh = i_n * NT
+    bos, T, NT, boh = state_program(i_n, chunk_offsets, cu_seqlens, T, BT, IS_VARLEN)
 
     if i_w < NWK:
         # dH_t = −e_t x_tᵀ (unsymmetrised: A_t x_t uses H_t x_t)
@@ -312,16 +284,7 @@ def chunk_mesa_bwd_kernel_grads(
     # [BT, BT] products, which need every column
     i_s, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
-        bos = i_b * T
+    i_tg, i_t, bos, T = chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
     NK = tl.cdiv(K, BK)
     NV = tl.cdiv(V, BV)
 
@@ -626,9 +589,9 @@ def chunk_mesa_bwd_grads(
     x, e, do, k, v, g_cum, beta, h_kk, h_kv = (t.contiguous() for t in (x, e, do, k, v, g_cum, beta, h_kk, h_kv))
     dk = k.new_empty(B, T, H, K, dtype=torch.float32)
     dv = k.new_empty(B, T, H, V, dtype=torch.float32)
-    # the shares of dg and dβ of every slice (K/V column block; as many as the smallest block gives, those that
-    # the chosen block size leaves out stay 0) and per-chunk partial sums of dλ, reduced below (no atomics)
-    NS = max(triton.cdiv(K, 32), triton.cdiv(V, 32))
+    # the shares of dg and dβ of every slice (K/V column block; as many as the smallest configured block gives,
+    # those that the chosen block size leaves out stay 0) and per-chunk partial sums of dλ, reduced below (no atomics)
+    NS = max(max(triton.cdiv(K, c.kwargs['BK']), triton.cdiv(V, c.kwargs['BV'])) for c in _grads_configs())
     dg = k.new_zeros(NS, B, T, H, dtype=torch.float32)
     dbeta = k.new_zeros(NS, B, T, H, dtype=torch.float32)
     dlamb = k.new_empty(B * NT, H, K, dtype=torch.float32)

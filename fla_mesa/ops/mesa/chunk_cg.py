@@ -11,7 +11,9 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16
+from fla_mesa.ops.mesa.chunk_h import (
+    chunk_program, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
+)
 from fla_mesa.utils import is_interpreting
 
 # operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
@@ -110,19 +112,9 @@ def chunk_mesa_cg_fwd_kernel(
     # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
     i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     BR: tl.constexpr = BT // NR
-    i_tg, i_r = i_tr // NR, i_tr % NR
+    i_t, i_r = i_tr // NR, i_tr % NR
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_tg * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_tg * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        NT = tl.cdiv(T, BT)
-        i_t = i_tg
-        i_tg = i_b * NT + i_t
-        bos = i_b * T
+    i_tg, i_t, bos, T = chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
 
     # rows of this program and columns (all tokens of the chunk)
     o_r = i_t * BT + i_r * BR + tl.arange(0, BR)

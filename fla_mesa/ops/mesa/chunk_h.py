@@ -112,6 +112,38 @@ def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """
+    `(i_tg, i_t, bos, T)` of a program over one chunk: the chunk's index among all chunks (of `h_kk`), its index in
+    its sequence, the sequence's first token and length. `i_t` comes in as the program's chunk axis (over every
+    sequence's chunks when varlen, as fla's `chunk_indices` number them), `i_b` as its batch index.
+    """
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+        bos = i_b * T
+    return i_tg, i_t, bos, T
+
+
+@triton.jit
+def state_program(i_n, chunk_offsets, cu_seqlens, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """`(bos, T, NT, boh)` of a program over sequence `i_n`: first token, length, chunks, first chunk (of `h_kk`)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n * T
+        boh = i_n * tl.cdiv(T, BT)
+    return bos, T, tl.cdiv(T, BT), boh
+
+
+@triton.jit
 def _chunk_mesa_fwd_h_block(
     k,
     w,
@@ -182,7 +214,8 @@ def _chunk_mesa_fwd_h_block(
         tl.store(p_ht, b_h.to(p_ht.dtype.element_ty), mask=m_kw)
 
 
-def _h_configs():
+def state_configs():
+    # the forward state kernel's and the backward's reverse one (the same shape of work)
     if is_interpreting():
         return [triton.Config({'BK': 32, 'BW': 32}, num_warps=4, num_stages=1)]
     return [
@@ -197,7 +230,7 @@ def _h_configs():
     'STORE_FINAL_STATE': lambda args: args['ht_kk'] is not None,
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=_h_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16'])
+@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_fwd_kernel_h(
     k,
@@ -232,16 +265,7 @@ def chunk_mesa_fwd_kernel_h(
     NWK = tl.cdiv(K, BW)
     i_k, i_w = i_kw % NK, i_kw // NK
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-        NT = tl.cdiv(T, BT)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n * T
-        NT = tl.cdiv(T, BT)
-        boh = i_n * NT
+    bos, T, NT, boh = state_program(i_n, chunk_offsets, cu_seqlens, T, BT, IS_VARLEN)
 
     if i_w < NWK:
         _chunk_mesa_fwd_h_block(

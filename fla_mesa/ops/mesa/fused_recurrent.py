@@ -41,6 +41,16 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
+def _prev_state(state, init, offsets, mask, i_t, USE_INITIAL_STATE: tl.constexpr, DTYPE: tl.constexpr):
+    # a block of the state before token i_t: the initial state (or zeros) at the first token, else where the
+    # previous token stored it (`init` is None without an initial state)
+    b = tl.load(state + offsets, mask=mask & (i_t > 0), other=0).to(DTYPE)
+    if USE_INITIAL_STATE:
+        b += tl.load(init + offsets, mask=mask & (i_t == 0), other=0).to(DTYPE)
+    return b
+
+
+@triton.jit
 def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
             H_IN_REGS: tl.constexpr, DTYPE: tl.constexpr):
     """`A p = H p + λ ⊙ p`."""
@@ -158,13 +168,9 @@ def fused_recurrent_mesa_fwd_kernel(
                 o_c = i_c * BC + tl.arange(0, BC)
                 m_c = o_c < K
                 m_ck = m_c[:, None] & m_k[None, :]
-                p_ht = ht_kk + i_nh * K * K + o_c[:, None] * K + o_k[None, :]
-                if USE_INITIAL_STATE:
-                    p_h0 = h0_kk + i_nh * K * K + o_c[:, None] * K + o_k[None, :]
-                    b_hc = tl.load(p_h0, mask=m_ck & (i_t == 0), other=0).to(DTYPE)
-                    b_hc += tl.load(p_ht, mask=m_ck & (i_t > 0), other=0).to(DTYPE)
-                else:
-                    b_hc = tl.load(p_ht, mask=m_ck & (i_t > 0), other=0).to(DTYPE)
+                o_ck = i_nh * K * K + o_c[:, None] * K + o_k[None, :]
+                p_ht = ht_kk + o_ck
+                b_hc = _prev_state(ht_kk, h0_kk, o_ck, m_ck, i_t, USE_INITIAL_STATE, DTYPE)
                 b_kc = tl.load(k + (i_tok * H + i_h) * K + o_c, mask=m_c, other=0).to(DTYPE)
                 b_hc = b_hc * b_gamma + (b_kc * b_beta)[:, None] * b_k[None, :]
                 tl.store(p_ht, b_hc.to(p_ht.dtype.element_ty), mask=m_ck)
@@ -221,13 +227,9 @@ def fused_recurrent_mesa_fwd_kernel(
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
             m_kv = m_k[:, None] & m_v[None, :]
-            p_st = ht_kv + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
-            if USE_INITIAL_STATE:
-                p_s0 = h0_kv + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
-                b_sv = tl.load(p_s0, mask=m_kv & (i_t == 0), other=0).to(DTYPE)
-                b_sv += tl.load(p_st, mask=m_kv & (i_t > 0), other=0).to(DTYPE)
-            else:
-                b_sv = tl.load(p_st, mask=m_kv & (i_t > 0), other=0).to(DTYPE)
+            o_kv = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
+            p_st = ht_kv + o_kv
+            b_sv = _prev_state(ht_kv, h0_kv, o_kv, m_kv, i_t, USE_INITIAL_STATE, DTYPE)
             b_v = tl.load(v + (i_tok * H + i_h) * V + o_v, mask=m_v, other=0).to(DTYPE)
             b_sv = b_sv * b_gamma + b_kb[:, None] * b_v[None, :]
             tl.store(p_st, b_sv.to(p_st.dtype.element_ty), mask=m_kv)
