@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -27,6 +26,9 @@ from fla_mesa.ops.mesa import chunk_bwd  # noqa: E402
 from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dh, chunk_mesa_bwd_dx, chunk_mesa_bwd_grads  # noqa: E402
 # the float64 reference the tests check the kernels against (computed on the CPU)
 from tests.ops.test_chunk_bwd_kernels import g_cumsum, reference  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_chunk import header  # noqa: E402
 
 DEV = 'cuda'
 NAMES = ('dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv')
@@ -167,10 +169,8 @@ def main():
     args = parser.parse_args()
     global OUT_FILE
     OUT_FILE = args.out
-    commit = os.environ.get('COMMIT') or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    log(f"# Mesa chunk backward kernels: {torch.cuda.get_device_name()}")
-    log(f"torch {torch.__version__}, triton {triton.__version__}, commit {commit} (+ working tree), "
-        f"default precision {chunk_bwd.BWD_DOT_PRECISION}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log("# Mesa chunk backward kernels")
+    log(f"{header()}; default precision {chunk_bwd.BWD_DOT_PRECISION}")
     if not args.no_speed:
         speed()
     log()
