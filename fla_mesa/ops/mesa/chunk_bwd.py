@@ -589,15 +589,18 @@ def chunk_mesa_bwd_grads(
     x, e, do, k, v, g_cum, beta, h_kk, h_kv = (t.contiguous() for t in (x, e, do, k, v, g_cum, beta, h_kk, h_kv))
     dk = k.new_empty(B, T, H, K, dtype=torch.float32)
     dv = k.new_empty(B, T, H, V, dtype=torch.float32)
-    # the shares of dg and dβ of every slice (K/V column block; as many as the smallest configured block gives,
-    # those that the chosen block size leaves out stay 0) and per-chunk partial sums of dλ, reduced below (no atomics)
+    # the shares of dg and dβ of every slice (K/V column block), room for as many as the smallest configured block
+    # gives, and per-chunk partial sums of dλ, all reduced below (no atomics)
     NS = max(max(triton.cdiv(K, c.kwargs['BK']), triton.cdiv(V, c.kwargs['BV'])) for c in _grads_configs())
-    dg = k.new_zeros(NS, B, T, H, dtype=torch.float32)
-    dbeta = k.new_zeros(NS, B, T, H, dtype=torch.float32)
+    dg = k.new_empty(NS, B, T, H, dtype=torch.float32)
+    dbeta = k.new_empty(NS, B, T, H, dtype=torch.float32)
     dlamb = k.new_empty(B * NT, H, K, dtype=torch.float32)
+    # the slices of the launched config: the launch calls grid last, with that config (autotuning calls it before)
+    launched = {}
 
     def grid(meta):
-        return (max(triton.cdiv(K, meta['BK']), triton.cdiv(V, meta['BV'])), NT, B * H)
+        launched['NS'] = max(triton.cdiv(K, meta['BK']), triton.cdiv(V, meta['BV']))
+        return (launched['NS'], NT, B * H)
 
     chunk_mesa_bwd_kernel_grads[grid](
         x=x, e=e, do=do, k=k, v=v, g=g_cum, beta=beta, h_kk=h_kk, h_kv=h_kv, dh_kk=dh_kk, dh_kv=dh_kv,
@@ -605,4 +608,5 @@ def chunk_mesa_bwd_grads(
         T=T, NTOK=B * T, H=H, K=K, V=V, BT=BT, PREC=precision,
         K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
     )
-    return dk, dv, dg.sum(0), dbeta.sum(0), dlamb.sum(0), dh0
+    ns = launched['NS']
+    return dk, dv, dg[:ns].sum(0), dbeta[:ns].sum(0), dlamb.sum(0), dh0
