@@ -1,0 +1,83 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+Where chunk_mesa's time goes: forward and forward+backward under torch.profiler, CUDA time per kernel (ms per call,
+averaged over the profiled iterations), at B·T = 16384, H = 16, D = 128, bf16, the inputs of benchmark_chunk.py.
+
+    python benchmarks/profile_chunk.py [--T 4096] [--modes steps30 tol]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchmark_chunk import header, make_inputs  # noqa: E402
+
+MODES = {'steps30': dict(cg_max_steps=30, cg_tol=None), 'tol': dict(cg_max_steps=30, cg_tol=1e-4)}
+
+
+def kernel_times(fn, iters):
+    """{kernel name: (ms per iteration, calls per iteration)} of `fn`, and the wall ms per iteration."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    times, calls = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] += e.device_time_total / 1e3
+            calls[e.name] += 1
+    return {n: (t / iters, calls[n] / iters) for n, t in times.items()}, start.elapsed_time(end) / iters
+
+
+def main():
+    from fla_mesa.ops.mesa import chunk_mesa
+    p = argparse.ArgumentParser()
+    p.add_argument('--T', type=int, default=4096)
+    p.add_argument('--tokens', type=int, default=16384)
+    p.add_argument('--modes', nargs='+', default=list(MODES))
+    p.add_argument('--iters', type=int, default=10)
+    args = p.parse_args()
+    print('# ' + header())
+    B, T = max(args.tokens // args.T, 1), args.T
+    inputs = make_inputs(B, T, 16, 128)
+    for t in inputs:
+        t.requires_grad_(True)
+    do = torch.randn_like(inputs[2])
+    for mode in args.modes:
+        kw = MODES[mode]
+
+        def fwd():
+            with torch.no_grad():
+                return chunk_mesa(*inputs, **kw)
+
+        def fwdbwd():
+            o, _ = chunk_mesa(*inputs, **kw)
+            torch.autograd.grad(o, inputs, do)
+
+        for name, fn in [('fwd', fwd), ('fwd+bwd', fwdbwd)]:
+            table, wall = kernel_times(fn, args.iters)
+            total = sum(t for t, _ in table.values())
+            print(f"\n## {mode} {name}: B={B} T={T}; {wall:.2f} ms per iteration (events), kernels sum {total:.2f} ms\n")
+            print("| kernel | ms | calls | share |")
+            print("|---|---|---|---|")
+            for n, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0]):
+                if t >= 0.005:
+                    print(f"| {n[:90]} | {t:.3f} | {c:g} | {t / total:.0%} |")
+
+
+if __name__ == '__main__':
+    main()
