@@ -363,6 +363,9 @@ class MesaNet(nn.Module):
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
             return_cg_steps=True,
+            # Λ = softplus + a positive bound, g a log-sigmoid (plus the log of a factor in (0, 1]): valid by
+            # construction, so no host sync to check them
+            check_values=False,
         )
         if mode == 'chunk':
             o, recurrent_state, cg_steps = chunk_mesa(q, k, v, g, beta, lamb, chunk_size=self.chunk_size, **op_kwargs)

@@ -89,3 +89,24 @@ def test_mixed_devices(op):
     kw = replace('lamb', lambda kw: kw['lamb'].to('meta'))
     with pytest.raises(ValueError, match=r'all inputs must be on one device'):
         op(**kw)
+
+
+@pytest.mark.parametrize('op', OPS)
+def test_check_values_off(op):
+    # the checks of values in device memory (a host sync) are skipped on request; those of shapes stay
+    op(**replace('g', lambda kw: kw['g'].abs()), check_values=False)
+    op(**replace('lamb', lambda kw: kw['lamb'] - 10), check_values=False)
+    with pytest.raises(ValueError, match=r'`lamb` must have shape'):
+        op(**replace('lamb', lambda kw: kw['lamb'][:, :3]), check_values=False)
+
+
+@pytest.mark.parametrize('op', OPS)
+def test_cu_seqlens_checked_against_each_call(op):
+    # cu_seqlens is read once per tensor object; its check against T is still made on every call
+    kw = {n: (x[:1] if n not in ('lamb', 'initial_state') else x) for n, x in good().items()}
+    kw['initial_state'] = None
+    cu_seqlens = torch.tensor([0, 2, 5], dtype=torch.int32)
+    op(**kw, cu_seqlens=cu_seqlens)
+    longer = {n: (torch.cat([x, x[:, :1]], 1) if n not in ('lamb', 'initial_state') else x) for n, x in kw.items()}
+    with pytest.raises(ValueError, match=r'`cu_seqlens` must rise from 0 to T = 6, got \[0, 2, 5\]'):
+        op(**longer, cu_seqlens=cu_seqlens)

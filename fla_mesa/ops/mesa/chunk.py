@@ -82,6 +82,7 @@ def chunk_mesa(
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
     chunk_size: int = 64,
+    check_values: bool = True,
 ):
     r"""
     The Mesa layer, chunkwise in parallel over time, for training and prefill.
@@ -125,6 +126,9 @@ def chunk_mesa(
             also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
         chunk_size (int, Optional):
             16, 32 or 64. Default: `64`.
+        check_values (bool, Optional):
+            check that `lamb > 0` and `g <= 0` everywhere (a `ValueError` otherwise), at the price of one host sync
+            per call. `MesaNet`, whose `Λ` and `g` are valid by construction, turns it off. Default: `True`.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
@@ -147,7 +151,7 @@ def chunk_mesa(
         >>> o_var, _ = chunk_mesa(*(rearrange(x, 'b t ... -> 1 (b t) ...') for x in (q, k, v, g, beta)), lamb,
         ...                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
     """
-    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, chunk_size)
+    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, chunk_size, check_values)
     if use_qk_l2norm_in_kernel:
         if _use_triton_path(q):
             from fla.modules.l2norm import l2norm as l2norm_triton

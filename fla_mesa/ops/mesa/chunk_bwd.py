@@ -33,7 +33,9 @@ import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import chunk_program, mesa_dot, resolve_precision, state_configs, state_program
+from fla_mesa.ops.mesa.chunk_h import (
+    chunk_program, mesa_dot, resolve_precision, round_bf16, state_configs, state_program,
+)
 from fla_mesa.utils import is_interpreting
 
 # operand precision of every product in the backward; 'auto': tf32x3 (tensor cores, ~fp32) for fp32 inputs, bf16x3
@@ -58,14 +60,14 @@ def _grads_configs():
     if is_interpreting():
         return [triton.Config({'BK': 32, 'BV': 32, 'BC': 16}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({'BK': B, 'BV': B, 'BC': 32}, num_warps=num_warps, num_stages=1)
+        triton.Config({'BK': B, 'BV': B, 'BC': BC}, num_warps=num_warps, num_stages=1)
         for B in [32, 64]
-        for num_warps in [4, 8]
+        for BC, num_warps in [(32, 4), (32, 8), (16, 8)]
     ]
 
 
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN'])
+@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_bwd_kernel_dx(
     do,
@@ -87,6 +89,7 @@ def chunk_mesa_bwd_kernel_dx(
     PREC: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr,
+    DO_IS_BF16: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     # dx_t = e^{Γ_t} S_c do_t + Σ_{j<=t} M_tj k_j (v_j·do_t): GLA's readout with (q, k, v) -> (do, v, k)
@@ -112,8 +115,8 @@ def chunk_mesa_bwd_kernel_dx(
         b_v = tl.load(v + (bos * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
         # [BV, BK] S_cᵀ
         b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
-        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16)
-        b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False)
+        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
+        b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False, DO_IS_BF16)
     b_dx *= exp2(b_g)[:, None]
     # padded rows/columns are masked before exp2 could overflow into inf * 0
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
@@ -327,7 +330,7 @@ def chunk_mesa_bwd_kernel_grads(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_do = tl.load(do + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
         b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
-        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16)
+        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
     # [BT, BT] A_ij; padded rows/columns masked before exp2 could overflow into inf * 0 (formed after the products,
     # and the products' raw forms dropped early: [BT, BT] fp32 tiles are what fills the registers)
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
@@ -371,11 +374,15 @@ def chunk_mesa_bwd_kernel_grads(
             b_s = tl.load(h_kv + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
             b_ds = tl.load(dh_kv + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
             b_xs = mesa_dot(b_x, b_s, b_xs, PREC, False)
-            b_kds = mesa_dot(b_k, b_ds, b_kds, PREC, False)
+            b_kds = mesa_dot(b_k, b_ds, b_kds, PREC, False, K_IS_BF16)
             b_last += tl.sum(b_s * b_ds)
         b_dgs += tl.sum(b_do.to(tl.float32) * b_xs, 1)
         b_dv = mesa_dot(tl.trans(b_axk), b_do, b_kds * b_gk[:, None], PREC, DO_IS_BF16)
-        tl.store(dv + o_t[:, None] * (H * V) + o_v[None, :], b_dv * b_beta[:, None], mask=m_tv)
+        # in v's dtype (rounded to nearest here: the interpreter's cast truncates)
+        b_dv *= b_beta[:, None]
+        if V_IS_BF16:
+            b_dv = round_bf16(b_dv)
+        tl.store(dv + o_t[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
     # 3) this slice's K block: dk, dλ = −Σ e ⊙ x (per chunk, summed on the host), the inter-chunk part of dβ, and
     # the query side's −e^{Γ_i} e_i·(H_c x_i)
@@ -393,7 +400,7 @@ def chunk_mesa_bwd_kernel_grads(
             b_v = tl.load(v + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
             # [BC, BK] dS'ᵀ
             b_dst = tl.load(dh_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
-            b_dks = mesa_dot(b_v, b_dst, b_dks, PREC, False)
+            b_dks = mesa_dot(b_v, b_dst, b_dks, PREC, False, V_IS_BF16)
         # inter-chunk H part e^{Γ_C − Γ_j} (dH' + dH'ᵀ) k_j, and X H_cᵀ
         b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
         b_xh = tl.zeros([BT, BK], dtype=tl.float32)
@@ -407,7 +414,7 @@ def chunk_mesa_bwd_kernel_grads(
             b_dh1 = tl.load(dh_kk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.)
             b_dh2 = tl.load(dh_kk + o_k[None, :] * K + o_r[:, None], mask=m_rk, other=0.)
             b_ht = tl.load(h_kk + o_k[None, :] * K + o_r[:, None], mask=m_rk, other=0.)
-            b_dkh = mesa_dot(b_kr, b_dh1 + b_dh2, b_dkh, PREC, False)
+            b_dkh = mesa_dot(b_kr, b_dh1 + b_dh2, b_dkh, PREC, False, K_IS_BF16)
             b_xh = mesa_dot(b_xr, b_ht, b_xh, PREC, False)
             b_last += tl.sum(b_dh2 * b_ht)
         b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
@@ -421,7 +428,10 @@ def chunk_mesa_bwd_kernel_grads(
         # intra-chunk part Dᵀ X − (A ⊙ X Kᵀ)ᵀ E
         b_dk = mesa_dot(tl.trans(b_d), b_x, (b_dks + b_dkh) * b_gk[:, None], PREC, False)
         b_dk = mesa_dot(tl.trans(-b_axk), b_e, b_dk, PREC, False)
-        tl.store(dk + o_t[:, None] * (H * K) + o_k[None, :], b_dk * b_beta[:, None], mask=m_tk)
+        b_dk *= b_beta[:, None]
+        if K_IS_BF16:
+            b_dk = round_bf16(b_dk)
+        tl.store(dk + o_t[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
         tl.store(dlamb + (i_tg * H + i_h) * K + o_k, -tl.sum(b_e * b_x, 0), mask=m_k)
 
     # dg_t, the other terms, each summed where g_t enters: the state-to-token decays e^{Γ_i} of tokens i >= t, the
@@ -489,7 +499,7 @@ def chunk_mesa_bwd_dx(
     chunk_mesa_bwd_kernel_dx[grid](
         do=do, k=k, v=v, g=g_cum, beta=beta, h_kv=h_kv, dx=dx,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, K=K, V=V, BT=BT, PREC=precision,
-        K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16,
+        K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
     )
     return dx
 
@@ -575,8 +585,8 @@ def chunk_mesa_bwd_grads(
         precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION` ('auto').
 
     Returns:
-        dk `[B, T, H, K]`, dv `[B, T, H, V]`, dg `[B, T, H]` (of the raw natural-log g), dbeta `[B, T, H]`,
-        dlamb `[H, K]`, dh0 (`(dh0_kk, dh0_kv)` or `None`), all float32.
+        dk `[B, T, H, K]` in the dtype of k, dv `[B, T, H, V]` in the dtype of v, and in float32 dg `[B, T, H]`
+        (of the raw natural-log g), dbeta `[B, T, H]`, dlamb `[H, K]`, dh0 (`(dh0_kk, dh0_kv)` or `None`).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -587,8 +597,9 @@ def chunk_mesa_bwd_grads(
     dh_kk, dh_kv, dh0 = chunk_mesa_bwd_dh(x, e, do, g_cum, dht=dht, output_dh0=initial_state is not None, **kw)
 
     x, e, do, k, v, g_cum, beta, h_kk, h_kv = (t.contiguous() for t in (x, e, do, k, v, g_cum, beta, h_kk, h_kv))
-    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
-    dv = k.new_empty(B, T, H, V, dtype=torch.float32)
+    # dk, dv in the dtypes of k, v: no cast pass after the kernel
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     # the shares of dg and dβ of every slice (K/V column block), room for as many as the smallest configured block
     # gives, and per-chunk partial sums of dλ, all reduced below (no atomics)
     NS = max(max(triton.cdiv(K, c.kwargs['BK']), triton.cdiv(V, c.kwargs['BV'])) for c in _grads_configs())

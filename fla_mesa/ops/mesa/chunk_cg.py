@@ -12,7 +12,7 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
 from fla_mesa.ops.mesa.chunk_h import (
-    add_unchained, chunk_program, mesa_dot, mesa_dot_free, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
+    chunk_program, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
 )
 from fla_mesa.utils import is_interpreting
 
@@ -36,7 +36,6 @@ def _chunk_mesa_matvec(
     PREC: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     H_IN_LOOP: tl.constexpr,
-    FREE: tl.constexpr,
 ):
     # A_t p_t = e^Γ H_c p_t + Σ_j M_tj k_j (k_jᵀ p_t) + λ ⊙ p_t, for the rows of the tile at once; the loop
     # invariants (k, H_c) come split already (`mesa_split`), so each step splits only what changes
@@ -44,12 +43,6 @@ def _chunk_mesa_matvec(
         # large K: H_c does not fit on chip; it is re-read (from L2) every step
         b_h_hi, b_h_lo = mesa_split(tl.load(p_ht, mask=m_kk, other=0.), PREC)
     b_p_hi, b_p_lo = mesa_split(b_p, PREC)
-    if FREE:
-        b_pk = mesa_dot_free(b_p_hi, b_p_lo, tl.trans(b_k_hi), tl.trans(b_k_lo), PREC, False, K_IS_BF16) * b_m
-        b_pk_hi, b_pk_lo = mesa_split(b_pk, PREC)
-        b_w = mesa_dot_free(b_pk_hi, b_pk_lo, b_k_hi, b_k_lo, PREC, False, K_IS_BF16)
-        b_p_hi, b_p_lo = mesa_split(b_p * b_e[:, None], PREC)
-        return add_unchained(b_w, mesa_dot_free(b_p_hi, b_p_lo, b_h_hi, b_h_lo, PREC, False, False)) + b_lamb[None, :] * b_p
     b_pk = mesa_dot_split(b_p_hi, b_p_lo, tl.trans(b_k_hi), tl.trans(b_k_lo),
                           tl.zeros(b_m.shape, dtype=tl.float32), PREC, False, K_IS_BF16) * b_m
     b_pk_hi, b_pk_lo = mesa_split(b_pk, PREC)
@@ -112,7 +105,6 @@ def chunk_mesa_cg_fwd_kernel(
     K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr,
     H_IN_LOOP: tl.constexpr,
-    FREE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr,
     O_IS_BF16: tl.constexpr,
@@ -169,7 +161,7 @@ def chunk_mesa_cg_fwd_kernel(
     # Jacobi start x0 = b / diag(A)
     b_x = b_b / b_d
     b_r = b_b - _chunk_mesa_matvec(b_x, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
-                                      H_IN_LOOP, FREE)
+                                      H_IN_LOOP)
     if PRECONDITION:
         b_z = b_r / b_d
     else:
@@ -184,7 +176,7 @@ def chunk_mesa_cg_fwd_kernel(
     # a while loop: the tile stops as soon as no row is active
     while (i < max_steps) & (tl.max(m_act.to(tl.int32), 0) > 0):
         b_w = _chunk_mesa_matvec(b_p, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
-                                 H_IN_LOOP, FREE)
+                                 H_IN_LOOP)
         b_pw = tl.sum(b_p * b_w, 1)
         m_ok = m_act & (b_pw > 0)
         b_alpha = tl.where(m_ok, b_rz / tl.where(m_ok, b_pw, 1.), 0.)
@@ -333,6 +325,5 @@ def chunk_mesa_cg(
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
         H_IN_LOOP=BK > 128,
-        FREE=os.environ.get('FLA_MESA_CG_UNCHAINED', '0') == '1',
     )
     return x, steps, o

@@ -104,37 +104,14 @@ def mesa_dot_split(a_hi, a_lo, b_hi, b_lo, acc, PREC: tl.constexpr, A_EXACT: tl.
 
 
 @triton.jit
-def mesa_dot_free(a_hi, a_lo, b_hi, b_lo, PREC: tl.constexpr, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
-    """`a @ b` like `mesa_dot_split`, but every partial product from its own zero accumulator: a product that feeds
-    another one's accumulator makes Triton give it the warp layout of a chain ([num_warps, 1]), which replicates
-    the operands of 64-row tiles in registers and converts layouts between the parts"""
-    zero = tl.zeros([a_hi.shape[0], b_hi.shape[1]], dtype=tl.float32)
-    if PREC == 'ieee' or PREC == 'tf32':
-        acc = tl.dot(a_hi, b_hi, zero, input_precision=PREC)
-    else:
-        acc = _dot_part(a_hi, b_hi, zero, PREC)
-    if PREC == 'bf16x3' or PREC == 'tf32x3':
-        small = zero
-        if not B_EXACT:
-            small = _dot_part(a_hi, b_lo, zero, PREC)
-        if not A_EXACT:
-            small = add_unchained(small, _dot_part(a_lo, b_hi, zero, PREC))
-        acc = add_unchained(acc, small)
-    return acc
-
-
-@triton.jit
-def add_unchained(a, b):
-    """`a + b` that Triton does not fold into a product's accumulator (it folds `dot(x, y, 0) + c` into `dot(x, y, c)`)"""
-    return tl.fma(a, 1.0, b)
-
-
-@triton.jit
-def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr):
-    """`acc + a @ b` with fp32 accumulation and operands rounded as `PREC` says; `B_IS_BF16`: b holds bf16 values."""
+def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr, A_IS_BF16: tl.constexpr = False):
+    """
+    `acc + a @ b` with fp32 accumulation and operands rounded as `PREC` says; `A_IS_BF16`/`B_IS_BF16`: that operand
+    holds bf16 values (exact in both splits: one product fewer).
+    """
     a_hi, a_lo = mesa_split(a, PREC)
     b_hi, b_lo = mesa_split(b, PREC)
-    return mesa_dot_split(a_hi, a_lo, b_hi, b_lo, acc, PREC, False, B_IS_BF16)
+    return mesa_dot_split(a_hi, a_lo, b_hi, b_lo, acc, PREC, A_IS_BF16, B_IS_BF16)
 
 
 @triton.jit

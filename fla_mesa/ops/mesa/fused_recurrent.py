@@ -370,6 +370,7 @@ def fused_recurrent_mesa(
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
+    check_values: bool = True,
 ):
     r"""
     The Mesa layer token by token, for inference: decoding one or several tokens per call, short prefills and
@@ -409,6 +410,9 @@ def fused_recurrent_mesa(
             L2-normalise q and k inside the op. Default: `False`.
         return_cg_steps (bool, Optional):
             also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
+        check_values (bool, Optional):
+            check that `lamb > 0` and `g <= 0` everywhere (a `ValueError` otherwise), at the price of one host sync
+            per call. `MesaNet`, whose `Λ` and `g` are valid by construction, turns it off. Default: `True`.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
@@ -430,7 +434,7 @@ def fused_recurrent_mesa(
         >>> o, state = fused_recurrent_mesa(q[:, T:], k[:, T:], v[:, T:], g[:, T:], beta[:, T:], lamb,
         ...                                 initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
     """
-    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol)
+    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, check_values=check_values)
     if use_qk_l2norm_in_kernel:
         if use_triton(q) and q.dtype != torch.float64:
             interpret_compat()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from fla.utils import tensor_cache
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -29,6 +30,12 @@ def _shape(x) -> str:
     return 'None' if x is None else str(tuple(x.shape))
 
 
+@tensor_cache
+def _as_list(cu_seqlens: torch.Tensor) -> list[int]:
+    # one sync per cu_seqlens tensor, however many layers a step passes it to
+    return cu_seqlens.tolist()
+
+
 def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,8 +48,13 @@ def check_inputs(
     cg_max_steps: int,
     cg_tol: float | None,
     chunk_size: int | None = None,
+    check_values: bool = True,
 ) -> int:
-    """Checks the arguments of `chunk_mesa`/`fused_recurrent_mesa`; returns N, the number of sequences."""
+    """
+    Checks the arguments of `chunk_mesa`/`fused_recurrent_mesa`; returns N, the number of sequences. The checks of
+    values in device memory sync the host: those of `lamb` and `g` only with `check_values`, those of `cu_seqlens`
+    once per tensor object (as fla's own varlen helpers read it).
+    """
     tensors = dict(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb)
     for name, x in tensors.items():
         if not isinstance(x, torch.Tensor):
@@ -64,12 +76,12 @@ def check_inputs(
             raise ValueError(f"`{name}` must have shape [B, T, H] = {tuple(q.shape[:3])}, got {_shape(x)}")
     if lamb.shape != (H, K):
         raise ValueError(f"`lamb` must have shape [H, K] = ({H}, {K}), got {_shape(lamb)}")
-    # a data-dependent check (one sync); a non-positive lamb makes H + Λ singular
     if T == 0 or H == 0 or K == 0 or v.shape[-1] == 0:
         raise ValueError(f"empty inputs are not supported: q {_shape(q)}, v {_shape(v)}")
     # data-dependent checks in one device sync: Λ > 0 keeps H + Λ positive definite, g <= 0 keeps γ in (0, 1];
     # skipped while a CUDA graph is captured, where no sync is allowed
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_values and not capturing:
         lmin, gmax = torch.stack([lamb.detach().min().float(), g.detach().max().float()]).tolist()
         if not lmin > 0:
             raise ValueError(f"`lamb` must be positive everywhere, got min(lamb) = {lmin}")
@@ -98,8 +110,8 @@ def check_inputs(
         if cu_seqlens.device != q.device:
             raise ValueError(f"`cu_seqlens` must be on {q.device}, got {cu_seqlens.device}")
         N = cu_seqlens.numel() - 1
-        if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            cu = cu_seqlens.tolist()
+        if not capturing:
+            cu = _as_list(cu_seqlens)
             if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
                 raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {cu}")
 
