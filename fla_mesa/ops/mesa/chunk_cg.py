@@ -12,7 +12,7 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
 from fla_mesa.ops.mesa.chunk_h import (
-    chunk_program, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
+    chunk_program, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, sum2,
 )
 from fla_mesa.utils import is_interpreting
 
@@ -47,8 +47,9 @@ def _chunk_mesa_matvec(
                           tl.zeros(b_m.shape, dtype=tl.float32), PREC, False, K_IS_BF16) * b_m
     b_pk_hi, b_pk_lo = mesa_split(b_pk, PREC)
     b_w = mesa_dot_split(b_pk_hi, b_pk_lo, b_k_hi, b_k_lo, b_lamb[None, :] * b_p, PREC, False, K_IS_BF16)
-    b_p_hi, b_p_lo = mesa_split(b_p * b_e[:, None], PREC)
-    return mesa_dot_split(b_p_hi, b_p_lo, b_h_hi, b_h_lo, b_w, PREC, False, False)
+    # e^Γ_t scales a row: (e ⊙ p) H = e ⊙ (p H), so p's split (and its copy in shared memory) serves both products
+    b_ph = mesa_dot_split(b_p_hi, b_p_lo, b_h_hi, b_h_lo, tl.zeros(b_p.shape, dtype=tl.float32), PREC, False, False)
+    return b_w + b_e[:, None] * b_ph
 
 
 def _cg_configs():
@@ -158,12 +159,13 @@ def chunk_mesa_cg_fwd_kernel(
     m_nz = b_s > 0
     b_b = b_b / tl.where(m_nz, b_s, 1.)[:, None]
 
-    # Jacobi start x0 = b / diag(A)
-    b_x = b_b / b_d
+    # Jacobi start x0 = b / diag(A); the reciprocal once, a multiply per step (an fp32 division is ~10 instructions)
+    b_dinv = 1. / b_d
+    b_x = b_b * b_dinv
     b_r = b_b - _chunk_mesa_matvec(b_x, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
                                       H_IN_LOOP)
     if PRECONDITION:
-        b_z = b_r / b_d
+        b_z = b_r * b_dinv
     else:
         b_z = b_r
     b_p = b_z
@@ -183,16 +185,16 @@ def chunk_mesa_cg_fwd_kernel(
         b_x += b_alpha[:, None] * b_p
         b_r -= b_alpha[:, None] * b_w
         if PRECONDITION:
-            b_z = b_r / b_d
+            b_z = b_r * b_dinv
         else:
             b_z = b_r
-        b_rz_new = tl.sum(b_r * b_z, 1)
+        b_rz_new, b_rr = sum2(b_r * b_z, b_r * b_r, 1)
         b_ratio = tl.where(m_act, b_rz_new / tl.where(m_act, b_rz, 1.), 0.)
         b_p = b_z + b_ratio[:, None] * b_p
         b_rz = tl.where(m_act, b_rz_new, b_rz)
         b_steps += m_act.to(tl.int32)
         # frozen rows stay frozen
-        m_act = m_act & (tl.sum(b_r * b_r, 1) > tol2) & (b_rz > 0)
+        m_act = m_act & (b_rr > tol2) & (b_rz > 0)
         i += 1
 
     b_x = b_x * b_s[:, None]

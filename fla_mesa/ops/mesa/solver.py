@@ -44,9 +44,12 @@ def cg_solve(
     b = b / torch.where(nonzero, s, torch.ones_like(s))
     tol2 = 0.0 if tol is None else float(tol) ** 2
 
-    x = b / diag
+    # the reciprocal once: a multiply per step instead of a division (the kernels do the same, for speed; the same
+    # rounding keeps their step counts equal to this reference)
+    dinv = 1 / diag
+    x = b * dinv
     r = b - matvec(x)
-    z = r / diag if precondition else r
+    z = r * dinv if precondition else r
     p = z
     rz = (r * z).sum(-1, keepdim=True)
     active = nonzero & ((r * r).sum(-1, keepdim=True) > tol2) & (rz > 0)
@@ -60,7 +63,7 @@ def cg_solve(
         alpha = torch.where(active & (pw > 0), rz / torch.where(pw > 0, pw, torch.ones_like(pw)), torch.zeros_like(pw))
         x = x + alpha * p
         r = r - alpha * w
-        z = r / diag if precondition else r
+        z = r * dinv if precondition else r
         rz_new = (r * z).sum(-1, keepdim=True)
         ratio = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         p = z + ratio * p
