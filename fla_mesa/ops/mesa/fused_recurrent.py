@@ -75,8 +75,10 @@ def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.con
 })
 @triton.autotune(
     configs=_configs(),
-    # NH: the number of programs, bucketed; few programs want more warps each, many want fewer
-    key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION', 'DTYPE'],
+    # NH: the number of programs, bucketed; few programs want more warps each, many want fewer. DTYPE follows q's
+    # dtype, which (as every tensor's) the autotuner adds to the key itself; a tl.dtype in the key would break
+    # TRITON_CACHE_AUTOTUNING (not JSON-serialisable)
+    key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION'],
     prune_configs_by={'early_config_prune': _prune_configs},
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'NH'])
