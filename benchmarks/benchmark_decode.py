@@ -12,10 +12,12 @@ b / diag(A)) saves iterations to cg_tol = 1e-4, for queries with a given correla
 
 import argparse
 import os
-import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_decode_inputs(B, H, K, V, T=1, device='cuda', dtype=torch.bfloat16, seed=0):
@@ -153,7 +155,7 @@ def timing(lines, device='cuda'):
     tuner = fused_recurrent_mesa_fwd_kernel
     while not hasattr(tuner, 'cache') and hasattr(tuner, 'fn'):
         tuner = tuner.fn
-    lines += ['### Autotuning (key: NH, H, K, V, BK, H_IN_REGS, SOLVE, PRECONDITION, DTYPE, ...)', '']
+    lines += ['### Autotuning (key: NH, H, K, V, BK, H_IN_REGS, SOLVE, PRECONDITION, the tensors\' dtypes)', '']
     for key, cfg in getattr(tuner, 'cache', {}).items():
         lines.append(f"- {key[:9]}: {cfg}")
     timings = getattr(tuner, 'configs_timings', None) or {}
@@ -251,18 +253,9 @@ def warm_start_study(lines, T=256, H=32, K=128, tol=1e-4, max_steps=100):
 
 
 def header():
-    import triton
-    # the device's copy of the tree may have no .git: FLA_MESA_COMMIT names the commit there
-    commit = os.environ.get('FLA_MESA_COMMIT', '')
-    if not commit:
-        try:
-            commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+    from benchmark_chunk import header as versions
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
-    return [f'# fused_recurrent_mesa decoding on {dev}', '',
-            f'torch {torch.__version__}, triton {triton.__version__}, fla-mesa commit {commit or "?"} '
-            '(plus the working tree).', '']
+    return [f'# fused_recurrent_mesa decoding on {dev}', '', versions(), '']
 
 
 def main():

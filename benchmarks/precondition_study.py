@@ -10,7 +10,7 @@ from fla_mesa.ops.mesa import naive_chunk_mesa, naive_exact_mesa
 def main(B=1, T=512, H=4, K=64, tol=1e-4):
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64)
-    print(f"| keys | gate (mu, sigma) | Λ | plain CG steps | rel. error | Jacobi PCG steps | rel. error |")
+    print("| keys | gate (mu, sigma) | Λ | plain CG steps | rel. error | Jacobi PCG steps | rel. error |")
     print("|---|---|---|---|---|---|---|")
     for keys in ('isotropic', 'anisotropic'):
         # anisotropic: key and query coordinates with scales spread over 1.5 decades, as trained projections make
