@@ -20,6 +20,7 @@ scales 1, 1e-5 and 1e-8. A row that fails prints 'n/a' and the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,6 +78,20 @@ def make_inputs(B, T, H, D, device=None, gate_mu=4.0, seed=0, dtype=torch.bfloat
 # the ops: each maps (q, k, v, g, beta, lamb) to o
 
 
+@contextlib.contextmanager
+def row_precision(name):
+    """A row named '..., bf16 CG' runs (forward and backward) with the CG kernel's products in single bf16."""
+    if not name.endswith('bf16 CG'):
+        yield
+        return
+    from fla_mesa.ops.mesa import chunk_cg
+    saved, chunk_cg.CG_DOT_PRECISION = chunk_cg.CG_DOT_PRECISION, 'bf16'
+    try:
+        yield
+    finally:
+        chunk_cg.CG_DOT_PRECISION = saved
+
+
 def op_table(only=None):
     ops = {}
     try:
@@ -85,6 +100,8 @@ def op_table(only=None):
         for name, tol in (('30 steps', None), ('tol 1e-4', 1e-4)):
             ops[f'fla-mesa {name}'] = (lambda tol: lambda q, k, v, g, b, l: chunk_mesa(
                 q, k, v, g, b, l, cg_max_steps=30, cg_tol=tol, check_values=False)[0])(tol)
+        # the trade-off row: single bf16 products in the CG and readout (FLA_MESA_CG_PRECISION=bf16), fla's count
+        ops['fla-mesa 30 steps, bf16 CG'] = ops['fla-mesa 30 steps']
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         ops['fla-mesa 30 steps'] = ops['fla-mesa tol 1e-4'] = reason
@@ -203,6 +220,47 @@ def fla_cg_time(q, k, v, g, beta, lamb, steps, chunk=64):
 # speed table
 
 
+def speed_row(T, B, H, D, name, fn, inputs, do):
+    """One row of the speed table: forward, forward+backward, peak memory, the CG kernel alone."""
+    cells = []
+    try:
+        with torch.no_grad():
+            fn(*inputs)
+            cells.append(f"{bench(lambda: fn(*inputs)):.2f}")
+    except Exception as e:
+        cells.append(f"n/a: {short(e)}")
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    try:
+        def fwd_bwd():
+            fn(*leaves).backward(do)
+        fwd_bwd()
+        ms = bench(fwd_bwd)
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        cells += [f"{ms:.2f}", f"{peak:.2f}"]
+    except Exception as e:
+        cells += [f"n/a: {short(e)}", ""]
+    del leaves
+    cg = ['', '', '']
+    try:
+        flops = cg_flops_per_step(B, T, H, D)
+        if name.startswith('fla-mesa'):
+            tol = None if '30 steps' in name else 1e-4
+            ms, tile_steps, tok_steps = ours_cg_time(*inputs, 30, tol)
+            cg = [f"{ms:.2f}", f"{flops * tile_steps / ms / 1e9:.0f}", f"{tok_steps:.2f} / {tile_steps:.2f}"]
+        elif name.startswith('fla mesa_net'):
+            n = int(name.split()[2])
+            ms = fla_cg_time(*inputs, n)
+            cg = [f"{ms:.2f}", f"{flops * n / ms / 1e9:.0f}", f"{n} / {n}"]
+    except Exception as e:
+        cg = [f"n/a: {short(e)}", '', '']
+    log(f"| {T} | {name} | " + " | ".join(cells + cg) + " |")
+
+
 def speed_table(args):
     ops = op_table(args.ops)
     H, D = args.H, args.D
@@ -217,43 +275,8 @@ def speed_table(args):
             if isinstance(fn, str):
                 log(f"| {T} | {name} | n/a: {fn[:90]} | | | | | |")
                 continue
-            cells = []
-            try:
-                with torch.no_grad():
-                    fn(*inputs)
-                    cells.append(f"{bench(lambda: fn(*inputs)):.2f}")
-            except Exception as e:
-                cells.append(f"n/a: {short(e)}")
-            leaves = [x.detach().clone().requires_grad_() for x in inputs]
-            try:
-                def fwd_bwd():
-                    fn(*leaves).backward(do)
-                fwd_bwd()
-                ms = bench(fwd_bwd)
-                sync()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                fwd_bwd()
-                sync()
-                peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-                cells += [f"{ms:.2f}", f"{peak:.2f}"]
-            except Exception as e:
-                cells += [f"n/a: {short(e)}", ""]
-            del leaves
-            cg = ['', '', '']
-            try:
-                flops = cg_flops_per_step(B, T, H, D)
-                if name.startswith('fla-mesa'):
-                    tol = None if '30 steps' in name else 1e-4
-                    ms, tile_steps, tok_steps = ours_cg_time(*inputs, 30, tol)
-                    cg = [f"{ms:.2f}", f"{flops * tile_steps / ms / 1e9:.0f}", f"{tok_steps:.2f} / {tile_steps:.2f}"]
-                elif name.startswith('fla mesa_net'):
-                    n = int(name.split()[2])
-                    ms = fla_cg_time(*inputs, n)
-                    cg = [f"{ms:.2f}", f"{flops * n / ms / 1e9:.0f}", f"{n} / {n}"]
-            except Exception as e:
-                cg = [f"n/a: {short(e)}", '', '']
-            log(f"| {T} | {name} | " + " | ".join(cells + cg) + " |")
+            with row_precision(name):
+                speed_row(T, B, H, D, name, fn, inputs, do)
         del inputs
         torch.cuda.empty_cache()
 
@@ -306,7 +329,8 @@ def accuracy_table(args):
                     log(f"| {gate_name} | {name} | {scale:g} | n/a: {fn[:90]} |")
                     continue
                 try:
-                    out = grads_of(fn, inputs, do)
+                    with row_precision(name):
+                        out = grads_of(fn, inputs, do)
                     log(f"| {gate_name} | {name} | {scale:g} | " + " | ".join(
                         f"{rel(a, b):.1e}" for a, b in zip(out, ref)) + " |")
                 except Exception as e:
