@@ -216,3 +216,36 @@ def test_invalid_precision():
     h_kv = torch.zeros(1, 1, 1, 16, 16)
     with pytest.raises(ValueError, match='precision'):
         chunk_mesa_bwd_dx(do.float(), k.float(), v.float(), g.float(), beta.float(), h_kv, precision='fp64')
+
+
+@pytest.mark.parametrize('name', ['t63_kv', 'varlen', 'k16_v72'])
+def test_adjoint_rhs_formed_in_cg_kernel(name):
+    # the backward's adjoint solve forms b = dx = S_t do_t inside the CG kernel (no dx round trip): the same system
+    # as the dx kernel's output gives, and the same solution as the float64 reference
+    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
+    B, T, H, K, V, cu, h0, dht, gate, C = CASES[name]
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.long)
+    case = make_case(B, T, H, K, V, cu, h0, dht, gate)
+    ref = reference(*case, cu, C)
+    _, k, v, g, beta, lamb, _, do, _ = case
+    dev = dict(device=DEVICE, dtype=torch.float32)
+    cu_d = None if cu is None else cu.to(DEVICE)
+    kw = dict(cu_seqlens=cu_d, chunk_indices=None if cu_d is None else prepare_chunk_indices(cu_d, C), chunk_size=C,
+              precision='ieee')
+    g_cum = g_cumsum(g, cu, C).to(**dev)
+    k, v, beta, lamb, do, h_kk, h_kv = (t.to(**dev) for t in (k, v, beta, lamb, do, ref['h_kk'], ref['h_kv']))
+    dx = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
+    e_dx, n_dx, _ = chunk_mesa_cg(dx, k, g_cum, beta, lamb, h_kk, 3 * K, None, True, **kw)
+    e, n, o = chunk_mesa_cg(None, k, g_cum, beta, lamb, h_kk, 3 * K, None, True, v=v, h_kv=h_kv, do=do, **kw)
+    assert o is None
+    # 3K fixed steps reach the exact solve to fp32 level (the forward kernel tests' criterion), from either
+    # right-hand side (they differ in fp32 summation order only)
+    assert rel_err(e.cpu(), ref['e']) <= 2e-6
+    assert rel_err(e_dx.cpu(), ref['e']) <= 2e-6
+    # far past convergence (fp32 underflows: rᵀz, or first pᵀw, reaches 0) every row has stopped, nothing grew
+    e_long, n_long, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb, h_kk, 8 * K, None, True, v=v, h_kv=h_kv, do=do, **kw)
+    assert rel_err(e_long.cpu(), ref['e']) <= 2e-6 and n_long.max() < 8 * K
+    with pytest.raises(ValueError, match='exactly one of `b` and `do`'):
+        chunk_mesa_cg(dx, k, g_cum, beta, lamb, h_kk, 3, None, True, v=v, h_kv=h_kv, do=do, **kw)
+    with pytest.raises(ValueError, match='`do` needs `v` and `h_kv`'):
+        chunk_mesa_cg(None, k, g_cum, beta, lamb, h_kk, 3, None, True, do=do, **kw)

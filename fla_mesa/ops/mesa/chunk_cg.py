@@ -14,6 +14,7 @@ from fla.ops.utils.op import exp2
 from fla_mesa.ops.mesa.chunk_h import (
     chunk_program, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, sum2,
 )
+from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
 
 # operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
@@ -69,10 +70,13 @@ def _prune_cg_configs(configs, named_args, **kwargs):
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
     'READOUT': lambda args: args['o'] is not None,
     'O_IS_BF16': lambda args: args['o'] is not None and args['o'].dtype == torch.bfloat16,
+    'RHS_DX': lambda args: args['do'] is not None,
+    'DO_IS_BF16': lambda args: args['do'] is not None and args['do'].dtype == torch.bfloat16,
 })
 @triton.autotune(
     configs=_cg_configs(),
-    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT', 'O_IS_BF16'],
+    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT', 'O_IS_BF16',
+         'RHS_DX', 'DO_IS_BF16'],
     prune_configs_by={'early_config_prune': _prune_cg_configs},
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
@@ -85,6 +89,7 @@ def chunk_mesa_cg_fwd_kernel(
     h_kk,
     v,
     h_kv,
+    do,
     x,
     steps,
     o,
@@ -109,6 +114,8 @@ def chunk_mesa_cg_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr,
     O_IS_BF16: tl.constexpr,
+    RHS_DX: tl.constexpr,
+    DO_IS_BF16: tl.constexpr,
 ):
     # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
     i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -154,7 +161,25 @@ def chunk_mesa_cg_fwd_kernel(
     b_k_hi, b_k_lo = mesa_split(b_k, PREC)
 
     # per-row normalised right-hand side; an all-zero row is solved by x = 0 in 0 steps
-    b_b = tl.load(b + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+    if RHS_DX:
+        # the adjoint solve's b_t = dx_t = e^{Γ_t} S_c do_t + Σ_j M_tj k_j (v_j·do_t), formed here: no dx round trip
+        h_kv += (i_tg * H + i_h) * K * V
+        b_dx = tl.zeros([BR, BK], dtype=tl.float32)
+        b_dov = tl.zeros([BR, BT], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_do = tl.load(do + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
+                           other=0.)
+            b_v = tl.load(v + (bos * H + i_h) * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                          other=0.)
+            # [BV, BK] S_cᵀ
+            b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
+            b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
+            b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False, DO_IS_BF16)
+        b_b = mesa_dot(b_dov * b_m, b_k, b_dx * b_e[:, None], PREC, K_IS_BF16)
+    else:
+        b_b = tl.load(b + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
     b_s = tl.sqrt(tl.sum(b_b * b_b, 1))
     m_nz = b_s > 0
     b_b = b_b / tl.where(m_nz, b_s, 1.)[:, None]
@@ -180,8 +205,10 @@ def chunk_mesa_cg_fwd_kernel(
         b_w = _chunk_mesa_matvec(b_p, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
                                  H_IN_LOOP)
         b_pw = tl.sum(b_p * b_w, 1)
-        m_ok = m_act & (b_pw > 0)
-        b_alpha = tl.where(m_ok, b_rz / tl.where(m_ok, b_pw, 1.), 0.)
+        # the curvature pᵀw must be positive: past convergence in fp32 it can underflow to 0 before rᵀz does, and a
+        # row kept active with α = 0 would grow p = z + p without bound; it stops here, unchanged
+        m_act = m_act & (b_pw > 0)
+        b_alpha = tl.where(m_act, b_rz / tl.where(m_act, b_pw, 1.), 0.)
         b_x += b_alpha[:, None] * b_p
         b_r -= b_alpha[:, None] * b_w
         if PRECONDITION:
@@ -223,7 +250,7 @@ def chunk_mesa_cg_fwd_kernel(
 
 
 def chunk_mesa_cg(
-    b: torch.Tensor,
+    b: torch.Tensor | None,
     k: torch.Tensor,
     g_cum: torch.Tensor,
     beta: torch.Tensor,
@@ -240,21 +267,24 @@ def chunk_mesa_cg(
     precision: str | None = None,
     readout_precision: str | None = None,
     o_dtype: torch.dtype = torch.float32,
+    do: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
     (rows of a chunk, head); with `v` and `h_kv` also returns the readout `o_t = S_tᵀ x_t`.
-    The backward's adjoint solve calls it with `b = dx` and no readout.
+    The backward's adjoint solve calls it with `do`, `v`, `h_kv` and no `b`: the kernel forms `b = dx = S_t do_t`
+    itself (as `chunk_mesa_bwd_dx` would), and there is no readout.
 
     Args:
-        b (torch.Tensor): right-hand sides `[B, T, H, K]` (q in the forward).
+        b (torch.Tensor, Optional): right-hand sides `[B, T, H, K]` (q in the forward); `None` with `do`.
         k (torch.Tensor): keys `[B, T, H, K]`.
         g_cum (torch.Tensor): in-chunk cumulative log-decay in log2 space `[B, T, H]`, float32.
         beta (torch.Tensor): `[B, T, H]`.
         lamb (torch.Tensor): `[H, K]`, positive.
         h_kk (torch.Tensor): chunk-start states `[B, NT, H, K, K]` from `chunk_mesa_fwd_h`.
         cg_max_steps (int): at most this many iterations.
-        cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps`.
+        cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps` (or to the
+            residual floor, `residual_floor2`).
         precondition (bool): Jacobi PCG.
         cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
         chunk_size (int): 16, 32 or 64.
@@ -264,13 +294,18 @@ def chunk_mesa_cg(
             Default: `CG_DOT_PRECISION` ('auto': tf32x3 for fp32 `k`, bf16x3 otherwise).
         readout_precision (str, Optional): operand precision of the readout's products. Default: as `precision`.
         o_dtype (torch.dtype): dtype of `o` (the op's output dtype saves a cast pass). Default: float32.
+        do (torch.Tensor, Optional): upstream gradient `[B, T, H, V]`: solve for `b_t = S_t do_t` (needs `v`, `h_kv`).
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
         steps (torch.Tensor): `[B, T, H]` int32, the iterations each row ran.
         o (torch.Tensor): `[B, T, H, V]` in `o_dtype`, or `None` without `v`/`h_kv`.
     """
-    B, T, H, K = b.shape
+    B, T, H, K = k.shape
+    if (b is None) == (do is None):
+        raise ValueError("give exactly one of `b` and `do` (the right-hand side, or the gradient that forms it)")
+    if do is not None and v is None:
+        raise ValueError("`do` needs `v` and `h_kv` (b = dx = S_t do_t)")
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
     if K > 256:
@@ -286,14 +321,14 @@ def chunk_mesa_cg(
     BK = max(triton.next_power_of_2(K), 16)
     V = K if v is None else v.shape[-1]
     BV = min(max(triton.next_power_of_2(V), 16), 64)
-    b, k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (b, k, g_cum, beta, lamb, h_kk))
-    if v is not None:
-        v, h_kv = v.contiguous(), h_kv.contiguous()
+    k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (k, g_cum, beta, lamb, h_kk))
+    b, do, v, h_kv = (None if t is None else t.contiguous() for t in (b, do, v, h_kv))
 
-    x = b.new_empty(B, T, H, K, dtype=torch.float32)
-    steps = b.new_empty(B, T, H, dtype=torch.int32)
-    o = b.new_empty(B, T, H, V, dtype=o_dtype) if v is not None else None
-    tol2 = 0.0 if cg_tol is None else float(cg_tol) ** 2
+    x = k.new_empty(B, T, H, K, dtype=torch.float32)
+    steps = k.new_empty(B, T, H, dtype=torch.int32)
+    # the readout: with v and h_kv, unless they serve the right-hand side
+    o = k.new_empty(B, T, H, V, dtype=o_dtype) if v is not None and do is None else None
+    tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))
 
     def grid(meta):
         return (NT * meta['NR'], B * H)
@@ -307,6 +342,7 @@ def chunk_mesa_cg(
         h_kk=h_kk,
         v=v,
         h_kv=h_kv,
+        do=do,
         x=x,
         steps=steps,
         o=o,

@@ -60,12 +60,14 @@ def chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps,
         )
     chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
-    dx = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
     if cg_max_steps == 0:
         # x = q: dq is dx itself and there is no solve to differentiate (e = 0 in the surrogate)
-        dq, e = dx, torch.zeros_like(dx)
+        dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
+        e = torch.zeros_like(dq)
     else:
-        dq, _, _ = chunk_mesa_cg(dx, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition, **kw)
+        # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed inside the CG kernel
+        dq, _, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition, **kw,
+                                 v=v, h_kv=h_kv, do=do)
         e = dq
     dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw

@@ -10,7 +10,7 @@ from fla.utils import input_guard
 
 from fla_mesa.ops.mesa.chunk_h import sum2
 from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
-from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, use_triton
+from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, residual_floor2, use_triton
 from fla_mesa.utils import interpret_compat, is_interpreting
 
 # H [K, K] stays in registers up to this padded K; larger heads stream H through the final-state buffer (L2)
@@ -197,8 +197,10 @@ def fused_recurrent_mesa_fwd_kernel(
             while (i_s < max_steps) & b_active:
                 b_w = _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K, BK, BC, H_IN_REGS, DTYPE)
                 b_pw = tl.sum(b_p * b_w)
-                # exact zeros are the only guard: no absolute epsilon
-                b_alpha = tl.where(b_pw > 0, b_rz / tl.where(b_pw > 0, b_pw, 1), 0)
+                # exact zeros are the only guard: no absolute epsilon. A curvature pᵀw <= 0 (an underflow past
+                # convergence) stops the row here, unchanged and not counted
+                b_active = b_pw > 0
+                b_alpha = tl.where(b_active, b_rz / tl.where(b_active, b_pw, 1), 0)
                 b_x += b_alpha * b_p
                 b_r -= b_alpha * b_w
                 if PRECONDITION:
@@ -211,9 +213,9 @@ def fused_recurrent_mesa_fwd_kernel(
                     b_rr = b_rz_new
                 b_p = b_z + (b_rz_new / b_rz) * b_p
                 b_rz = b_rz_new
-                i_s += 1
+                i_s += b_active.to(tl.int32)
                 # rᵀz can underflow to 0 before rᵀr does: stop there too, before 0/0 reaches p
-                b_active = (b_rr > b_tol2) & (b_rz > 0)
+                b_active = b_active & (b_rr > b_tol2) & (b_rz > 0)
             b_x = b_x * b_s
         else:
             # cg_max_steps = 0: no solve, x = q (gated linear attention)
@@ -307,7 +309,7 @@ def fused_recurrent_mesa_fwd(
         ht_kv=ht_kv,
         cg_steps=cg_steps,
         cu_seqlens=cu_seqlens,
-        tol2=0.0 if cg_tol is None else float(cg_tol) ** 2,
+        tol2=max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(dtype)),
         max_steps=cg_max_steps,
         T=T,
         NH=min(triton.next_power_of_2(N * H), 4096),
@@ -401,7 +403,7 @@ def fused_recurrent_mesa(
             at most this many CG iterations per token; `0` skips the solve (`q* = q`). Default: `30`.
         cg_tol (float, Optional):
             a token stops once its relative residual is at most `cg_tol`; `None` runs every token for
-            `cg_max_steps`. Default: `1e-4`.
+            `cg_max_steps`, unless its residual falls below 3e-10 (float32; 1e-77 in float64). Default: `1e-4`.
         precondition (bool, Optional):
             Jacobi-preconditioned CG. Default: `True`.
         cu_seqlens (torch.LongTensor, Optional):

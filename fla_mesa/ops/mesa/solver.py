@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from fla_mesa.ops.mesa.utils import residual_floor2
+
 
 def cg_solve(
     matvec: Callable[[torch.Tensor], torch.Tensor],
@@ -29,8 +31,8 @@ def cg_solve(
         max_steps (int):
             At most this many iterations; 0 returns the Jacobi start.
         tol (float, Optional):
-            A row stops once `||r|| <= tol * ||b||`. `None` runs every row for `max_steps` steps
-            (a row whose residual is exactly zero still stops).
+            A row stops once `||r|| <= tol * ||b||`. `None` runs every row for `max_steps` steps, unless
+            `||r||² <= residual_floor2(dtype) · ||b||²` (3e-10 relative in float32) stops it first.
         precondition (bool):
             Jacobi-preconditioned CG. Default: `False`.
 
@@ -42,7 +44,7 @@ def cg_solve(
     s = b.norm(dim=-1, keepdim=True)
     nonzero = s > 0
     b = b / torch.where(nonzero, s, torch.ones_like(s))
-    tol2 = 0.0 if tol is None else float(tol) ** 2
+    tol2 = max(0.0 if tol is None else float(tol) ** 2, residual_floor2(b.dtype))
 
     # the reciprocal once: a multiply per step instead of a division (the kernels do the same, for speed; the same
     # rounding keeps their step counts equal to this reference)
@@ -59,8 +61,11 @@ def cg_solve(
             break
         w = matvec(p)
         pw = (p * w).sum(-1, keepdim=True)
-        # exact zeros are the only guard: no absolute epsilon
-        alpha = torch.where(active & (pw > 0), rz / torch.where(pw > 0, pw, torch.ones_like(pw)), torch.zeros_like(pw))
+        # exact zeros are the only guard: no absolute epsilon. A curvature pᵀw <= 0 (in float32: an underflow past
+        # convergence, before rᵀz's) stops the row here, unchanged and not counted; kept active with α = 0 it would
+        # grow p = z + p without bound
+        active = active & (pw > 0)
+        alpha = torch.where(active, rz / torch.where(active, pw, torch.ones_like(pw)), torch.zeros_like(pw))
         x = x + alpha * p
         r = r - alpha * w
         z = r * dinv if precondition else r

@@ -21,6 +21,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def residual_floor2(dtype: torch.dtype) -> float:
+    """
+    The squared relative residual under which every CG path stops a row, also with `cg_tol=None`: the square root of
+    the dtype's smallest normal number (1e-19 in float32, i.e. a relative residual of 3e-10). Far below what the
+    dtype can attain, so it changes no result; it keeps rᵀr, rᵀz and pᵀw of the normalised rows out of the denormal
+    range, where their rounding made float32 CG blow up in rows run far past convergence.
+    """
+    return torch.finfo(dtype).tiny ** 0.5
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """fla's l2norm (x / sqrt(sum x² + eps)) in PyTorch, for the paths that run no Triton."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
