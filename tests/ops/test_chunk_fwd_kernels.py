@@ -6,8 +6,8 @@ Tolerances: under TRITON_INTERPRET=1 every product is an fp32 numpy matmul, so t
 at most a few hundred terms (relative error ~1e-7; we allow 2e-6), and a converged fp32 CG solve of a system with
 condition number κ ≲ 1e2 is good to ~κ·1e-7 (we allow 2e-5). Against the PyTorch solver (`cg_solve`, fp32, same
 algorithm) x agrees to rounding (1e-5) and the step counts agree exactly once a tolerance is set (with
-`cg_tol=None` a row stops where ρ underflows to exactly zero, which depends on rounding, so counts are compared
-only with a tolerance).
+`cg_tol=None` a row stops at the residual floor `residual_floor2`, reached at a step that depends on rounding, so
+counts are compared only with a tolerance).
 """
 
 import pytest
