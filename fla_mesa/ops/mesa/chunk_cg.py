@@ -195,7 +195,8 @@ def chunk_mesa_cg_fwd_kernel(
         b_z = b_r
     b_p = b_z
     b_rz = tl.sum(b_r * b_z, 1)
-    # no absolute epsilon: a row is active while its relative residual is above tol and rᵀz > 0
+    # no absolute epsilon: a row is active while its relative residual is above tol (at least the residual floor,
+    # relative too: `residual_floor2`) and rᵀz > 0
     m_act = m_nz & (tl.sum(b_r * b_r, 1) > tol2) & (b_rz > 0)
     b_steps = tl.zeros([BR], dtype=tl.int32)
 
