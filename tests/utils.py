@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
-    x, ref = x.double(), ref.double()
+    """‖x − ref‖ / ‖ref‖ in float64 on the CPU (kernel outputs on a GPU, references on the CPU); NaN gives inf."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     if not torch.isfinite(x).all():
         return float('inf')
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
