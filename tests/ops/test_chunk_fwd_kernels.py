@@ -106,8 +106,10 @@ CASES = [
     pytest.param(1, 130, 1, 32, 16, None, 32, (9.0, 0.5), False, id='T130-gates-near-1'),
     pytest.param(1, 130, 2, 16, 24, [0, 1, 40, 63, 130], 32, (3.0, 1.0), True, id='varlen-h0'),
     pytest.param(1, 100, 1, 20, 20, [0, 50, 100], 16, (6.0, 1.0), False, id='varlen-K20-C16'),
-    # K > 128: H_c is re-read every step (the large-K variant)
-    pytest.param(1, 40, 1, 160, 48, None, 32, (3.0, 1.0), True, id='K160-V48'),
+    # K > 128: H_c re-read every step; the interpreter only (on a GPU the tile needs more shared memory than an H100
+    # has, the kernel says so, and chunk_mesa takes the PyTorch path there)
+    pytest.param(1, 40, 1, 160, 48, None, 32, (3.0, 1.0), True, id='K160-V48',
+                 marks=pytest.mark.skipif(not is_interpreting(), reason='K > 128: interpreter only')),
 ]
 
 
@@ -182,7 +184,14 @@ def test_no_readout_and_bf16_inputs():
     h_kk, h_kv, _, x, steps, o = run_kernels(q, k, v, g, beta, lamb, None, None, 64, 40, None, True)
     g_cum = chunk_local_cumsum(g, 64, scale=RCP_LN2)
     x2, steps2, o2 = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, 40, None, True, precision='ieee')
-    assert o2 is None and torch.equal(x, x2) and torch.equal(steps, steps2)
+    assert o2 is None
+    if is_interpreting():
+        # one config under the interpreter: the same arithmetic, bit for bit
+        assert torch.equal(x, x2) and torch.equal(steps, steps2)
+    else:
+        # on a GPU the autotuner may split the rows differently without the readout: the same solve to rounding
+        assert_rel('x', x2, x, 1e-6)
+        assert (steps - steps2).abs().max() <= 1
     _, _, _, r_x, r_o = reference(k, v, g, beta, lamb, q, None, None, 64)
     assert_rel('x', x, r_x, 2e-5)
     assert_rel('o', o, r_o, 2e-5)

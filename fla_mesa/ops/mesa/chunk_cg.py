@@ -309,8 +309,11 @@ def chunk_mesa_cg(
         raise ValueError("`do` needs `v` and `h_kv` (b = dx = S_t do_t)")
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
-    if K > 256:
-        raise ValueError(f"the Triton chunk CG supports head dims K <= 256, got K = {K}")
+    if K > 256 or (K > 128 and k.is_cuda):
+        # measured on an H100: above K = 128 the K x K tile and its split need 262-332 KB of shared memory
+        limit = 128 if k.is_cuda else 256
+        raise ValueError(f"the Triton chunk CG supports head dims K <= {limit} on {k.device.type}, got K = {K} "
+                         "(chunk_mesa runs the PyTorch path above 128 on a GPU)")
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"`chunk_size` must be 16, 32 or 64, got {chunk_size!r}")
     if (v is None) != (h_kv is None):
