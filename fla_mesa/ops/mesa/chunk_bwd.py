@@ -34,7 +34,7 @@ from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from fla.ops.utils.op import exp2
 
 from fla_mesa.ops.mesa.chunk_h import (
-    chunk_program, mesa_dot, resolve_precision, round_bf16, state_configs, state_program,
+    chunk_program, dx_products, mesa_dot, resolve_precision, round_bf16, state_configs, state_program,
 )
 from fla_mesa.utils import is_interpreting
 
@@ -104,19 +104,8 @@ def chunk_mesa_bwd_kernel_dx(
     b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
     b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
 
-    b_dov = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dx = tl.zeros([BT, BK], dtype=tl.float32)
     h_kv += (i_tg * H + i_h) * K * V
-    for i_s in range(0, tl.cdiv(V, BV)):
-        o_v = tl.cast(i_s, tl.int64) * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_do = tl.load(do + (bos * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
-        b_v = tl.load(v + (bos * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.)
-        # [BV, BK] S_cᵀ
-        b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
-        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
-        b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False, DO_IS_BF16)
+    b_dov, b_dx = dx_products(do, v, h_kv, bos, i_h, o_t, m_t, o_t, m_t, o_k, m_k, H, V, BV, PREC, V_IS_BF16, DO_IS_BF16)
     b_dx *= exp2(b_g)[:, None]
     # padded rows/columns are masked before exp2 could overflow into inf * 0
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]

@@ -12,7 +12,7 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
 from fla_mesa.ops.mesa.chunk_h import (
-    chunk_program, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, sum2,
+    chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, sum2,
 )
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
@@ -164,19 +164,8 @@ def chunk_mesa_cg_fwd_kernel(
     if RHS_DX:
         # the adjoint solve's b_t = dx_t = e^{Γ_t} S_c do_t + Σ_j M_tj k_j (v_j·do_t), formed here: no dx round trip
         h_kv += (i_tg * H + i_h) * K * V
-        b_dx = tl.zeros([BR, BK], dtype=tl.float32)
-        b_dov = tl.zeros([BR, BT], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(V, BV)):
-            o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_do = tl.load(do + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
-                           other=0.)
-            b_v = tl.load(v + (bos * H + i_h) * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
-                          other=0.)
-            # [BV, BK] S_cᵀ
-            b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
-            b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
-            b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False, DO_IS_BF16)
+        b_dov, b_dx = dx_products(do, v, h_kv, bos, i_h, o_r, m_r, o_c, m_c, o_k, m_k, H, V, BV, PREC, V_IS_BF16,
+                                  DO_IS_BF16)
         b_b = mesa_dot(b_dov * b_m, b_k, b_dx * b_e[:, None], PREC, K_IS_BF16)
     else:
         b_b = tl.load(b + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)

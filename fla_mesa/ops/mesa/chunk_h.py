@@ -116,6 +116,29 @@ def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr, A_IS_BF16: 
 
 
 @triton.jit
+def dx_products(do, v, h_kv, bos, i_h, o_r, m_r, o_c, m_c, o_k, m_k, H: tl.constexpr, V: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr, V_IS_BF16: tl.constexpr, DO_IS_BF16: tl.constexpr):
+    """
+    The two products over V of `dx_t = e^{Γ_t} S_c do_t + Σ_j M_tj k_j (v_j·do_t)` for the rows `o_r` and the chunk's
+    columns `o_c`: `(DO Vᵀ, DO S_cᵀ)`, with `h_kv` at the chunk's S_c; the caller applies the decays and k.
+    """
+    b_dov = tl.zeros([o_r.shape[0], o_c.shape[0]], dtype=tl.float32)
+    b_dx = tl.zeros([o_r.shape[0], o_k.shape[0]], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = tl.load(do + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
+                       other=0.)
+        b_v = tl.load(v + (bos * H + i_h) * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+                      other=0.)
+        # [BV, BK] S_cᵀ
+        b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
+        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
+        b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False, DO_IS_BF16)
+    return b_dov, b_dx
+
+
+@triton.jit
 def _add2(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
