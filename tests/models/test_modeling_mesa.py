@@ -117,6 +117,22 @@ def test_generate_equals_greedy_without_cache():
     assert torch.equal(out, seq)
 
 
+def test_cache_keyword():
+    # transformers >= 5.24 generates with `cache=` (its new name for `past_key_values`): the same state either way
+    model = make_model().eval()
+    x = tokens(B=2, T=7)
+    with torch.no_grad():
+        past = model(input_ids=x[:, :6], use_cache=True).past_key_values
+        a = model(input_ids=x[:, 6:], past_key_values=past, use_cache=True).logits
+        past = model(input_ids=x[:, :6], use_cache=True).past_key_values
+        b = model(input_ids=x[:, 6:], cache=past, use_cache=True).logits
+        full = model(input_ids=x, use_cache=False).logits[:, 6:]
+        assert torch.equal(a, b)
+        assert_rel('logits', b, full, 1e-5)
+        with pytest.raises(TypeError, match='not both'):
+            model(input_ids=x[:, 6:], cache=past, past_key_values=past)
+
+
 @pytest.mark.parametrize('kwargs', [dict(), dict(use_output_gate=True, expand_v=2, use_v_conv=True), dict(fuse_norm=False)],
                          ids=['default', 'gate-expand', 'unfused-norm'])
 def test_backward_all_parameters(kwargs):

@@ -258,3 +258,12 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
         self.criterion = None
 
         self.post_init()
+
+    def forward(self, *args, cache=None, **kwargs):
+        # transformers >= 5.24 hands the generation cache over as `cache`, its new name for `past_key_values`;
+        # fla's forward would take it as an unknown keyword and decode every new token from an empty state
+        if cache is not None:
+            if kwargs.get('past_key_values') is not None:
+                raise TypeError("pass the recurrent cache as `cache` or as `past_key_values`, not both")
+            kwargs['past_key_values'] = cache
+        return super().forward(*args, **kwargs)
