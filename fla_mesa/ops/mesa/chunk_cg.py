@@ -55,10 +55,12 @@ def _chunk_mesa_matvec(
 
 def _cg_configs():
     # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure (the fastest
-    # four of six on an H100, benchmarks/results/cg_kernel_study_h100.md)
+    # of six on an H100, benchmarks/results/cg_kernel_study_h100.md). Not NR = 1 at 4 warps: with bf16 keys Triton
+    # 3.6 miscompiles it on Hopper (measured on an H200 at K = 32-64, V = 16-32: out-of-range shared-memory
+    # accesses, or outputs 100% off without a fault); at K = V = 128 it was never the fastest
     if is_interpreting():
         return [triton.Config({'NR': 1}, num_warps=4, num_stages=1)]
-    return [triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1) for NR, num_warps in [(1, 4), (2, 8), (4, 4), (4, 8)]]
+    return [triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1) for NR, num_warps in [(2, 8), (4, 4), (4, 8)]]
 
 
 def _prune_cg_configs(configs, named_args, **kwargs):
