@@ -17,6 +17,22 @@ def assert_rel(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float):
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+def to_device(x, device):
+    """Tensors (also inside tuples and lists) moved to `device`; `.to` is differentiable, gradients flow back."""
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(y, device) for y in x)
+    return x
+
+
+def on_cuda(fn):
+    """`fn` run on the GPU for CPU tensors: arguments moved there, results back (tests compare on the CPU)."""
+    def wrapped(*args, **kwargs):
+        return to_device(fn(*to_device(args, 'cuda'), **to_device(kwargs, 'cuda')), 'cpu')
+    return wrapped
+
+
 def make_inputs(B, T, H, K, V, dtype=torch.float64, gate=(3.0, 1.0), initial_state=False, seed=42, device='cpu'):
     """Mesa inputs like the layer makes: unit-norm q and k, g = logsigmoid(N(mu, sigma)), beta in (0, 1)."""
     gen = torch.Generator().manual_seed(seed)

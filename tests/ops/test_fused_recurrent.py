@@ -1,5 +1,5 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""`fused_recurrent_mesa` (the Triton kernel under TRITON_INTERPRET=1) against the float64 exact solve and the other paths.
+"""`fused_recurrent_mesa` (the Triton kernel, under TRITON_INTERPRET=1 or on a GPU) against the float64 exact solve and the other paths.
 
 Tolerances:
 - float64 inputs run the kernel in float64: with `cg_tol=None` and more steps than the head dim, CG has converged
@@ -19,9 +19,19 @@ import torch
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
 from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
-from tests.utils import make_inputs, rel_err
+from tests.utils import make_inputs, on_cuda, rel_err
 
-pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='runs the kernel in the Triton interpreter')
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+ON_GPU = not INTERPRET and torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not (INTERPRET or ON_GPU), reason='needs TRITON_INTERPRET=1 or a GPU')
+_fused_recurrent_mesa = fused_recurrent_mesa
+
+
+@pytest.fixture(autouse=True)
+def kernel_on_gpu(monkeypatch):
+    # on a GPU the same tests run the kernel there: inputs moved to it, results back (`on_cuda`)
+    if ON_GPU:
+        monkeypatch.setitem(globals(), 'fused_recurrent_mesa', on_cuda(_fused_recurrent_mesa))
 
 
 def to(inputs, dtype):
@@ -185,6 +195,7 @@ def test_outputs_fully_written():
     assert final is None and torch.equal(o, o2)
 
 
+@pytest.mark.skipif(not INTERPRET, reason='the CPU fallback: interpreter runs only')
 def test_pytorch_fallback_without_interpreter(monkeypatch):
     inputs = make_inputs(1, 4, 2, 16, 8, dtype=torch.float64, initial_state=True)
     o, final, steps = fused_recurrent_mesa(*inputs, output_final_state=True, return_cg_steps=True)
