@@ -6,6 +6,8 @@ import warnings
 import pytest
 import torch
 
+from fla_mesa.utils import is_interpreting
+
 warnings.filterwarnings('ignore', message='.*Triton is not supported.*')
 
 _empty, _empty_like, _new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
@@ -48,3 +50,9 @@ def nan_poison_empty(monkeypatch):
     monkeypatch.setattr(torch, 'empty_like', _nan_empty_like)
     monkeypatch.setattr(torch.Tensor, 'new_empty', _nan_new_empty)
     yield
+
+
+if is_interpreting():
+    # every kernel's loads and stores checked against the tensors it was given (tests/bounds.py)
+    from tests import bounds
+    bounds.install()
