@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one call: the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy
-# against float64 beside the bf16 rounding floor) and, given an fla checkout, fla's own harness.
+# Every GPU measurement of the project in one call: every kernel config against float64 (a compiler can miscompile
+# one), the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy against float64 beside the bf16 rounding floor)
+# and, given an fla checkout, fla's own harness.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] [FLA_ROOT]
 set -uo pipefail
 out=${1:-benchmarks/results/latest}
 fla_root=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+python benchmarks/check_configs.py --dtypes bf16 --shapes 32x16 64x32 128x128 --jobs 16 --out "$out/check_configs.md"
 python benchmarks/benchmark_chunk.py 2>&1 | tee "$out/chunk.md"
 python benchmarks/cg_kernel_study.py 2>&1 | tee "$out/cg_kernel_study.md"
 python benchmarks/benchmark_chunk_bwd_kernels.py --out "$out/chunk_bwd_kernels.md"

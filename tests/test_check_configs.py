@@ -1,0 +1,40 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""benchmarks/check_configs.py pins a kernel to each of its GPU configs and measures chunk_mesa against float64."""
+
+import importlib.util
+import os
+
+import pytest
+
+from fla_mesa.utils import is_interpreting
+
+pytestmark = pytest.mark.skipif(not is_interpreting(), reason='runs the GPU configs in the Triton interpreter')
+
+
+def load_tool():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'check_configs.py')
+    spec = importlib.util.spec_from_file_location('check_configs', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pins_each_config_and_measures():
+    tool = load_tool()
+    table = tool.kernels()
+    assert set(table) == {'cg', 'states', 'dh', 'dx', 'grads'}
+    tuner, configs = table['grads']
+    # the GPU list, not the interpreter's single config: these are what the autotuner picks from on a GPU
+    assert len(configs) > 1
+    last = len(configs) - 1
+    saved = {name: list(t.configs) for name, (t, _) in table.items()}
+    try:
+        errs = tool.run_case('grads', last, 'fp32', 16, 24, T=20)
+        assert tuner.configs == [configs[last]]
+    finally:
+        # the other tests run the interpreter's own configs
+        for name, (t, _) in table.items():
+            t.configs, t.cache = saved[name], {}
+    assert set(errs) == {'o', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv'}
+    # float32 inputs, 40 steps at K = 16: converged, fp32 level
+    assert max(errs.values()) < 1e-5, errs
