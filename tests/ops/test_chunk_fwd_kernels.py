@@ -234,6 +234,15 @@ def test_auto_precision():
     assert_rel('o (auto, bf16 inputs)', auto[2], r_o, 5e-5)
 
 
+def test_gpu_configs_avoid_wgmma(monkeypatch):
+    # 64 rows at 4 warps is the one CG config Triton lowers to wgmma, and Triton 3.6 miscompiles it on Hopper with
+    # bf16 keys (faults, or outputs 100% off: benchmarks/results/gpu_tests_h200.md); every row split left keeps <= 32
+    from fla_mesa.ops.mesa import chunk_cg
+    monkeypatch.setattr(chunk_cg, 'is_interpreting', lambda: False)
+    configs = chunk_cg._cg_configs()
+    assert configs and all(64 // c.kwargs['NR'] <= 32 for c in configs)
+
+
 def test_bad_arguments():
     q, k, v, g, beta, lamb, _ = make(1, 16, 1, 16, 16)
     interpret_compat()
