@@ -9,7 +9,7 @@ backward with one kernel pinned to one config (every other kernel to its first),
 fault poisons the CUDA context), and one table gives, per config and shape, the largest relative error of o and
 every gradient against float64 on the same rounded inputs, or FAULT. A cell over 3x its column's median is BAD.
 
-    python benchmarks/check_configs.py                                   # GPU: bf16 and fp32, four (K, V)
+    python benchmarks/check_configs.py                                   # GPU: bf16 and fp32, three (K, V)
     python benchmarks/check_configs.py --kernels grads --shapes 32x16 --dtypes bf16 --jobs 16
 
 Under TRITON_INTERPRET=1 (CPU) the same runs check the kernels' logic in every GPU config, with no compiler in
@@ -119,8 +119,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--kernels', nargs='+', default=None)
     parser.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], choices=list(DTYPES))
-    parser.add_argument('--shapes', nargs='+', default=['32x16', '64x32', '48x24', '128x128'], help='KxV')
-    parser.add_argument('--jobs', type=int, default=8)
+    parser.add_argument('--shapes', nargs='+', default=['32x16', '64x32', '128x128'], help='KxV')
+    parser.add_argument('--jobs', type=int, default=min(16, os.cpu_count() or 1), help='runs at a time')
     parser.add_argument('--timeout', type=int, default=300, help='seconds per run (compiling included)')
     parser.add_argument('--out', default=None, help='also write the table here')
     parser.add_argument('--worker', nargs=5, metavar=('KERNEL', 'INDEX', 'DTYPE', 'K', 'V'), help=argparse.SUPPRESS)
