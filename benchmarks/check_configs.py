@@ -11,6 +11,7 @@ every gradient against float64 on the same rounded inputs, or FAULT. A cell over
 
     python benchmarks/check_configs.py                                   # GPU: bf16 and fp32, three (K, V)
     python benchmarks/check_configs.py --kernels grads --shapes 32x16 --dtypes bf16 --jobs 16
+    python benchmarks/check_configs.py --dtypes bf16 --shapes 32x16 --sanitize   # a fault names its kernel
 
 Under TRITON_INTERPRET=1 (CPU) the same runs check the kernels' logic in every GPU config, with no compiler in
 the way, and every load and store against the kernel's tensors (tests/bounds.py).
@@ -19,6 +20,7 @@ the way, and every load and store against the kernel's tensors (tests/bounds.py)
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -122,6 +124,8 @@ def main():
     parser.add_argument('--shapes', nargs='+', default=['32x16', '64x32', '128x128'], help='KxV')
     parser.add_argument('--jobs', type=int, default=min(16, os.cpu_count() or 1), help='runs at a time')
     parser.add_argument('--timeout', type=int, default=300, help='seconds per run (compiling included)')
+    parser.add_argument('--sanitize', action='store_true',
+                        help='run each case under compute-sanitizer (memcheck): a FAULT cell names the faulting kernel')
     parser.add_argument('--out', default=None, help='also write the table here')
     parser.add_argument('--worker', nargs=5, metavar=('KERNEL', 'INDEX', 'DTYPE', 'K', 'V'), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,15 +144,26 @@ def main():
     def launch(job):
         (kernel, index, _), (dtype, K, V) = job
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', kernel, str(index), dtype, str(K), str(V)]
+        if args.sanitize:
+            cmd = ['compute-sanitizer', '--tool', 'memcheck', '--print-limit', '1'] + cmd
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
         except subprocess.TimeoutExpired:
             return {'error': 'TIMEOUT'}
+        # the sanitizer's report names the kernel: '=========     at chunk_mesa_..._kernel+0x1a0 in file.py:84'
+        culprit = re.search(r'^=+\s+at (\w+)\+0x[0-9a-f]+ in (\S+)', p.stdout + p.stderr, re.M)
+        culprit = f' [{culprit.group(1)} at {culprit.group(2)}]' if culprit else ''
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith('RESULT ')]
-        if lines:
-            return json.loads(lines[-1][7:])
-        fault = 'illegal memory access' in p.stderr
-        return {'error': ('FAULT: ' if fault else '') + (p.stderr.strip().splitlines() or ['no output'])[-1][:200]}
+        result = json.loads(lines[-1][7:]) if lines else None
+        if result is not None and (not culprit or 'error' in result):
+            if culprit:
+                result['error'] += culprit
+            return result
+        if result is not None:
+            return {'error': 'FAULT: sanitizer' + culprit}
+        fault = 'illegal memory access' in p.stderr or bool(culprit)
+        return {'error': ('FAULT: ' if fault else '') + (p.stderr.strip().splitlines() or ['no output'])[-1][:200]
+                + culprit}
 
     jobs = [(r, c) for r in rows for c in columns]
     with ThreadPoolExecutor(args.jobs) as pool:
