@@ -18,11 +18,13 @@ def assert_rel(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float):
 
 
 def to_device(x, device):
-    """Tensors (also inside tuples and lists) moved to `device`; `.to` is differentiable, gradients flow back."""
+    """Tensors (also inside tuples, lists and dicts) moved to `device`; `.to` is differentiable, gradients flow back."""
     if torch.is_tensor(x):
         return x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(y, device) for y in x)
+    if isinstance(x, dict):
+        return {k: to_device(y, device) for k, y in x.items()}
     return x
 
 
