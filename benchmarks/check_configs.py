@@ -154,16 +154,16 @@ def main():
         culprit = re.search(r'^=+\s+at (\w+)\+0x[0-9a-f]+ in (\S+)', p.stdout + p.stderr, re.M)
         culprit = f' [{culprit.group(1)} at {culprit.group(2)}]' if culprit else ''
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith('RESULT ')]
-        result = json.loads(lines[-1][7:]) if lines else None
-        if result is not None and (not culprit or 'error' in result):
-            if culprit:
-                result['error'] += culprit
-            return result
-        if result is not None:
-            return {'error': 'FAULT: sanitizer' + culprit}
-        fault = 'illegal memory access' in p.stderr or bool(culprit)
-        return {'error': ('FAULT: ' if fault else '') + (p.stderr.strip().splitlines() or ['no output'])[-1][:200]
-                + culprit}
+        if not lines:
+            # the process died before it could report
+            fault = 'illegal memory access' in p.stderr or bool(culprit)
+            return {'error': ('FAULT: ' if fault else '') + (p.stderr.strip().splitlines() or ['no output'])[-1][:200]
+                    + culprit}
+        result = json.loads(lines[-1][7:])
+        if culprit:
+            # the sanitizer saw a bad access, whether or not the run itself failed
+            result = {'error': result['error'] + culprit if 'error' in result else 'FAULT: sanitizer' + culprit}
+        return result
 
     jobs = [(r, c) for r in rows for c in columns]
     with ThreadPoolExecutor(args.jobs) as pool:
