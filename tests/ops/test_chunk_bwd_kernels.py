@@ -249,3 +249,12 @@ def test_adjoint_rhs_formed_in_cg_kernel(name):
         chunk_mesa_cg(dx, k, g_cum, beta, lamb, h_kk, 3, None, True, v=v, h_kv=h_kv, do=do, **kw)
     with pytest.raises(ValueError, match='`do` needs `v` and `h_kv`'):
         chunk_mesa_cg(None, k, g_cum, beta, lamb, h_kk, 3, None, True, do=do, **kw)
+
+
+def test_gpu_grads_configs_avoid_miscompiled(monkeypatch):
+    # BK = BV = 32, BC = 16 at 8 warps: Triton 3.6 miscompiles it on Hopper with bf16 inputs (inf or an illegal
+    # memory access: benchmarks/results/gpu_tests_h200.md); the other five configs give the float64 answer there
+    from fla_mesa.ops.mesa import chunk_bwd
+    monkeypatch.setattr(chunk_bwd, 'is_interpreting', lambda: False)
+    configs = [(c.kwargs['BK'], c.kwargs['BC'], c.num_warps) for c in chunk_bwd._grads_configs()]
+    assert configs and (32, 16, 8) not in configs
