@@ -243,6 +243,16 @@ def test_gpu_configs_avoid_wgmma(monkeypatch):
     assert configs and all(64 // c.kwargs['NR'] <= 32 for c in configs)
 
 
+@pytest.mark.parametrize('BT', [16, 32, 64])
+def test_gpu_configs_every_chunk_size(monkeypatch, BT):
+    # the GPU list holds no 16-row program for a 16-token chunk at 2+ splits: pruning must still leave a config
+    # (an empty list failed every chunk_size=16 call on an H200), each with at least 16 rows
+    from fla_mesa.ops.mesa import chunk_cg
+    monkeypatch.setattr(chunk_cg, 'is_interpreting', lambda: False)
+    kept = chunk_cg._prune_cg_configs(chunk_cg._cg_configs(), None, BT=BT)
+    assert kept and all(BT // c.kwargs['NR'] >= 16 for c in kept)
+
+
 def test_bad_arguments():
     q, k, v, g, beta, lamb, _ = make(1, 16, 1, 16, 16)
     interpret_compat()

@@ -64,8 +64,10 @@ def _cg_configs():
 
 
 def _prune_cg_configs(configs, named_args, **kwargs):
-    # at least 16 rows per program (the smallest tl.dot)
-    return [c for c in configs if kwargs['BT'] // c.kwargs['NR'] >= 16]
+    # at least 16 rows per program (the smallest tl.dot); a 16-token chunk gets one 16-row program (below 64 rows
+    # Triton does not use wgmma, so 4 warps are safe there)
+    kept = [c for c in configs if kwargs['BT'] // c.kwargs['NR'] >= 16]
+    return kept or [triton.Config({'NR': max(kwargs['BT'] // 16, 1)}, num_warps=4, num_stages=1)]
 
 
 @triton.heuristics({
