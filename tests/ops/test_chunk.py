@@ -14,6 +14,7 @@ import torch
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
 from fla_mesa.ops.mesa import chunk as chunk_module
+from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_fwd_torch
 from tests.utils import make_inputs, on_cuda, rel_err, run_with_grads
 
 BACKENDS = ['torch']
@@ -150,6 +151,19 @@ def test_chunk_no_solve_is_gla(backend):
     lamb = lamb.clone().requires_grad_()
     chunk_mesa(q, k, v, g, beta, lamb, cg_max_steps=0)[0].sum().backward()
     assert (lamb.grad == 0).all()
+
+
+def test_chunk_no_solve_bf16_inputs(backend):
+    # with bf16 q, k, v the 0-step forward runs fla's chunk_fwd_o (float32 inputs take the PyTorch path): against the
+    # float64 PyTorch path on the same rounded inputs: o's bf16 rounding (1.7e-3 here) plus room for tf32 products
+    inputs = make_inputs(2, 70, 2, 16, 8, initial_state=True)
+    q, k, v = (x.bfloat16() for x in inputs[:3])
+    rest = [x.float() for x in inputs[3:6]]
+    h0 = tuple(h.float() for h in inputs[6])
+    o, _ = chunk_mesa(q, k, v, *rest, h0, cg_max_steps=0, chunk_size=32)
+    assert o.dtype == torch.bfloat16
+    ref = chunk_mesa_fwd_torch(*(x.double() for x in (q, k, v, *rest)), tuple(h.double() for h in h0), 0, None, False, None, 32)[0]
+    assert rel_err(o, ref) < 4e-3
 
 
 def test_chunk_bf16_inputs(backend):

@@ -10,7 +10,7 @@ from fla.ops.utils.constant import RCP_LN2
 
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
-from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch
+from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.naive import pad_varlen, unpad_varlen
 from fla_mesa.utils import interpret_compat
 
@@ -37,6 +37,10 @@ def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
 
 def chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
     """Returns `(o, x, steps, final_state)` like the PyTorch path."""
+    if cg_max_steps == 0 and q.dtype == torch.float32:
+        # fla's chunk_fwd_o multiplies float32 in tf32 on a GPU (1e-3 off); under bf16 inputs' rounding that is
+        # harmless, for float32 inputs the PyTorch path keeps o exact
+        return chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, initial_state, 0, cg_tol, precondition, cu_seqlens, chunk_size)
     chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     if cg_max_steps == 0:
         # no solve: x = q, and o is gated linear attention with β folded into v
