@@ -13,6 +13,7 @@ scales 1, 1e-5 and 1e-8. A row that fails prints 'n/a' and the reason.
 
     python benchmarks/benchmark_chunk.py                      # the full table (issue 3)
     python benchmarks/benchmark_chunk.py --Ts 1024 8192       # fewer lengths
+    python benchmarks/warm_cache.py                           # first: compiles every kernel config in parallel
     python benchmarks/benchmark_chunk.py --study              # forward kernels only: checks against float64,
                                                               # the solver operand-precision study, fwd timings
 """
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 GRADS = ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb']
 # 'cpu' (with TRITON_INTERPRET=1 and tiny --tokens) only to smoke-test this script
 DEVICE = 'cuda'
+# --pin-config (warm_cache.py): run every op once to compile its kernels, time nothing
+COMPILE_ONLY = False
 
 
 def sync():
@@ -135,6 +138,9 @@ def short(e: BaseException) -> str:
 
 def bench(fn):
     import triton
+    if COMPILE_ONLY:
+        fn()
+        return float('nan')
     if DEVICE != 'cuda':
         fn()
         t0 = time.time()
@@ -508,10 +514,19 @@ def main():
     p.add_argument('--study', action='store_true', help='forward kernels only: checks, precision study, fwd timings')
     p.add_argument('--study-T', type=int, default=4096)
     p.add_argument('--precisions', nargs='+', default=['ieee', 'tf32x3', 'tf32', 'bf16x3', 'bf16'])
+    p.add_argument('--pin-config', type=int, default=None, metavar='I',
+                   help="compile only (warm_cache.py): every fla-mesa chunk kernel pinned to its config I (mod its "
+                        "count), every op run once, nothing timed")
     p.add_argument('--device', default='cuda', help=argparse.SUPPRESS)
     args = p.parse_args()
-    global DEVICE
+    global DEVICE, COMPILE_ONLY
     DEVICE = args.device
+    if args.pin_config is not None:
+        from check_configs import kernels
+        COMPILE_ONLY = True
+        for tuner, configs in kernels().values():
+            tuner.configs = [configs[args.pin_config % len(configs)]]
+            tuner.cache = {}
     if DEVICE == 'cuda' and not torch.cuda.is_available():
         sys.exit("benchmark_chunk.py needs a CUDA GPU")
     if DEVICE != 'cuda':

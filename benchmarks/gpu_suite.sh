@@ -9,6 +9,7 @@ fla_root=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python benchmarks/check_configs.py --dtypes bf16 --shapes 32x16 64x32 128x128 --jobs 16 --out "$out/check_configs.md"
+python benchmarks/warm_cache.py --jobs 8 2>&1 | tee "$out/warm_cache.log"
 python benchmarks/benchmark_chunk.py 2>&1 | tee "$out/chunk.md"
 python benchmarks/cg_kernel_study.py 2>&1 | tee "$out/cg_kernel_study.md"
 python benchmarks/benchmark_chunk_bwd_kernels.py --out "$out/chunk_bwd_kernels.md"

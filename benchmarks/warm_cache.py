@@ -1,0 +1,64 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+Compiles ahead, in parallel, the Triton kernels benchmark_chunk.py autotunes, so that its timed run spends its time
+timing.
+
+An autotuner compiles every config of its kernel at the first call, one after another in one process: at K = V = 128
+that took most of a 330 s benchmark run on an H200 (benchmarks/results/chunk_h200.md). Here one process per config
+index runs every fla-mesa row once with each chunk kernel pinned to that config (`benchmark_chunk.py --pin-config
+I`), and fla's rows run in processes of their own; the binaries land in Triton's cache (TRITON_CACHE_DIR) where the
+timed run finds them. Autotuning choices are not cached here (TRITON_CACHE_AUTOTUNING=0): configs timed beside
+other processes would be picked on noise.
+
+    python benchmarks/warm_cache.py && python benchmarks/benchmark_chunk.py
+    python benchmarks/warm_cache.py --jobs 8 -- --Ts 1024 8192        # arguments after -- go to benchmark_chunk.py
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# fla's rows, one process each (the two mesa_net rows share their kernels); torch's sdpa needs no compiling
+FLA_OPS = ['fla mesa_net', 'fla GLA', 'fla gated delta rule']
+
+
+def jobs(n_configs, extra):
+    script = [sys.executable, os.path.join(HERE, 'benchmark_chunk.py')]
+    pinned = [script + ['--pin-config', str(i), '--ops', 'fla-mesa'] + extra for i in range(n_configs)]
+    return pinned + [script + ['--ops', op] + extra for op in FLA_OPS]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--jobs', type=int, default=min(8, os.cpu_count() or 1), help='processes at a time')
+    parser.add_argument('--timeout', type=int, default=400, help='seconds per process')
+    parser.add_argument('extra', nargs=argparse.REMAINDER, help='-- then arguments for benchmark_chunk.py')
+    args = parser.parse_args(argv)
+    extra = args.extra[1:] if args.extra[:1] == ['--'] else args.extra
+    sys.path.insert(0, HERE)
+    from check_configs import kernels
+    n_configs = max(len(configs) for _, configs in kernels().values())
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')
+
+    def launch(cmd):
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            status = 'ok' if p.returncode == 0 else f'exit {p.returncode}: ' + (p.stderr.strip().splitlines() or [''])[-1][:150]
+        except subprocess.TimeoutExpired:
+            status = 'timeout'
+        return f"{time.time() - t0:6.0f} s  {status}  {' '.join(cmd[2:])}"
+
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(launch, jobs(n_configs, extra)):
+            print(line, flush=True)
+    print(f"warm_cache: {time.time() - t0:.0f} s in all", flush=True)
+
+
+if __name__ == '__main__':
+    main()
