@@ -12,7 +12,7 @@ from fla.models.utils import Cache
 from fla_mesa.layers import MesaNet
 from fla_mesa.layers import mesa_net as mesa_net_module
 from fla_mesa.ops.mesa import naive_exact_mesa
-from tests.utils import assert_rel
+from tests.utils import assert_rel, rel_err
 
 device = 'cpu'
 INTERPRETING = os.environ.get('TRITON_INTERPRET', '0') == '1'
@@ -285,3 +285,36 @@ def test_fla_modules_match_torch_fallbacks(monkeypatch):
         assert_rel('conv_state', a, b, 1e-6)
     for (name, _), a, b in zip(layer.named_parameters(), test[3], ref[3]):
         assert_rel(name, a, b, 1e-4)
+
+
+ON_GPU = torch.cuda.is_available() and not INTERPRETING
+
+
+def run_layer(layer, x, do, use_reference=False):
+    """o and the gradients of every parameter for the upstream gradient `do`."""
+    o = reference(layer, x) if use_reference else layer(x)[0]
+    if not torch.is_grad_enabled():
+        return [o]
+    return [o] + list(torch.autograd.grad(o, list(layer.parameters()), do.to(o.dtype)))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the layer with its GPU kernels (fla's modules, the chunk and recurrent ops)")
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('kwargs', [dict(), dict(expand_v=2, use_output_gate=True, use_v_conv=True)],
+                         ids=['default', 'expand_v2-gate-vconv'])
+@pytest.mark.parametrize('training', [True, False], ids=['chunk', 'fused_recurrent'])
+def test_layer_on_gpu_matches_float64(kwargs, training, dtype):
+    # FlashAttention's rule with test_chunk.py's GPU factor: off the float64 reference by at most 2x what the same
+    # layer in the same dtype loses on the CPU (its PyTorch paths; floor 2e-6), times 3 for the kernels' split
+    # products; the output and every parameter's gradient; T = 70: two chunks
+    import copy
+    layer = make_layer(**kwargs).train(training)
+    x, do = inputs(T=70), inputs(T=70, seed=2)
+    with torch.set_grad_enabled(training):
+        ref = run_layer(copy.deepcopy(layer).double(), x.double(), do.double(), use_reference=True)
+        cpu = run_layer(copy.deepcopy(layer).to(dtype), x.to(dtype), do)
+        gpu = run_layer(copy.deepcopy(layer).to('cuda', dtype), x.to('cuda', dtype), do.cuda())
+    names = ['o'] + [name for name, _ in layer.named_parameters()]
+    for name, a, b, r in zip(names, gpu, cpu, ref):
+        base = rel_err(b, r)
+        assert rel_err(a.cpu(), r) <= 3 * max(2 * base, 2e-6), f"{name}: GPU {rel_err(a.cpu(), r):.2e}, CPU {base:.2e}"

@@ -1,6 +1,7 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """MesaForCausalLM on CPU (PyTorch paths): varlen, padding, cached generation, init on meta, training, registration."""
 
+import os
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from fla_mesa.layers import MesaNet
 from fla_mesa.models import MesaBlock, MesaConfig, MesaForCausalLM, MesaModel
-from tests.utils import assert_rel
+from tests.utils import assert_rel, rel_err
 
 device = 'cpu'
 VOCAB = 64
@@ -236,3 +237,36 @@ def test_config_and_layer_errors():
         AutoModelForCausalLM.from_config(make_config(gamma_cap=0.0))
     # fla's config names are accepted
     assert make_config(max_cg_step_training=5).cg_max_steps_training == 5
+
+
+ON_GPU = torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET', '0') != '1'
+
+
+@pytest.mark.skipif(not ON_GPU, reason='the model with its GPU kernels')
+def test_on_gpu():
+    import copy
+    model = make_model().eval()
+    x = tokens(B=2, T=70)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(input_ids=x).logits
+        cpu = model(input_ids=x).logits
+        model.cuda()
+        gpu = model(input_ids=x.cuda()).logits
+        # the rule of the layer test: 2x the CPU's float32 error (floor 2e-6), times 3 for the kernels' split products
+        err, base = rel_err(gpu.cpu(), ref), rel_err(cpu, ref)
+        assert err <= 3 * max(2 * base, 2e-6), f"logits: GPU {err:.2e}, CPU {base:.2e}"
+        # cached decoding (the recurrent kernel) continues the chunk kernel's prefill: 3x the CPU test's bound
+        past = model(input_ids=x[:, :64].cuda(), use_cache=True).past_key_values
+        outs = []
+        for t in range(64, 70):
+            out = model(input_ids=x[:, t:t + 1].cuda(), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            outs.append(out.logits)
+        assert_rel('cached logits', torch.cat(outs, 1), gpu[:, 64:], 3e-5)
+    # a bf16 training step: finite loss, every parameter gets a finite, nonzero gradient
+    model = model.to(torch.bfloat16).train()
+    loss = model(input_ids=x.cuda(), labels=x.cuda()).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
