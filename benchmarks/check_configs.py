@@ -165,9 +165,18 @@ def main():
             result = {'error': result['error'] + culprit if 'error' in result else 'FAULT: sanitizer' + culprit}
         return result
 
+    def launch_and_report(job):
+        # each result as it comes: a run cut short (a device call's time limit) still shows what finished
+        result = launch(job)
+        (kernel, _, config), (dtype, K, V) = job
+        value = cell(result)
+        print(f"{kernel} [{config}] {dtype} K{K} V{V}: " + (value if isinstance(value, str) else f"{value:.1e}"),
+              flush=True)
+        return result
+
     jobs = [(r, c) for r in rows for c in columns]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(jobs, pool.map(launch, jobs)))
+        results = dict(zip(jobs, pool.map(launch_and_report, jobs)))
 
     from benchmark_chunk import header
     lines = [f'# Every autotune config against float64 ({header()})', '',
