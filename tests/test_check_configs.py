@@ -60,6 +60,6 @@ def test_pin_config_compiles_only(monkeypatch, capsys):
         for name, (t, _) in table.items():
             t.configs, t.cache = saved[name], {}
     assert all(pinned[name] == [configs[4 % len(configs)]] for name, (_, configs) in table.items())
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| 16 | fla-mesa tol 1e-4')]
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| 16 | fla-mesa tol 1e-4 |')]
     # ran (mean steps reported), timed nothing
     assert len(row) == 1 and row[0].split('|')[3].strip() == 'nan' and '/' in row[0].split('|')[-2], row

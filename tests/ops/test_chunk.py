@@ -87,6 +87,19 @@ def test_chunk_gradients_scale_invariant(backend, scale):
         assert err <= fp32_bound(backend, base), f"scale {scale} {name}: {err:.2e} vs fp32 exact reference {base:.2e}"
 
 
+def test_chunk_rounded_directions(backend, monkeypatch):
+    # FLA_MESA_CG_ROUND_DIRECTIONS: the forward's and the adjoint's CG with rounded directions, fp32 level as above
+    if backend == 'torch':
+        pytest.skip('an option of the Triton CG kernel')
+    from fla_mesa.ops.mesa import chunk_cg
+    monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', True)
+    inputs = make_inputs(2, 63, 2, 16, 8, gate=(6.0, 1.0), initial_state=True)
+    do, dht = upstream(2, 63, 2, 8, 16, 1e-4)
+    kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=32)
+    for name, (err, base) in compare(inputs, do, dht, kw).items():
+        assert err <= fp32_bound(backend, base), f"{name}: {err:.2e} vs fp32 exact reference {base:.2e}"
+
+
 @pytest.mark.parametrize('precondition', [False, True])
 def test_chunk_cg_tol(backend, precondition):
     inputs = make_inputs(1, 64, 2, 32, 16, gate=(5.0, 1.0))

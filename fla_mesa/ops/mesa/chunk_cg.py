@@ -12,7 +12,7 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
 from fla_mesa.ops.mesa.chunk_h import (
-    chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, sum2,
+    chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
@@ -20,6 +20,9 @@ from fla_mesa.utils import is_interpreting
 # operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
 # (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, 2.5x faster and ~2e-6 off float64, far under their rounding
 CG_DOT_PRECISION = os.environ.get('FLA_MESA_CG_PRECISION', 'auto')
+# rounded directions (README "Rounded CG directions"): with split products, each step's direction p is rounded to
+# the split's high part, so A p needs 5 products instead of 7; off until timed on a GPU
+CG_ROUND_DIRECTIONS = os.environ.get('FLA_MESA_CG_ROUND_DIRECTIONS', '0') == '1'
 
 
 @triton.jit
@@ -37,19 +40,21 @@ def _chunk_mesa_matvec(
     PREC: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     H_IN_LOOP: tl.constexpr,
+    P_EXACT: tl.constexpr,
 ):
     # A_t p_t = e^Γ H_c p_t + Σ_j M_tj k_j (k_jᵀ p_t) + λ ⊙ p_t, for the rows of the tile at once; the loop
-    # invariants (k, H_c) come split already (`mesa_split`), so each step splits only what changes
+    # invariants (k, H_c) come split already (`mesa_split`), so each step splits only what changes; `P_EXACT`: p
+    # holds split-high values (a rounded direction), its low part is zero and its products are skipped
     if H_IN_LOOP:
         # large K: H_c does not fit on chip; it is re-read (from L2) every step
         b_h_hi, b_h_lo = mesa_split(tl.load(p_ht, mask=m_kk, other=0.), PREC)
     b_p_hi, b_p_lo = mesa_split(b_p, PREC)
     b_pk = mesa_dot_split(b_p_hi, b_p_lo, tl.trans(b_k_hi), tl.trans(b_k_lo),
-                          tl.zeros(b_m.shape, dtype=tl.float32), PREC, False, K_IS_BF16) * b_m
+                          tl.zeros(b_m.shape, dtype=tl.float32), PREC, P_EXACT, K_IS_BF16) * b_m
     b_pk_hi, b_pk_lo = mesa_split(b_pk, PREC)
     b_w = mesa_dot_split(b_pk_hi, b_pk_lo, b_k_hi, b_k_lo, b_lamb[None, :] * b_p, PREC, False, K_IS_BF16)
     # e^Γ_t scales a row: (e ⊙ p) H = e ⊙ (p H), so p's split (and its copy in shared memory) serves both products
-    b_ph = mesa_dot_split(b_p_hi, b_p_lo, b_h_hi, b_h_lo, tl.zeros(b_p.shape, dtype=tl.float32), PREC, False, False)
+    b_ph = mesa_dot_split(b_p_hi, b_p_lo, b_h_hi, b_h_lo, tl.zeros(b_p.shape, dtype=tl.float32), PREC, P_EXACT, False)
     return b_w + b_e[:, None] * b_ph
 
 
@@ -79,8 +84,8 @@ def _prune_cg_configs(configs, named_args, **kwargs):
 })
 @triton.autotune(
     configs=_cg_configs(),
-    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT', 'O_IS_BF16',
-         'RHS_DX', 'DO_IS_BF16'],
+    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'ROUND_P', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT',
+         'O_IS_BF16', 'RHS_DX', 'DO_IS_BF16'],
     prune_configs_by={'early_config_prune': _prune_cg_configs},
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
@@ -112,6 +117,7 @@ def chunk_mesa_cg_fwd_kernel(
     PREC: tl.constexpr,
     O_PREC: tl.constexpr,
     PRECONDITION: tl.constexpr,
+    ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr,
     H_IN_LOOP: tl.constexpr,
@@ -181,7 +187,7 @@ def chunk_mesa_cg_fwd_kernel(
     b_dinv = 1. / b_d
     b_x = b_b * b_dinv
     b_r = b_b - _chunk_mesa_matvec(b_x, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
-                                      H_IN_LOOP)
+                                      H_IN_LOOP, False)
     if PRECONDITION:
         b_z = b_r * b_dinv
     else:
@@ -196,13 +202,24 @@ def chunk_mesa_cg_fwd_kernel(
     i = tl.full([], 0, tl.int32)
     # a while loop: the tile stops as soon as no row is active
     while (i < max_steps) & (tl.max(m_act.to(tl.int32), 0) > 0):
+        if ROUND_P:
+            # x and r move along the rounded p itself, with w = A p exact to fp32: r stays b - A x, and α = rᵀp / pᵀAp
+            # is the exact line search along p (rᵀz only equals rᵀp for unrounded directions)
+            if PREC == 'bf16x3':
+                b_p = round_bf16(b_p)
+            else:
+                b_p = round_tf32(b_p)
         b_w = _chunk_mesa_matvec(b_p, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
-                                 H_IN_LOOP)
-        b_pw = tl.sum(b_p * b_w, 1)
+                                 H_IN_LOOP, ROUND_P)
+        if ROUND_P:
+            b_pw, b_rp = sum2(b_p * b_w, b_r * b_p, 1)
+        else:
+            b_pw = tl.sum(b_p * b_w, 1)
+            b_rp = b_rz
         # the curvature pᵀw must be positive: past convergence in fp32 it can underflow to 0 before rᵀz does, and a
         # row kept active with α = 0 would grow p = z + p without bound; it stops here, unchanged
         m_act = m_act & (b_pw > 0)
-        b_alpha = tl.where(m_act, b_rz / tl.where(m_act, b_pw, 1.), 0.)
+        b_alpha = tl.where(m_act, b_rp / tl.where(m_act, b_pw, 1.), 0.)
         b_x += b_alpha[:, None] * b_p
         b_r -= b_alpha[:, None] * b_w
         if PRECONDITION:
@@ -262,6 +279,7 @@ def chunk_mesa_cg(
     readout_precision: str | None = None,
     o_dtype: torch.dtype = torch.float32,
     do: torch.Tensor | None = None,
+    round_directions: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -289,6 +307,8 @@ def chunk_mesa_cg(
         readout_precision (str, Optional): operand precision of the readout's products. Default: as `precision`.
         o_dtype (torch.dtype): dtype of `o` (the op's output dtype saves a cast pass). Default: float32.
         do (torch.Tensor, Optional): upstream gradient `[B, T, H, V]`: solve for `b_t = S_t do_t` (needs `v`, `h_kv`).
+        round_directions (bool, Optional): round each CG direction to the split products' high part (bf16x3,
+            tf32x3): 5 products a step instead of 7, the same attainable accuracy. Default: `CG_ROUND_DIRECTIONS`.
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
@@ -357,6 +377,7 @@ def chunk_mesa_cg(
         PREC=precision,
         O_PREC=readout_precision,
         PRECONDITION=bool(precondition),
+        ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
         H_IN_LOOP=BK > 128,

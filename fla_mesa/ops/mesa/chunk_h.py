@@ -43,7 +43,7 @@ INTERPRETING = tl.constexpr(is_interpreting())
 
 
 @triton.jit
-def _round_tf32(a):
+def round_tf32(a):
     # to the nearest value with a 10-bit mantissa (ties away from zero), by integer arithmetic on the fp32 bits
     return ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
 
@@ -65,8 +65,8 @@ def mesa_split(a, PREC: tl.constexpr):
         hi = hi.to(BF16_DOT_TYPE)
     elif PREC == 'tf32x3':
         # both parts rounded to nearest tf32 (the tensor cores would truncate them: a bias that measured 5x the error)
-        hi = _round_tf32(a.to(tl.float32))
-        lo = _round_tf32(a.to(tl.float32) - hi)
+        hi = round_tf32(a.to(tl.float32))
+        lo = round_tf32(a.to(tl.float32) - hi)
     elif PREC == 'bf16':
         hi = a.to(tl.bfloat16).to(BF16_DOT_TYPE)
         lo = hi
