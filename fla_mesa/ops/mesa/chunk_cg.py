@@ -58,6 +58,15 @@ def _chunk_mesa_matvec(
     return b_w + b_e[:, None] * b_ph
 
 
+@triton.jit
+def _round_hi(a, PREC: tl.constexpr):
+    # to the nearest value of a split's high part (`mesa_split`), still fp32
+    if PREC == 'bf16x3':
+        return round_bf16(a)
+    else:
+        return round_tf32(a)
+
+
 def _cg_configs():
     # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure (the fastest
     # of six on an H100, benchmarks/results/cg_kernel_study_h100.md). Not NR = 1 at 4 warps: with bf16 keys Triton
@@ -186,8 +195,11 @@ def chunk_mesa_cg_fwd_kernel(
     # Jacobi start x0 = b / diag(A); the reciprocal once, a multiply per step (an fp32 division is ~10 instructions)
     b_dinv = 1. / b_d
     b_x = b_b * b_dinv
+    if ROUND_P:
+        # any start will do: a rounded one makes r0 = b - A x0 a 5-product matvec too
+        b_x = _round_hi(b_x, PREC)
     b_r = b_b - _chunk_mesa_matvec(b_x, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
-                                      H_IN_LOOP, False)
+                                      H_IN_LOOP, ROUND_P)
     if PRECONDITION:
         b_z = b_r * b_dinv
     else:
@@ -205,10 +217,7 @@ def chunk_mesa_cg_fwd_kernel(
         if ROUND_P:
             # x and r move along the rounded p itself, with w = A p exact to fp32: r stays b - A x, and α = rᵀp / pᵀAp
             # is the exact line search along p (rᵀz only equals rᵀp for unrounded directions)
-            if PREC == 'bf16x3':
-                b_p = round_bf16(b_p)
-            else:
-                b_p = round_tf32(b_p)
+            b_p = _round_hi(b_p, PREC)
         b_w = _chunk_mesa_matvec(b_p, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
                                  H_IN_LOOP, ROUND_P)
         if ROUND_P:
