@@ -12,7 +12,8 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.ops.utils.op import exp2
 
 from fla_mesa.ops.mesa.chunk_h import (
-    chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, round_tf32, sum2,
+    INTERPRETING, chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, round_tf32,
+    sum2,
 )
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
@@ -60,8 +61,11 @@ def _chunk_mesa_matvec(
 
 @triton.jit
 def _round_hi(a, PREC: tl.constexpr):
-    # to the nearest value of a split's high part (`mesa_split`), still fp32
-    if PREC == 'bf16x3':
+    # to the nearest value of a split's high part (`mesa_split`), still fp32; on the GPU by its bf16 conversion (one
+    # instruction per two values; `round_bf16`'s integer arithmetic takes four), which the interpreter truncates
+    if PREC == 'bf16x3' and not INTERPRETING:
+        return a.to(tl.bfloat16).to(tl.float32)
+    elif PREC == 'bf16x3':
         return round_bf16(a)
     else:
         return round_tf32(a)
