@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one call: every kernel config against float64 (a compiler can miscompile
-# one), the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy against float64 beside the bf16 rounding floor)
+# Every GPU check and measurement of the project: the test suite on the GPU (kernels, layer and model there), every
+# kernel config against float64 (a compiler can miscompile one), the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy against float64 beside the bf16 rounding floor)
 # and, given an fla checkout, fla's own harness.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] [FLA_ROOT]
 set -uo pipefail
@@ -8,6 +8,7 @@ out=${1:-benchmarks/results/latest}
 fla_root=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+python -m pytest tests -n 8 -p no:cacheprovider -rf --tb=line 2>&1 | tee "$out/pytest.log" | tail -30
 python benchmarks/check_configs.py --dtypes bf16 --shapes 32x16 64x32 128x128 --jobs 16 --out "$out/check_configs.md"
 python benchmarks/warm_cache.py --jobs 8 2>&1 | tee "$out/warm_cache.log"
 python benchmarks/benchmark_chunk.py 2>&1 | tee "$out/chunk.md"
