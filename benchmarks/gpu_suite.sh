@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement of the project: the test suite on the GPU (kernels, layer and model there), every
-# kernel config against float64 (a compiler can miscompile one), the chunk table (speed beside fla, GLA, GDN, sdpa; accuracy against float64 beside the bf16 rounding floor)
-# and, given an fla checkout, fla's own harness.
+# kernel config against float64 (a compiler can miscompile one), the chunk table (speed beside fla, GLA, GDN, sdpa;
+# accuracy against float64 beside the bf16 rounding floor) and, given an fla checkout, fla's own harness.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] [FLA_ROOT]
 set -uo pipefail
 out=${1:-benchmarks/results/latest}
