@@ -534,8 +534,7 @@ def main():
         from check_configs import kernels
         COMPILE_ONLY = True
         for tuner, configs in kernels().values():
-            tuner.configs = [configs[args.pin_config % len(configs)]]
-            tuner.cache = {}
+            single_config(tuner, configs[args.pin_config % len(configs)])
     if DEVICE == 'cuda' and not torch.cuda.is_available():
         sys.exit("benchmark_chunk.py needs a CUDA GPU")
     if DEVICE != 'cuda':

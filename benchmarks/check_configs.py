@@ -29,8 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+from benchmark_chunk import header, single_config  # noqa: E402
 DTYPES = {'bf16': torch.bfloat16, 'fp32': torch.float32}
 
 
@@ -75,8 +77,7 @@ def run_case(kernel, index, dtype, K, V, T=130, device=None):
         from tests import bounds
         bounds.install()
     for name, (tuner, configs) in kernels().items():
-        tuner.configs = [configs[index] if name == kernel else configs[0]]
-        tuner.cache = {}
+        single_config(tuner, configs[index] if name == kernel else configs[0])
     q, k, v, g, beta, lamb, h0 = make_inputs(1, T, 2, K, V, gate=(5.0, 1.0), initial_state=True, seed=K + V)
     q, k, v = (t.to(DTYPES[dtype]).double() for t in (q, k, v))
     do = torch.randn(1, T, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -178,7 +179,6 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(jobs, pool.map(launch_and_report, jobs)))
 
-    from benchmark_chunk import header
     lines = [f'# Every autotune config against float64 ({header()})', '',
              "Largest relative error of o and every gradient, bf16 or fp32 q/k/v (T = 130, H = 2, initial state, "
              "40 fixed steps; the dx kernel at 0 steps).", '',
