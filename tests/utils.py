@@ -1,7 +1,20 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+# the kernels run on a GPU (not in the Triton interpreter): the tests that move their inputs there
+ON_GPU = torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET', '0') != '1'
+
+
+def fp32_bound(base: float, gpu: bool = False) -> float:
+    """
+    FlashAttention's rule: at most 2x the error of the float32 reference `base` (floor 2e-6); on a GPU 3x that, for
+    the kernels' split (tf32x3, bf16x3) products.
+    """
+    return max(2 * base, 2e-6) * (3 if gpu else 1)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

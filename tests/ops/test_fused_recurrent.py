@@ -19,10 +19,9 @@ import torch
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
 from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
-from tests.utils import make_inputs, on_cuda, rel_err
+from tests.utils import ON_GPU, make_inputs, on_cuda, rel_err
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
-ON_GPU = not INTERPRET and torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not (INTERPRET or ON_GPU), reason='needs TRITON_INTERPRET=1 or a GPU')
 _fused_recurrent_mesa = fused_recurrent_mesa
 
