@@ -17,6 +17,7 @@ def cg_solve(
     max_steps: int,
     tol: float | None = None,
     precondition: bool = False,
+    round_p: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     Solves `A x = b` row by row for a batch of SPD systems given only `matvec(p) = A p`.
@@ -35,6 +36,9 @@ def cg_solve(
             `||r||² <= residual_floor2(dtype) · ||b||²` (3e-10 relative in float32) stops it first.
         precondition (bool):
             Jacobi-preconditioned CG. Default: `False`.
+        round_p (Callable, Optional):
+            Rounded directions, as the chunk kernel's `round_directions` (op README): the start and each direction
+            rounded by it before the matvec, x and r moved along the rounded vector, α = rᵀp / pᵀAp. Default: `None`.
 
     Returns:
         x (torch.Tensor): `[..., K]`, the solution.
@@ -50,6 +54,8 @@ def cg_solve(
     # rounding keeps their step counts equal to this reference)
     dinv = 1 / diag
     x = b * dinv
+    if round_p is not None:
+        x = round_p(x)
     r = b - matvec(x)
     z = r * dinv if precondition else r
     p = z
@@ -59,13 +65,17 @@ def cg_solve(
     for _ in range(max_steps):
         if not active.any():
             break
+        if round_p is not None:
+            p = round_p(p)
         w = matvec(p)
         pw = (p * w).sum(-1, keepdim=True)
         # exact zeros are the only guard: no absolute epsilon. A curvature pᵀw <= 0 (in float32: an underflow past
         # convergence, before rᵀz's) stops the row here, unchanged and not counted; kept active with α = 0 it would
         # grow p = z + p without bound
         active = active & (pw > 0)
-        alpha = torch.where(active, rz / torch.where(active, pw, torch.ones_like(pw)), torch.zeros_like(pw))
+        # rᵀz = rᵀp only for unrounded directions; rᵀp is the exact line search along the rounded one
+        rp = rz if round_p is None else (r * p).sum(-1, keepdim=True)
+        alpha = torch.where(active, rp / torch.where(active, pw, torch.ones_like(pw)), torch.zeros_like(pw))
         x = x + alpha * p
         r = r - alpha * w
         z = r * dinv if precondition else r
