@@ -83,12 +83,13 @@ def test_chunk_gradients_scale_invariant(backend, scale):
 
 
 @pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
-def test_chunk_rounded_directions(backend, monkeypatch, scale):
-    # FLA_MESA_CG_ROUND_DIRECTIONS: the forward's and the adjoint's CG with rounded directions, fp32 level as above
+def test_chunk_plain_directions(backend, monkeypatch, scale):
+    # FLA_MESA_CG_ROUND_DIRECTIONS=0: the forward's and the adjoint's CG with unrounded directions (the other tests
+    # run the default, rounded ones), fp32 level as above
     if backend == 'torch':
         pytest.skip('an option of the Triton CG kernel')
     from fla_mesa.ops.mesa import chunk_cg
-    monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', True)
+    monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', False)
     inputs = make_inputs(2, 63, 2, 16, 8, gate=(6.0, 1.0), initial_state=True)
     do, dht = upstream(2, 63, 2, 8, 16, scale)
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=32)
