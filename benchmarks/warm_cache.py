@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # fla's rows, one process each (the two mesa_net rows share their kernels); torch's sdpa needs no compiling
@@ -55,8 +55,9 @@ def main(argv=None):
 
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        for line in pool.map(launch, jobs(n_configs, extra)):
-            print(line, flush=True)
+        # each line as its process ends: a run cut by a time limit still shows what finished
+        for future in as_completed([pool.submit(launch, cmd) for cmd in jobs(n_configs, extra)]):
+            print(future.result(), flush=True)
     print(f"warm_cache: {time.time() - t0:.0f} s in all", flush=True)
 
 
