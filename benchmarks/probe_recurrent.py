@@ -1,9 +1,10 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
 The recurrent kernel's GPU cases that never finished on an H200 (benchmarks/results/gpu_tests_h200.md, section 5),
-each alone in its own process with a time limit, one kernel config pinned at a time, fp fusion on and off: which
-of them hangs, and under which config. Prints one line per run as it ends, then a table: the relative error of o
-and the final states against the float64 exact solve, or HANG (past --timeout) or the error.
+each alone in its own process with a time limit, one kernel config pinned at a time, with the kernel's fused
+multiply-adds off (the kernel's default, `FP_FUSION`) and on: which of them hangs, and under which setting. Prints one
+line per run as it ends, then a table: the relative error of o and the final states against the float64 exact
+solve, or HANG (past --timeout) or the error.
 
     python benchmarks/probe_recurrent.py --jobs 8 --timeout 60
 """
@@ -30,12 +31,13 @@ CASES = {
 }
 
 
-def run_case(case, num_warps):
+def run_case(case, num_warps, fusion):
     import torch
     import triton
 
     from benchmark_chunk import single_config
     from fla_mesa.ops.mesa import naive_exact_mesa
+    from fla_mesa.ops.mesa import fused_recurrent
     from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa, fused_recurrent_mesa_fwd_kernel
     from fla_mesa.utils import is_interpreting
     from tests.utils import make_inputs, rel_err
@@ -43,6 +45,7 @@ def run_case(case, num_warps):
     # under TRITON_INTERPRET=1 (CPU) only to smoke-test this script
     device = 'cpu' if is_interpreting() else 'cuda'
     B, T, H, K, V, dtype, steps, tol, store = CASES[case]
+    fused_recurrent.FP_FUSION = fusion
     single_config(fused_recurrent_mesa_fwd_kernel, triton.Config({'BV': 32}, num_warps=num_warps))
     inputs = make_inputs(B, T, H, K, V, dtype=torch.float64, initial_state=True)
     dtype = getattr(torch, dtype)
@@ -59,18 +62,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--jobs', type=int, default=8)
     parser.add_argument('--timeout', type=int, default=60, help='seconds per run, compiling included')
-    parser.add_argument('--worker', nargs=2, metavar=('CASE', 'WARPS'), help=argparse.SUPPRESS)
+    parser.add_argument('--worker', nargs=3, metavar=('CASE', 'WARPS', 'FUSION'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print('RESULT ' + json.dumps(run_case(args.worker[0], int(args.worker[1]))), flush=True)
+        print('RESULT ' + json.dumps(run_case(args.worker[0], int(args.worker[1]), args.worker[2] == '1')), flush=True)
         return
 
     def launch(job):
         case, warps, fusion = job
-        env = dict(os.environ, TRITON_DEFAULT_FP_FUSION=fusion)
-        cmd = [sys.executable, os.path.abspath(__file__), '--worker', case, str(warps)]
+        cmd = [sys.executable, os.path.abspath(__file__), '--worker', case, str(warps), fusion]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
         except subprocess.TimeoutExpired:
             result = 'HANG'
         else:

@@ -226,3 +226,52 @@ def test_validation_errors():
     big = torch.nn.functional.normalize(torch.randn(1, 1, 1, 300), dim=-1)
     with pytest.raises(ValueError, match='K <= 256'):
         fused_recurrent_mesa(big, big, v[:, :1, :1], g[:, :1, :1], beta[:, :1, :1], torch.ones(1, 300))
+
+
+
+# the kernel compiled for sm_90 on any machine (no GPU needed); run apart, as the interpreter replaces triton.jit
+_PTX_SCRIPT = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fla_mesa.ops.mesa import fused_recurrent as fr
+fn = fr.fused_recurrent_mesa_fwd_kernel
+while not isinstance(fn, triton.runtime.JITFunction):
+    fn = fn.fn
+types = {p.name: '*fp32' for p in fn.params[:12]} | dict(cg_steps='*i32', tol2='fp32', max_steps='i32', T='i32', NH='i32')
+consts = dict(H=1, K=16, V=8, BK=16, BV=32, BC=32, H_IN_REGS=True, SOLVE=True, PRECONDITION=True,
+              DTYPE=triton.language.float32, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False)
+src = ASTSource(fn=fn, signature={p.name: types.get(p.name, 'constexpr') for p in fn.params},
+                constexprs={p.name: consts.get(p.name) for p in fn.params if p.name not in types})
+options = dict(num_warps=4, enable_fp_fusion=sys.argv[1] == 'True')
+sys.stdout.write(triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options).asm['ptx'])
+"""
+
+
+def test_no_fused_multiply_adds(monkeypatch):
+    # FP_FUSION (fused_recurrent.py): the kernel launches without fused multiply-adds, and its sm_90 code then has
+    # none (with them it has: the check can fail), so every warp's copy of the CG vectors, and its exit from the
+    # loop, agree to the bit
+    import subprocess
+    import sys
+
+    from fla_mesa.ops.mesa import fused_recurrent as fr
+    launches = []
+    kernel = fr.fused_recurrent_mesa_fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(fr, 'fused_recurrent_mesa_fwd_kernel', Recorder())
+    fused_recurrent_mesa(*make_inputs(1, 2, 1, 16, 8, dtype=torch.float32))
+    assert launches and launches[0]['enable_fp_fusion'] is False
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+    for fusion in (False, True):
+        ptx = subprocess.run([sys.executable, '-c', _PTX_SCRIPT, str(fusion)], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        assert 'shfl.sync' in ptx and ('fma.rn.f32' in ptx) == fusion

@@ -19,6 +19,13 @@ MAX_BK_IN_REGS = 128
 # fp32 H over 4 warps is 128 registers a thread), fewer keep more programs resident; tuned (on an H100, 4 warps
 # won at every batch size, 8 and 16 warps were 1.6x and 2.2x slower at B·H = 1024)
 NUM_WARPS = [2, 4, 8, 16]
+# no fused multiply-adds in this kernel. Each warp holds its own copy of the CG vectors and decides alone when to
+# leave the loop, which is sound only if the copies agree to the bit. With fusion the sm_90 code of a cross-lane sum
+# adds a lane's own product unrounded to its partner's rounded one (`mul`, `shfl`, `fma`), so lanes, and then the
+# warps' copies, drift apart; a warp that leaves the loop while another waits at the loop's barrier hangs the
+# program. The suspected cause of three tests that never returned on an H200 (benchmarks/results/gpu_tests_h200.md
+# §5); `benchmarks/probe_recurrent.py` runs them with this on and off
+FP_FUSION = False
 
 
 def _configs():
@@ -322,6 +329,7 @@ def fused_recurrent_mesa_fwd(
         SOLVE=cg_max_steps > 0,
         PRECONDITION=precondition,
         DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        enable_fp_fusion=FP_FUSION,
     )
     return o, (ht_kk, ht_kv), cg_steps
 
