@@ -228,7 +228,6 @@ def test_validation_errors():
         fused_recurrent_mesa(big, big, v[:, :1, :1], g[:, :1, :1], beta[:, :1, :1], torch.ones(1, 300))
 
 
-
 # the kernel compiled for sm_90 on any machine (no GPU needed); run apart, as the interpreter replaces triton.jit
 _PTX_SCRIPT = """
 import sys, triton
