@@ -237,9 +237,9 @@ from fla_mesa.ops.mesa import fused_recurrent as fr
 fn = fr.fused_recurrent_mesa_fwd_kernel
 while not isinstance(fn, triton.runtime.JITFunction):
     fn = fn.fn
-types = {p.name: '*fp32' for p in fn.params[:12]} | dict(cg_steps='*i32', tol2='fp32', max_steps='i32', T='i32', NH='i32')
+types = {p.name: '*fp32' for p in fn.params[:12]} | dict(cg_steps='*i32', tol='fp32', max_steps='i32', T='i32', NH='i32')
 consts = dict(H=1, K=16, V=8, BK=16, BV=32, BC=32, H_IN_REGS=True, SOLVE=True, PRECONDITION=True,
-              DTYPE=triton.language.float32, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False)
+              DTYPE=triton.language.float32, FLOOR2=1e-19, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False)
 src = ASTSource(fn=fn, signature={p.name: types.get(p.name, 'constexpr') for p in fn.params},
                 constexprs={p.name: consts.get(p.name) for p in fn.params if p.name not in types})
 options = dict(num_warps=4, enable_fp_fusion=sys.argv[1] == 'True')

@@ -103,7 +103,7 @@ def fused_recurrent_mesa_fwd_kernel(
     ht_kv,
     cg_steps,
     cu_seqlens,
-    tol2,
+    tol,
     max_steps,
     T,
     NH,
@@ -117,6 +117,7 @@ def fused_recurrent_mesa_fwd_kernel(
     SOLVE: tl.constexpr,
     PRECONDITION: tl.constexpr,
     DTYPE: tl.constexpr,
+    FLOOR2: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_CG_STEPS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -132,7 +133,10 @@ def fused_recurrent_mesa_fwd_kernel(
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=0).to(DTYPE)
-    b_tol2 = tl.cast(tol2, DTYPE)
+    # tol², at least the residual floor, squared here: a float argument reaches the kernel as fp32, where float64's
+    # floor (1.5e-154) would be 0; the constexpr floor is kept in DTYPE
+    b_tol = tl.cast(tol, DTYPE)
+    b_tol2 = tl.maximum(b_tol * b_tol, FLOOR2)
 
     # diag(H) is carried as a vector: the Jacobi start and preconditioner need it, and it updates like H
     if USE_INITIAL_STATE:
@@ -316,7 +320,7 @@ def fused_recurrent_mesa_fwd(
         ht_kv=ht_kv,
         cg_steps=cg_steps,
         cu_seqlens=cu_seqlens,
-        tol2=max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(dtype)),
+        tol=0.0 if cg_tol is None else float(cg_tol),
         max_steps=cg_max_steps,
         T=T,
         NH=min(triton.next_power_of_2(N * H), 4096),
@@ -329,6 +333,7 @@ def fused_recurrent_mesa_fwd(
         SOLVE=cg_max_steps > 0,
         PRECONDITION=precondition,
         DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        FLOOR2=residual_floor2(dtype),
         enable_fp_fusion=FP_FUSION,
     )
     return o, (ht_kk, ht_kv), cg_steps
