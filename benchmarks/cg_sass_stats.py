@@ -23,23 +23,30 @@ BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin'
 ADDR = re.compile(r'\s+/\*([0-9a-f]{4,})\*/')
 
 
-def sass(round_p, NR, num_warps, prec='bf16x3'):
-    from fla_mesa.ops.mesa import chunk_cg
-    fn = chunk_cg.chunk_mesa_cg_fwd_kernel
+def compile_sm90(kernel, types, consts, **options):
+    """
+    `kernel` (under its autotune/heuristics wrappers) compiled for sm_90 with `types` for its runtime arguments and
+    `consts` for its constexprs (those not given, e.g. unused pointers, are None), every pointer 16-byte aligned as
+    the runtime specialises them (without it no load is vectorised); `options` as triton.compile takes them.
+    """
+    fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):
         fn = fn.fn
+    signature = {p.name: types.get(p.name, 'constexpr') for p in fn.params}
+    constexprs = {p.name: consts.get(p.name) for p in fn.params if p.name not in types}
+    attrs = {(i,): [['tt.divisibility', 16]] for i, p in enumerate(fn.params) if types.get(p.name, '').startswith('*')}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget('cuda', 90, 32), options=options)
+
+
+def sass(round_p, NR, num_warps, prec='bf16x3'):
+    from fla_mesa.ops.mesa import chunk_cg
     types = dict(b='*bf16', k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', v='*bf16', h_kv='*fp32',
                  x='*fp32', steps='*i32', o='*bf16', max_steps='i32', tol2='fp32', T='i32')
     consts = dict(H=16, K=128, V=128, BT=64, NR=NR, BK=128, BV=64, PREC=prec, O_PREC=prec, PRECONDITION=True,
                   ROUND_P=round_p, K_IS_BF16=True, V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, READOUT=True,
                   O_IS_BF16=True, RHS_DX=False, DO_IS_BF16=False)
-    # pointers the kernel does not use here (do, cu_seqlens, chunk_indices) are None constexprs
-    signature = {p.name: types.get(p.name, 'constexpr') for p in fn.params}
-    constexprs = {p.name: consts.get(p.name) for p in fn.params if p.name not in types}
-    # as the runtime specialises them: every pointer 16-byte aligned (without it no load is vectorised)
-    attrs = {(i,): [['tt.divisibility', 16]] for i, p in enumerate(fn.params) if types.get(p.name, '').startswith('*')}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps, num_stages=1))
+    kernel = compile_sm90(chunk_cg.chunk_mesa_cg_fwd_kernel, types, consts, num_warps=num_warps, num_stages=1)
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(kernel.asm['cubin'])
         f.flush()

@@ -228,22 +228,19 @@ def test_validation_errors():
         fused_recurrent_mesa(big, big, v[:, :1, :1], g[:, :1, :1], beta[:, :1, :1], torch.ones(1, 300))
 
 
-# the kernel compiled for sm_90 on any machine (no GPU needed); run apart, as the interpreter replaces triton.jit
+# the kernel compiled for sm_90 on any machine (no GPU needed, benchmarks/cg_sass_stats.py); run apart, as the
+# interpreter replaces triton.jit
 _PTX_SCRIPT = """
 import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from cg_sass_stats import compile_sm90
 from fla_mesa.ops.mesa import fused_recurrent as fr
-fn = fr.fused_recurrent_mesa_fwd_kernel
-while not isinstance(fn, triton.runtime.JITFunction):
-    fn = fn.fn
-types = {p.name: '*fp32' for p in fn.params[:12]} | dict(cg_steps='*i32', tol='fp32', max_steps='i32', T='i32', NH='i32')
+types = dict(q='*fp32', k='*fp32', v='*fp32', g='*fp32', beta='*fp32', lamb='*fp32', o='*fp32', ht_kk='*fp32',
+             ht_kv='*fp32', tol='fp32', max_steps='i32', T='i32', NH='i32')
 consts = dict(H=1, K=16, V=8, BK=16, BV=32, BC=32, H_IN_REGS=True, SOLVE=True, PRECONDITION=True,
               DTYPE=triton.language.float32, FLOOR2=1e-19, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False)
-src = ASTSource(fn=fn, signature={p.name: types.get(p.name, 'constexpr') for p in fn.params},
-                constexprs={p.name: consts.get(p.name) for p in fn.params if p.name not in types})
-options = dict(num_warps=4, enable_fp_fusion=sys.argv[1] == 'True')
-sys.stdout.write(triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options).asm['ptx'])
+fusion = sys.argv[1] == 'True'
+kernel = compile_sm90(fr.fused_recurrent_mesa_fwd_kernel, types, consts, num_warps=4, enable_fp_fusion=fusion)
+sys.stdout.write(kernel.asm['ptx'])
 """
 
 
@@ -269,7 +266,7 @@ def test_no_fused_multiply_adds(monkeypatch):
     assert launches and launches[0]['enable_fp_fusion'] is False
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.path.join(root, 'benchmarks'), os.environ.get('PYTHONPATH', '')]))
     for fusion in (False, True):
         ptx = subprocess.run([sys.executable, '-c', _PTX_SCRIPT, str(fusion)], capture_output=True, text=True,
                              env=env, check=True).stdout
