@@ -1,0 +1,496 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+Training-step throughput of fla-mesa's MesaForCausalLM beside fla's MesaNet, GLA, DeltaNet, gated DeltaNet and
+transformers' Llama with sdpa attention (issue 13), on one GPU.
+
+Every model is built from its public config class with bf16 parameters and trained with torch's AdamW (its defaults)
+on fresh random tokens each step (loss = the model's own causal LM loss with labels = input ids). Peers take the
+width, depth, heads (head dim 128 for every model: GLA and DeltaNet with expand_k = expand_v = 1, gated DeltaNet
+with expand_v = 1) and vocab of fla-mesa's model, fla's defaults otherwise, and an MLP intermediate size solved so
+that their parameter count is within +-5% of fla-mesa's (the script stops if one is not).
+
+Sizes: 'small' = 8 layers, hidden 1024, 8 heads of 128, vocab 32000 (fla-mesa's defaults otherwise);
+'340M' = configs/mesa_340M.json. T = 2048, 4096, 8192 at constant B*T = --tokens (16384).
+
+Per row: median ms/step over --steps timed steps after --warmup steps (each step synchronised), tokens/s, peak
+memory (torch.cuda.max_memory_allocated from the row's start: parameters, AdamW state, activations), and the GPU
+busy fraction of --profile-steps further steps run under torch.profiler: the union of the intervals of every
+kernel, memcpy and memset in the trace (overlaps counted once) over the wall time of those same steps ('busy');
+'busy/med' divides the same kernel time per step by the unprofiled median instead (the profiler's own host cost
+is then left out). 'enqueue ms' is the host time from a step's start to the return of optimizer.step(), before
+the synchronize: the host cost of a step when nothing in it waits for the GPU; a device-to-host copy inside the
+step makes it wait, and then it is close to the whole step.
+
+By default every Triton-using model is first run for one step of each of its rows in a process of its own, all at
+once (--warm-jobs), so that Triton's autotuners compile their configs in parallel into Triton's on-disk cache
+(TRITON_CACHE_DIR); the timed run, one process, then finds the binaries there. Autotuning choices are not cached
+in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes would be picked on noise.
+
+    python benchmarks/benchmark_training.py                        # warm in parallel, then the full table
+    python benchmarks/benchmark_training.py --no-warm --models fla-mesa llama --sizes small --Ts 2048
+    python benchmarks/benchmark_training.py --profile-host --models fla-mesa --sizes small --Ts 2048
+    TRITON_INTERPRET=1 python benchmarks/benchmark_training.py --device cpu --tiny --out /tmp/t.md   # smoke test
+
+--profile-host: for the first of --models/--sizes/--Ts, one step under cProfile (synchronised only at its end):
+the top 40 functions by cumulative and by total time, then torch.profiler's key_averages() sorted by self CPU
+time (top 40), to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODELS = ['fla-mesa', 'fla-mesanet', 'gla', 'deltanet', 'gated-deltanet', 'llama']
+SIZES = ['small', '340M']
+TINY = dict(num_hidden_layers=2, hidden_size=64, num_heads=2, head_dim=32, vocab_size=256)
+SMALL = dict(num_hidden_layers=8, hidden_size=1024, num_heads=8, head_dim=128, vocab_size=32000)
+COLUMNS = ['model', 'size', 'T', 'B', 'params', 'ratio', 'ms/step', 'tokens/s', 'peak GiB', 'GPU ms/step',
+           'busy', 'busy/med', 'enqueue ms', 'note']
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+
+
+def mesa_config(size, tiny, device):
+    from fla_mesa.models import MesaConfig
+    if tiny:
+        config = MesaConfig(**TINY)
+    elif size == 'small':
+        config = MesaConfig(**SMALL)
+    elif size == '340M':
+        with open(os.path.join(ROOT, 'configs', 'mesa_340M.json')) as f:
+            fields = json.load(f)
+        fields.pop('model_type', None)
+        config = MesaConfig(**fields)
+    else:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    config.use_cache = False
+    if device != 'cuda':
+        # fla's fused loss needs a GPU; its fused norm and SwiGLU autotune, which the Triton interpreter cannot
+        config.fuse_cross_entropy = config.fuse_norm = config.fuse_swiglu = False
+    return config
+
+
+def peer_config(name, mesa, intermediate_size, max_T, device):
+    """The config of peer `name` at the width, depth, heads and vocab of fla-mesa's config `mesa`."""
+    h, L, H, D, V = mesa.hidden_size, mesa.num_hidden_layers, mesa.num_heads, mesa.head_dim, mesa.vocab_size
+    fused = {k: device == 'cuda' for k in ('fuse_cross_entropy', 'fuse_norm', 'fuse_swiglu')}
+    common = dict(hidden_size=h, num_hidden_layers=L, vocab_size=V, intermediate_size=intermediate_size,
+                  use_cache=False, **fused)
+    if H * D != h:
+        raise ValueError(f"peers need num_heads * head_dim == hidden_size, got {H} * {D} != {h}")
+    if name == 'fla-mesa':
+        return mesa
+    if name == 'fla-mesanet':
+        from fla.models import MesaNetConfig
+        return MesaNetConfig(num_heads=H, head_dim=D, **common)
+    if name == 'gla':
+        from fla.models import GLAConfig
+        return GLAConfig(num_heads=H, expand_k=1.0, expand_v=1.0, **common)
+    if name == 'deltanet':
+        from fla.models import DeltaNetConfig
+        return DeltaNetConfig(num_heads=H, expand_k=1.0, expand_v=1.0, **common)
+    if name == 'gated-deltanet':
+        from fla.models import GatedDeltaNetConfig
+        return GatedDeltaNetConfig(num_heads=H, head_dim=D, expand_v=1.0, **common)
+    if name == 'llama':
+        from transformers import LlamaConfig
+        return LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=intermediate_size, num_hidden_layers=L,
+                           num_attention_heads=H, num_key_value_heads=H, head_dim=D, max_position_embeddings=max_T,
+                           tie_word_embeddings=False, use_cache=False, attn_implementation='sdpa')
+    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+def model_class(name):
+    if name == 'fla-mesa':
+        from fla_mesa.models import MesaForCausalLM
+        return MesaForCausalLM
+    if name == 'llama':
+        from transformers import LlamaForCausalLM
+        return LlamaForCausalLM
+    import fla.models
+    return getattr(fla.models, {'fla-mesanet': 'MesaNetForCausalLM', 'gla': 'GLAForCausalLM',
+                                'deltanet': 'DeltaNetForCausalLM',
+                                'gated-deltanet': 'GatedDeltaNetForCausalLM'}[name])
+
+
+def count_params(name, config):
+    with torch.device('meta'):
+        model = model_class(name)(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_config(name, mesa, max_T, device):
+    """
+    Peer `name`'s config with its MLP intermediate size solved (the parameter count is linear in it) to match
+    fla-mesa's parameter count; returns (config, params, target params).
+    """
+    target = count_params('fla-mesa', mesa)
+    if name == 'fla-mesa':
+        return mesa, target, target
+    # a multiple of 64 keeps the MLP's GEMMs on full tiles; tiny models need a finer step
+    step = 64 if mesa.hidden_size >= 512 else 8
+    a, b = 4 * step, 64 * step
+    pa = count_params(name, peer_config(name, mesa, a, max_T, device))
+    pb = count_params(name, peer_config(name, mesa, b, max_T, device))
+    size = max(step, round((a + (target - pa) * (b - a) / (pb - pa)) / step) * step)
+    config = peer_config(name, mesa, size, max_T, device)
+    params = count_params(name, config)
+    if abs(params / target - 1) > 0.05:
+        raise SystemExit(f"{name}: {params} parameters at intermediate_size {size}, {params / target:.3f}x "
+                         f"fla-mesa's {target}: outside +-5%")
+    return config, params, target
+
+
+def build(name, config, device):
+    with torch.device(device):
+        model = model_class(name)(config)
+    model = model.to(torch.bfloat16).train()
+    if name == 'llama' and getattr(model.config, '_attn_implementation', 'sdpa') != 'sdpa':
+        raise RuntimeError(f"Llama built with attention {model.config._attn_implementation!r}, not sdpa")
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def step(model, opt, B, T, vocab, device):
+    """One training step; returns the host seconds until optimizer.step() returned (nothing synchronised)."""
+    t0 = time.perf_counter()
+    ids = torch.randint(0, vocab, (B, T), device=device)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU busy time
+
+
+def union_us(intervals):
+    total, end = 0.0, float('-inf')
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def device_busy_us(prof):
+    """
+    Union of the device intervals (kernels, memcpy, memset) of a finished torch.profiler run, in microseconds:
+    from its Chrome trace (event categories are explicit there), else from its CUDA events' time ranges.
+    """
+    path = None
+    try:
+        fd, path = tempfile.mkstemp(suffix='.json')
+        os.close(fd)
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)
+        events = events['traceEvents'] if isinstance(events, dict) else events
+        cats = {'kernel', 'gpu_memcpy', 'gpu_memset'}
+        spans = [(float(e['ts']), float(e['ts']) + float(e['dur'])) for e in events
+                 if e.get('ph') == 'X' and str(e.get('cat', '')).lower() in cats and 'dur' in e]
+        if spans:
+            return union_us(spans), 'trace'
+    except Exception as e:  # noqa: BLE001 - fall back below
+        log(f"  chrome trace unreadable ({type(e).__name__}: {e}); using profiler events")
+    finally:
+        if path and os.path.exists(path):
+            os.remove(path)
+    from torch.autograd import DeviceType
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return (union_us(spans), 'events') if spans else (None, 'none')
+
+
+def profile_busy(model, opt, B, T, vocab, device, n):
+    """(device busy ms per step, wall ms per step) over n steps under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(model, opt, B, T, vocab, device)
+        sync(device)
+        wall = time.perf_counter() - t0
+    busy, _ = device_busy_us(prof) if device == 'cuda' else (None, 'cpu')
+    return (busy / 1e3 / n if busy is not None else None), wall * 1e3 / n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows
+
+
+def free(device):
+    gc.collect()
+    if device == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def run_row(name, size, T, args, timed=True):
+    B = args.tokens // T
+    row = dict(model=name, size=size, T=T, B=B)
+    model = opt = None
+    try:
+        if B < 1 or B * T != args.tokens:
+            raise ValueError(f"--tokens {args.tokens} is not a multiple of T = {T}")
+        mesa = mesa_config(size, args.tiny, args.device)
+        config, params, target = matched_config(name, mesa, max(args.Ts), args.device)
+        row.update(params=f"{params / 1e6:.1f}M", ratio=f"{params / target:.3f}")
+        if args.device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        model, opt = build(name, config, args.device)
+        vocab = config.vocab_size
+        for _ in range(args.warmup if timed else 1):
+            step(model, opt, B, T, vocab, args.device)
+        sync(args.device)
+        if not timed:
+            return row
+        times, enqueue = [], []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            enqueue.append(step(model, opt, B, T, vocab, args.device))
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) * 1e3
+        row.update({'ms/step': f"{ms:.1f}", 'tokens/s': f"{B * T / ms * 1e3 / 1e3:.1f}K",
+                    'enqueue ms': f"{statistics.median(enqueue) * 1e3:.1f}"})
+        if args.device == 'cuda':
+            row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+        if args.profile_steps > 0:
+            busy_ms, wall_ms = profile_busy(model, opt, B, T, vocab, args.device, args.profile_steps)
+            if busy_ms is not None:
+                row.update({'GPU ms/step': f"{busy_ms:.1f}", 'busy': f"{busy_ms / wall_ms:.1%}",
+                            'busy/med': f"{busy_ms / ms:.1%}"})
+    except torch.cuda.OutOfMemoryError as e:
+        row['note'] = 'OOM: ' + str(e).splitlines()[0][:120]
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed row is a row with its reason
+        msg = ' '.join(str(e).split())[:300]
+        refused = name == 'gated-deltanet' and 'Triton' in msg
+        row['note'] = ('refused: ' if refused else f"failed: {type(e).__name__}: ") + msg
+        if not refused and args.verbose:
+            traceback.print_exc()
+    finally:
+        del model, opt
+        free(args.device)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+
+
+def versions():
+    import triton
+    out = dict(torch=torch.__version__, triton=triton.__version__)
+    for mod in ('fla', 'transformers'):
+        try:
+            out[mod] = getattr(__import__(mod), '__version__', '?')
+        except ImportError:
+            out[mod] = 'not installed'
+    return out
+
+
+def commit():
+    # COMMIT=...: where the files were copied without their git history
+    if os.environ.get('COMMIT'):
+        return os.environ['COMMIT']
+    try:
+        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
+        return (head + (' (tree dirty: tracked files modified)' if dirty else ' (clean tree)')) if head else 'unknown'
+    except Exception:  # noqa: BLE001
+        return 'unknown'
+
+
+def device_name(device):
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def header(args):
+    v = versions()
+    lines = [f"# Training step throughput ({'tiny smoke test' if args.tiny else 'issue 13'})", '',
+             f"- device: {device_name(args.device)}",
+             f"- torch {v['torch']}, triton {v['triton']}, fla {v['fla']}, transformers {v['transformers']}",
+             f"- fla-mesa commit {commit()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- command: `{' '.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])}`"
+             + (' (TRITON_INTERPRET=1)' if os.environ.get('TRITON_INTERPRET') == '1' else ''),
+             f"- bf16 parameters, AdamW (torch defaults), fresh random tokens each step, B*T = {args.tokens}; "
+             f"median of {args.steps} steps after {args.warmup} warm-up steps; busy over {args.profile_steps} "
+             f"profiled steps (see the script's docstring for every column)", '']
+    return '\n'.join(lines)
+
+
+def table(rows):
+    out = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+    for r in rows:
+        out.append('| ' + ' | '.join(str(r.get(c, 'n/a' if c != 'note' else '')) for c in COLUMNS) + ' |')
+    return '\n'.join(out) + '\n'
+
+
+def default_out(args, kind):
+    if args.device != 'cuda':
+        return os.path.join(tempfile.gettempdir(), f'{kind}_cpu.md')
+    m = re.search(r'\b([a-z]+\d+[a-z]*)\b', torch.cuda.get_device_name().lower().replace('nvidia', ''))
+    return os.path.join(HERE, 'results', f"{kind}_{m.group(1) if m else 'gpu'}.md")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modes
+
+
+def warm(args, argv):
+    """One process per Triton-using model runs one step of each of its rows, all models at once."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')
+    base = [sys.executable, os.path.abspath(__file__), '--compile-only', '--no-warm', '--device', args.device,
+            '--sizes', *args.sizes, '--Ts', *map(str, args.Ts), '--tokens', str(args.tokens)]
+    if args.tiny:
+        base.append('--tiny')
+    cmds = [base + ['--models', m] for m in args.models if m != 'llama']  # Llama runs no Triton
+
+    def launch(cmd):
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.warm_timeout, env=env)
+            tail = [line for line in p.stdout.splitlines() if 'failed' in line or 'OOM' in line or 'refused' in line]
+            status = 'ok' if p.returncode == 0 else f"exit {p.returncode}: " + \
+                (p.stderr.strip().splitlines() or [''])[-1][:200]
+            status += ''.join('\n    ' + line for line in tail)
+        except subprocess.TimeoutExpired:
+            status = 'timeout'
+        return f"  warm {time.time() - t0:5.0f} s  {cmd[cmd.index('--models') + 1]}: {status}"
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max(1, args.warm_jobs)) as pool:
+        for future in as_completed([pool.submit(launch, c) for c in cmds]):
+            log(future.result())
+    log(f"warm: {time.time() - t0:.0f} s in all")
+
+
+def profile_host(args):
+    name, size, T = args.models[0], args.sizes[0], args.Ts[0]
+    B = args.tokens // T
+    mesa = mesa_config(size, args.tiny, args.device)
+    config, params, _ = matched_config(name, mesa, T, args.device)
+    model, opt = build(name, config, args.device)
+    for _ in range(max(1, args.warmup)):
+        step(model, opt, B, T, config.vocab_size, args.device)
+    sync(args.device)
+    out = [header(args), f"## {name}, {size}, T = {T}, B = {B}, {params / 1e6:.1f}M parameters", '']
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    step(model, opt, B, T, config.vocab_size, args.device)
+    sync(args.device)
+    prof.disable()
+    out.append(f"one step under cProfile: {(time.perf_counter() - t0) * 1e3:.1f} ms wall (synchronised at its end)\n")
+    for key in ('cumulative', 'tottime'):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(40)
+        out += [f"### cProfile, top 40 by {key}", '', '```', s.getvalue().strip(), '```', '']
+
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == 'cuda' else [])
+    with profile(activities=activities) as tprof:
+        step(model, opt, B, T, config.vocab_size, args.device)
+        sync(args.device)
+    out += ['### torch.profiler key_averages(), top 40 by self CPU time', '', '```',
+            tprof.key_averages().table(sort_by='self_cpu_time_total', row_limit=40), '```', '']
+    path = args.out or default_out(args, f'training_host_{name}')
+    with open(path, 'w') as f:
+        f.write('\n'.join(out))
+    log(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', nargs='+', default=MODELS, choices=MODELS)
+    p.add_argument('--sizes', nargs='+', default=SIZES, choices=SIZES)
+    p.add_argument('--Ts', nargs='+', type=int, default=None, help='sequence lengths (default 2048 4096 8192)')
+    p.add_argument('--tokens', type=int, default=None, help='B*T of every row (default 16384; --tiny 128)')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--profile-steps', type=int, default=3, help='steps under torch.profiler for busy (0: none)')
+    p.add_argument('--out', default=None, help='markdown file (default benchmarks/results/training_<gpu>.md)')
+    p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
+    p.add_argument('--tiny', action='store_true', help='2 layers, hidden 64, 2 heads of 32, vocab 256, T 64')
+    p.add_argument('--no-warm', action='store_true', help='skip the parallel compile pass')
+    p.add_argument('--warm-jobs', type=int, default=8, help='processes at a time in the compile pass')
+    p.add_argument('--warm-timeout', type=int, default=420, help='seconds per compile process')
+    p.add_argument('--compile-only', action='store_true', help='(the compile pass) one step per row, no timing')
+    p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
+    p.add_argument('--verbose', action='store_true', help='tracebacks of failed rows')
+    args = p.parse_args(argv)
+    args.Ts = args.Ts or ([64] if args.tiny else [2048, 4096, 8192])
+    args.tokens = args.tokens or (128 if args.tiny else 16384)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --device cpu (with TRITON_INTERPRET=1 and --tiny) for a smoke test")
+    if args.profile_host:
+        return profile_host(args)
+    if args.compile_only:
+        for size in args.sizes:
+            for T in args.Ts:
+                for name in args.models:
+                    row = run_row(name, size, T, args, timed=False)
+                    log(f"compiled {name} {size} T={T}: {row.get('note', 'ok')}")
+        return
+    t_start = time.time()
+    if not args.no_warm:
+        warm(args, argv)
+    out = args.out or default_out(args, 'training')
+    head, rows = header(args), []
+    log(head)
+    for size in args.sizes:
+        for T in args.Ts:
+            for name in args.models:
+                t0 = time.time()
+                row = run_row(name, size, T, args)
+                rows.append(row)
+                log(f"[{time.time() - t_start:5.0f} s] " + ' | '.join(f"{c} {row[c]}" for c in COLUMNS if c in row)
+                    + f"  ({time.time() - t0:.0f} s)")
+                with open(out, 'w') as f:
+                    f.write(head + '\n' + table(rows))
+    log('\n' + table(rows))
+    log(f"wrote {out}; {time.time() - t_start:.0f} s in all")
+
+
+if __name__ == '__main__':
+    main()
