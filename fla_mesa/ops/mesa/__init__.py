@@ -1,16 +1,15 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 
 from fla_mesa.ops.mesa.chunk import chunk_mesa
+from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
+from fla_mesa.ops.mesa.mesa_net import chunk_mesa_net, mesa_net_decoding_one_step
 from fla_mesa.ops.mesa.naive import naive_chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
-
-try:
-    from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
-except ImportError:  # pragma: no cover - lands with the fused-recurrent kernel
-    fused_recurrent_mesa = None
 
 __all__ = [
     'chunk_mesa',
+    'chunk_mesa_net',
     'fused_recurrent_mesa',
+    'mesa_net_decoding_one_step',
     'naive_chunk_mesa',
     'naive_exact_mesa',
     'naive_recurrent_mesa',
