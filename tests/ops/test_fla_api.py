@@ -204,3 +204,23 @@ def test_decoding_zero_steps_is_linear_attention():
     inputs = decoding_inputs(1, 2, 16, (0.95, 0.99), torch.float32)
     o, h_kk, h_kv = mesa_net_decoding_one_step(**inputs, max_CG_iteration=0)
     assert rel_err(o, torch.einsum('bhk,bhkv->bhv', inputs['q'].double(), h_kv.double())) <= 1e-6
+
+
+def test_layer_and_config_take_flas_names():
+    from fla.layers import MesaNet as FlaMesaNet
+    from fla.models import MesaNetConfig
+
+    from fla_mesa.layers import MesaNet
+    from fla_mesa.models import MesaConfig
+    for ours, theirs in ((MesaNet, FlaMesaNet), (MesaConfig, MesaNetConfig)):
+        missing = set(inspect.signature(theirs.__init__).parameters) - set(inspect.signature(ours.__init__).parameters)
+        assert not missing, f"{ours.__name__} lacks fla's {sorted(missing)}"
+    layer = MesaNet(hidden_size=32, num_heads=2, head_dim=16, max_cg_step_training=7, max_cg_step_decoding=9)
+    assert (layer.cg_max_steps_training, layer.cg_max_steps_inference) == (7, 9)
+    config = MesaConfig(max_cg_step_training=7, max_cg_step_decoding=9)
+    assert (config.cg_max_steps_training, config.cg_max_steps_inference) == (7, 9)
+    assert (config.max_cg_step_training, config.max_cg_step_decoding) == (7, 9)
+    # one value each, saved under this package's names
+    saved = config.to_dict()
+    assert saved['cg_max_steps_training'] == 7 and 'max_cg_step_training' not in saved
+    assert MesaConfig.from_dict(saved).cg_max_steps_inference == 9

@@ -10,12 +10,15 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
     """
     Configuration of `MesaModel` / `MesaForCausalLM`: fla's `MesaNetConfig` fields plus the options of
     `fla_mesa.layers.MesaNet` (see its docstring). `model_type='mesa'` keeps it apart from fla's own `mesa_net`.
-    On a CPU without Triton, set `fuse_cross_entropy=False` (fla's fused loss needs a GPU); norms, MLP and
-    convolutions fall back to PyTorch by themselves.
+    fla's `max_cg_step_training` and `max_cg_step_decoding` are accepted (and readable) as the names of
+    `cg_max_steps_training` and `cg_max_steps_inference`. On a CPU without Triton every fused module (norms, MLP,
+    convolutions, the cross-entropy loss) runs in PyTorch by itself, with the same parameters.
     """
 
     model_type = 'mesa'
     keys_to_ignore_at_inference = ['past_key_values']
+    # fla's MesaNetConfig names read and write the fields they stand for (one value, saved once)
+    attribute_map = {'max_cg_step_training': 'cg_max_steps_training', 'max_cg_step_decoding': 'cg_max_steps_inference'}
 
     def __init__(
         self,
@@ -59,13 +62,15 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         use_l2warp: bool = False,
         vocab_size: int = 32000,
         attnres_block_size: int | None = None,
+        max_cg_step_training: int | None = None,
+        max_cg_step_decoding: int | None = None,
         **kwargs,
     ):
-        # fla's MesaNetConfig names, accepted so its configs load unchanged
-        if 'max_cg_step_training' in kwargs:
-            cg_max_steps_training = kwargs.pop('max_cg_step_training')
-        if 'max_cg_step_decoding' in kwargs:
-            cg_max_steps_inference = kwargs.pop('max_cg_step_decoding')
+        # fla's MesaNetConfig names for cg_max_steps_training / cg_max_steps_inference, so its configs load unchanged
+        if max_cg_step_training is not None:
+            cg_max_steps_training = max_cg_step_training
+        if max_cg_step_decoding is not None:
+            cg_max_steps_inference = max_cg_step_decoding
         self.attn_mode = attn_mode
         self.hidden_size = hidden_size
         self.expand_v = expand_v
