@@ -28,10 +28,20 @@ BAD = [
     ('g', lambda kw: kw['g'][..., None], ValueError, r'`g` must have shape \[B, T, H\] = \(2, 5, 2\)'),
     ('beta', lambda kw: kw['beta'][:1], ValueError, r'`beta` must have shape'),
     ('lamb', lambda kw: kw['lamb'][:, :3], ValueError, r'`lamb` must have shape \[H, K\] = \(2, 4\), got \(2, 3\)'),
-    ('lamb', lambda kw: kw['lamb'] * 0, ValueError, r'`lamb` must be positive everywhere, got min\(lamb\) = 0'),
+    ('lamb', lambda kw: kw['lamb'] * 0, ValueError, r'`lamb` must be positive and finite everywhere, got min\(lamb\) = 0'),
+    ('lamb', lambda kw: kw['lamb'] / 0, ValueError, r'`lamb` must be positive and finite .* max\(lamb\) = inf'),
     ('lamb', lambda kw: kw['lamb'] - 10, ValueError, r'`lamb` must be positive'),
     ('g', lambda kw: kw['g'] + 1, ValueError, r'`g` is a log-decay and must be <= 0'),
     ('g', lambda kw: kw['g'] * float('nan'), ValueError, r'`g` is a log-decay .* nan'),
+    ('beta', lambda kw: kw['beta'] - 0.5, ValueError, r'`beta` must be >= 0 and finite everywhere, got min\(beta\) = -0\.4'),
+    ('beta', lambda kw: kw['beta'].index_fill(1, torch.tensor([3]), float('nan')), ValueError, r'`beta` must be >= 0 .* nan'),
+    ('beta', lambda kw: kw['beta'] / 0, ValueError, r'`beta` must be >= 0 and finite .* max\(beta\) = inf'),
+    ('q', lambda kw: kw['q'].index_fill(1, torch.tensor([3]), float('nan')), ValueError, r'`q` must be finite everywhere, got min\(q\) = nan'),
+    ('k', lambda kw: kw['k'].index_fill(1, torch.tensor([4]), float('inf')), ValueError, r'`k` must be finite everywhere, .* max\(k\) = inf'),
+    ('v', lambda kw: kw['v'].index_fill(1, torch.tensor([0]), float('-inf')), ValueError, r'`v` must be finite everywhere, got min\(v\) = -inf'),
+    ('g', lambda kw: kw['g'].index_fill(1, torch.tensor([2]), float('inf')), ValueError, r'`g` is a log-decay .* max\(g\) = inf'),
+    # head-first q, k, v (the layout of fla's old `head_first=True`): the error names the layout, not `g`
+    ('q', lambda kw: kw['q'].transpose(1, 2), ValueError, r'`q`, `k`, `v` look head-first \[B, H, T, K\]: q \(2, 2, 5, 4\)'),
     ('q', lambda kw: kw['q'].long(), TypeError, r'`q` must be a floating-point tensor, got dtype torch.int64'),
     ('q', lambda kw: kw['q'].numpy(), TypeError, r'`q` must be a torch.Tensor, got ndarray'),
     ('initial_state', lambda kw: kw['initial_state'][0], TypeError, r'`initial_state` must be a pair'),
@@ -48,7 +58,34 @@ BAD = [
 @pytest.mark.parametrize('name,value,exc,match', BAD, ids=[f'{b[0]}-{i}' for i, b in enumerate(BAD)])
 def test_bad_inputs(op, name, value, exc, match):
     with pytest.raises(exc, match=match):
-        op(**replace(name, value))
+        kw = replace(name, value)
+        if 'head-first' in match:
+            kw['k'], kw['v'] = kw['k'].transpose(1, 2), kw['v'].transpose(1, 2)
+        op(**kw)
+
+
+@pytest.mark.parametrize('op', OPS)
+def test_head_first_everything(op):
+    # q, k, v, g and beta all head-first: only lamb [H, K] gives the layout away
+    kw = good()
+    for n in ('q', 'k', 'v', 'g', 'beta'):
+        kw[n] = kw[n].transpose(1, 2)
+    with pytest.raises(ValueError, match=r'`q`, `k`, `v` look head-first'):
+        op(**kw)
+
+
+@pytest.mark.parametrize('op', OPS)
+def test_value_checks_one_sync(op, monkeypatch):
+    # every data check in one device-to-host copy (a sync on a GPU): count the reads of tensors back to the host
+    reads = []
+    for name in ('tolist', 'item'):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, orig=orig, name=name: reads.append(name) or orig(self, *a))
+    op(**good())
+    assert reads == ['tolist']
+    reads.clear()
+    op(**good(), check_values=False)
+    assert reads == []
 
 
 @pytest.mark.parametrize('op', OPS)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fla_mesa.ops.mesa.solver import cg_solve
-from fla_mesa.ops.mesa.utils import compute_dtype, l2norm
+from fla_mesa.ops.mesa.utils import compute_dtype, l2norm, min_log_decay
 
 
 def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -160,8 +160,10 @@ class ChunkPieces:
 
         self.T, self.pad, self.chunk = T, pad, chunk
         k, v = chunk(k), chunk(v)
-        # padded tokens have g = beta = 0: they leave the states unchanged
-        gc = chunk(g).cumsum(-1)
+        # padded tokens have g = beta = 0: they leave the states unchanged. g = -inf clamped to a finite g whose
+        # γ is 0 all the same (else the differences of the cumulative sums after it are NaN); autograd through the
+        # clamp gives such a token dg = 0, γ's own derivative there
+        gc = chunk(g.clamp_min(min_log_decay(g.dtype))).cumsum(-1)
         beta = chunk(beta)
         self.k, self.v, self.lamb = k, v, lamb[None, :, None, None, :]
         self.decay = gc.exp()[..., None]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -31,6 +32,18 @@ def residual_floor2(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** 0.5
 
 
+def min_log_decay(dtype: torch.dtype) -> float:
+    """
+    A log-decay below which `γ = exp(g)` (and `exp2` of it in log2 space) is exactly 0 in `dtype` (float32: under
+    log(2⁻¹⁵⁰); float64: under log(2⁻¹⁰⁷⁵)), with a margin. The chunk paths clamp `g` to it before the in-chunk
+    cumulative sum: `g = -inf` (γ = 0, legal) would make every later token's sum -inf there, and the decay between
+    two of them `-inf - (-inf)` = NaN, where the clamped sums keep their finite differences and every decay across
+    the token still rounds to 0. Not lower than needed: a sum this large keeps fewer bits of the finite
+    gates after it (op README, "Extreme inputs").
+    """
+    return -800.0 if dtype == torch.float64 else -110.0
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """fla's l2norm (x / sqrt(sum x² + eps)) in PyTorch, for the paths that run no Triton."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
@@ -44,6 +57,38 @@ def _shape(x) -> str:
 def _as_list(cu_seqlens: torch.Tensor) -> list[int]:
     # one sync per cu_seqlens tensor, however many layers a step passes it to
     return cu_seqlens.tolist()
+
+
+def _head_first(q: torch.Tensor, g: torch.Tensor, lamb: torch.Tensor) -> bool:
+    # q [B, H, T, K] with g [B, T, H], or with everything head-first but lamb [H, K]
+    B, D1, D2, K = q.shape
+    if D1 == D2:
+        return False
+    return tuple(g.shape) == (B, D2, D1) or (tuple(g.shape) == (B, D1, D2) and tuple(lamb.shape) == (D1, K))
+
+
+def _check_values(**tensors: torch.Tensor):
+    """
+    One host sync for every data check: the min and max of each input (NaN propagates through both, and ±inf shows
+    in them), stacked and read back at once.
+    """
+    stats = torch.stack([m.float() for x in tensors.values() for m in torch.aminmax(x.detach())]).tolist()
+    ext = {name: stats[2 * i:2 * i + 2] for i, name in enumerate(tensors)}
+    lmin, lmax = ext.pop('lamb')
+    # Λ > 0 keeps H + Λ positive definite (and finite)
+    if not (lmin > 0 and lmax < math.inf):
+        raise ValueError(f"`lamb` must be positive and finite everywhere, got min(lamb) = {lmin}, max(lamb) = {lmax}")
+    # g <= 0 keeps γ in [0, 1]; g = -inf (γ = 0: forget everything) is legal
+    gmin, gmax = ext.pop('g')
+    if not (gmax <= 0 and gmin == gmin):
+        raise ValueError(f"`g` is a log-decay and must be <= 0 everywhere (and not NaN), got max(g) = {gmax}")
+    # β >= 0 keeps H_t positive semidefinite: a negative write can make H + Λ indefinite, where CG has no answer
+    bmin, bmax = ext.pop('beta')
+    if not (bmin >= 0 and bmax < math.inf):
+        raise ValueError(f"`beta` must be >= 0 and finite everywhere, got min(beta) = {bmin}, max(beta) = {bmax}")
+    for name, (lo, hi) in ext.items():
+        if not (-math.inf < lo and hi < math.inf):
+            raise ValueError(f"`{name}` must be finite everywhere, got min({name}) = {lo}, max({name}) = {hi}")
 
 
 def check_inputs(
@@ -77,6 +122,11 @@ def check_inputs(
     if q.dim() != 4:
         raise ValueError(f"`q` must have shape [B, T, H, K], got {_shape(q)}")
     B, T, H, K = q.shape
+    if k.shape == q.shape and v.dim() == 4 and v.shape[:3] == q.shape[:3] and _head_first(q, g, lamb):
+        raise ValueError(
+            f"`q`, `k`, `v` look head-first [B, H, T, K]: q {_shape(q)}, v {_shape(v)} against g {_shape(g)} and "
+            f"lamb {_shape(lamb)}; the op takes [B, T, H, K] (pass q.transpose(1, 2), and so k and v)"
+        )
     if k.shape != q.shape:
         raise ValueError(f"`k` must have the shape of `q` {_shape(q)}, got {_shape(k)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -88,15 +138,10 @@ def check_inputs(
         raise ValueError(f"`lamb` must have shape [H, K] = ({H}, {K}), got {_shape(lamb)}")
     if T == 0 or H == 0 or K == 0 or v.shape[-1] == 0:
         raise ValueError(f"empty inputs are not supported: q {_shape(q)}, v {_shape(v)}")
-    # data-dependent checks in one device sync: Λ > 0 keeps H + Λ positive definite, g <= 0 keeps γ in (0, 1];
-    # skipped while a CUDA graph is captured, where no sync is allowed
+    # data-dependent checks in one device sync; skipped while a CUDA graph is captured, where no sync is allowed
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if check_values and not capturing:
-        lmin, gmax = torch.stack([lamb.detach().min().float(), g.detach().max().float()]).tolist()
-        if not lmin > 0:
-            raise ValueError(f"`lamb` must be positive everywhere, got min(lamb) = {lmin}")
-        if not gmax <= 0:
-            raise ValueError(f"`g` is a log-decay and must be <= 0 everywhere (and not NaN), got max(g) = {gmax}")
+        _check_values(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb)
     if not isinstance(cg_max_steps, int) or isinstance(cg_max_steps, bool) or cg_max_steps < 0:
         raise ValueError(f"`cg_max_steps` must be a non-negative int, got {cg_max_steps!r}")
     if cg_tol is not None and (not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < 1):
