@@ -9,12 +9,34 @@ import torch.nn.functional as F
 ON_GPU = torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET', '0') != '1'
 
 
+# the floor of `fp32_bound`: about the error of the float32 exact reference on these small, well-conditioned
+# problems (a few float32 ulps), for results where that reference happens to be nearly exact (a state it only sums)
+FP32_FLOOR = 3e-7
+
+
 def fp32_bound(base: float, gpu: bool = False) -> float:
     """
-    FlashAttention's rule: at most 2x the error of the float32 reference `base` (floor 2e-6); on a GPU 3x that, for
-    the kernels' split (tf32x3, bf16x3) products.
+    FlashAttention's rule: at most 2x the error of the float32 reference `base` (floor `FP32_FLOOR`); on a GPU 3x
+    that, for the kernels' split (tf32x3, bf16x3) products.
     """
-    return max(2 * base, 2e-6) * (3 if gpu else 1)
+    return max(2 * base, FP32_FLOOR) * (3 if gpu else 1)
+
+
+def bf16_floor(ref: torch.Tensor, truncated: bool = False) -> float:
+    """
+    The error of rounding the float64 result `ref` itself to bf16: what a bf16 output cannot beat. `truncated`: the
+    error of truncating instead (about twice as large), for outputs a kernel stores in bf16 under Triton's
+    interpreter, which casts float32 to bf16 by truncation (a GPU rounds to nearest).
+    """
+    ref = ref.detach().double().cpu()
+    if truncated:
+        return rel_err((ref.float().view(torch.int32) & -65536).view(torch.float32), ref)
+    return rel_err(ref.bfloat16(), ref)
+
+
+# float32 results of the Triton kernels from 16-bit inputs: their 'auto' products are bf16x3, which keep 16 of a
+# float32 operand's 24 mantissa bits (the 2^-17 relative rest of it dropped, per product): 2x that
+BF16X3_BOUND = 2 ** -16
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -87,3 +109,26 @@ def run_with_grads(fn, inputs, do, dht=None, **kwargs):
     if h0 is not None:
         grads['dh0_kk'], grads['dh0_kv'] = h0[0].grad, h0[1].grad
     return o.detach(), tuple(h.detach() for h in ht), grads
+
+
+def naive_gla(q, k, v, g, beta, lamb, initial_state=None, output_final_state=True, **kwargs):
+    """
+    The op without its solve (`cg_max_steps=0`: q* = q), token by token in the inputs' dtype, differentiable by
+    autograd: `o_t = S_tᵀ q_t`, the states as `naive_exact_mesa`'s. Λ is unused (its gradient is zero); CG arguments
+    are ignored.
+    """
+    B, T, H, K = q.shape
+    if initial_state is None:
+        h_kk = q.new_zeros(B, H, K, K)
+        h_kv = q.new_zeros(B, H, K, v.shape[-1])
+    else:
+        h_kk, h_kv = (h.to(q.dtype) for h in initial_state)
+    o = []
+    for t in range(T):
+        gamma = g[:, t].exp()[..., None, None]
+        kb = k[:, t] * beta[:, t, :, None]
+        h_kk = gamma * h_kk + kb[..., :, None] * k[:, t, :, None, :]
+        h_kv = gamma * h_kv + kb[..., :, None] * v[:, t, :, None, :]
+        o.append(torch.einsum('bhk,bhkv->bhv', q[:, t], h_kv))
+    o = torch.stack(o, 1) + 0 * lamb.sum()
+    return o, ((h_kk, h_kv) if output_final_state else None)
