@@ -172,6 +172,9 @@ def matched_config(name, mesa, max_T, device):
 def build(name, config, device):
     with torch.device(device):
         model = model_class(name)(config)
+    if device != 'cuda':
+        from fla_mesa.utils import interpret_compat
+        interpret_compat()
     model = model.to(torch.bfloat16).train()
     if name == 'llama' and getattr(model.config, '_attn_implementation', 'sdpa') != 'sdpa':
         raise RuntimeError(f"Llama built with attention {model.config._attn_implementation!r}, not sdpa")
@@ -258,7 +261,7 @@ def free(device):
 
 def run_row(name, size, T, args, timed=True):
     B = args.tokens // T
-    row = dict(model=name, size=size, T=T, B=B)
+    row = dict(model=name, size='tiny' if args.tiny else size, T=T, B=B)
     model = opt = None
     try:
         if B < 1 or B * T != args.tokens:
@@ -282,7 +285,7 @@ def run_row(name, size, T, args, timed=True):
             sync(args.device)
             times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1e3
-        row.update({'ms/step': f"{ms:.1f}", 'tokens/s': f"{B * T / ms * 1e3 / 1e3:.1f}K",
+        row.update({'ms/step': f"{ms:.1f}", 'tokens/s': f"{B * T / ms * 1e3:,.0f}",
                     'enqueue ms': f"{statistics.median(enqueue) * 1e3:.1f}"})
         if args.device == 'cuda':
             row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
@@ -375,15 +378,25 @@ def default_out(args, kind):
 # modes
 
 
-def warm(args, argv):
-    """One process per Triton-using model runs one step of each of its rows, all models at once."""
+def warm(args):
+    """
+    Processes that each run one step of every T of one model, all at once: fla-mesa's chunk kernels are split
+    over one process per config index (each kernel pinned to its config I, as warm_cache.py does), every other
+    Triton-using model gets one process. Only the smallest size requested runs: the larger one has the same
+    layers, hence the same kernels and binaries, only more of them.
+    """
     from concurrent.futures import ThreadPoolExecutor, as_completed
     env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')
     base = [sys.executable, os.path.abspath(__file__), '--compile-only', '--no-warm', '--device', args.device,
-            '--sizes', *args.sizes, '--Ts', *map(str, args.Ts), '--tokens', str(args.tokens)]
+            '--sizes', min(args.sizes, key=SIZES.index), '--Ts', *map(str, args.Ts), '--tokens', str(args.tokens)]
     if args.tiny:
         base.append('--tiny')
-    cmds = [base + ['--models', m] for m in args.models if m != 'llama']  # Llama runs no Triton
+    cmds = []
+    for m in args.models:
+        if m == 'fla-mesa' and args.device == 'cuda':
+            cmds += [base + ['--models', m, '--pin-config', str(i)] for i in range(mesa_config_count())]
+        elif m != 'llama':  # Llama runs no Triton
+            cmds.append(base + ['--models', m])
 
     def launch(cmd):
         t0 = time.time()
@@ -395,13 +408,28 @@ def warm(args, argv):
             status += ''.join('\n    ' + line for line in tail)
         except subprocess.TimeoutExpired:
             status = 'timeout'
-        return f"  warm {time.time() - t0:5.0f} s  {cmd[cmd.index('--models') + 1]}: {status}"
+        return f"  warm {time.time() - t0:5.0f} s  {' '.join(cmd[cmd.index('--models') + 1:])}: {status}"
 
     t0 = time.time()
     with ThreadPoolExecutor(max(1, args.warm_jobs)) as pool:
         for future in as_completed([pool.submit(launch, c) for c in cmds]):
             log(future.result())
     log(f"warm: {time.time() - t0:.0f} s in all")
+
+
+def mesa_config_count():
+    sys.path.insert(0, HERE)
+    from check_configs import kernels
+    return max(len(configs) for _, configs in kernels().values())
+
+
+def pin_config(i):
+    """Every fla-mesa chunk kernel pinned to its config i (mod its count): the compile pass splits them so."""
+    sys.path.insert(0, HERE)
+    from benchmark_chunk import single_config
+    from check_configs import kernels
+    for tuner, configs in kernels().values():
+        single_config(tuner, configs[i % len(configs)])
 
 
 def profile_host(args):
@@ -453,19 +481,24 @@ def main(argv=None):
     p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     p.add_argument('--tiny', action='store_true', help='2 layers, hidden 64, 2 heads of 32, vocab 256, T 64')
     p.add_argument('--no-warm', action='store_true', help='skip the parallel compile pass')
-    p.add_argument('--warm-jobs', type=int, default=8, help='processes at a time in the compile pass')
+    p.add_argument('--warm-jobs', type=int, default=10, help='processes at a time in the compile pass')
     p.add_argument('--warm-timeout', type=int, default=420, help='seconds per compile process')
     p.add_argument('--compile-only', action='store_true', help='(the compile pass) one step per row, no timing')
+    p.add_argument('--pin-config', type=int, default=None, help='(the compile pass) fla-mesa kernels at config I')
     p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
     p.add_argument('--verbose', action='store_true', help='tracebacks of failed rows')
     args = p.parse_args(argv)
     args.Ts = args.Ts or ([64] if args.tiny else [2048, 4096, 8192])
     args.tokens = args.tokens or (128 if args.tiny else 16384)
+    if args.tiny:
+        args.sizes = args.sizes[:1]  # --tiny replaces the size
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu (with TRITON_INTERPRET=1 and --tiny) for a smoke test")
     if args.profile_host:
         return profile_host(args)
     if args.compile_only:
+        if args.pin_config is not None:
+            pin_config(args.pin_config)
         for size in args.sizes:
             for T in args.Ts:
                 for name in args.models:
@@ -474,7 +507,7 @@ def main(argv=None):
         return
     t_start = time.time()
     if not args.no_warm:
-        warm(args, argv)
+        warm(args)
     out = args.out or default_out(args, 'training')
     head, rows = header(args), []
     log(head)
