@@ -135,9 +135,10 @@ def final_hidden(model, input_ids):
 
 
 def cg_steps(model):
-    """The CG steps of the last forward of every fla-mesa Mesa layer, `[L, B, T, H]` (None without a solve)."""
+    """The CG steps of the last forward of every fla-mesa Mesa layer that solves, `[L, B, T, H]` (else None)."""
     layers = getattr(model.model, 'layers', [])
-    steps = [getattr(getattr(layer, 'attn', None), 'last_cg_steps', None) for layer in layers]
+    attns = [getattr(layer, 'attn', None) for layer in layers]
+    steps = [getattr(a, 'last_cg_steps', None) for a in attns if getattr(a, 'use_solver', False)]
     steps = [s for s in steps if s is not None]
     return torch.stack([s.float() for s in steps]) if steps else None
 

@@ -35,10 +35,10 @@ RESULTS = os.path.join(HERE, '..', 'results')
 
 PRESETS = {
     # the grid
-    'full': dict(widths=[64, 128, 256], pairs=[32, 64, 128], lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1], steps=2000,
+    'full': dict(widths=[64, 128, 256], pairs=[32, 64, 128], lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1], steps=3000,
                  batch_size=64, vocab_size=8192, seq_len=512, models=list(common.MODELS), parallel=12),
     # a first signal in a few minutes: two widths, two pair counts, one learning rate, one seed
-    'quick': dict(widths=[64, 128], pairs=[32, 64], lrs=[3e-3], seeds=[0], steps=600, batch_size=64,
+    'quick': dict(widths=[64, 128], pairs=[32, 64], lrs=[3e-3], seeds=[0], steps=1500, batch_size=64,
                   vocab_size=8192, seq_len=512, models=list(common.MODELS), parallel=12),
     # CPU smoke test: every code path at a size two shared cores run in a minute or two
     'tiny': dict(widths=[32], pairs=[4, 8], lrs=[3e-3], seeds=[0], steps=2, batch_size=2, vocab_size=64,
