@@ -99,7 +99,7 @@ def _prune_cg_configs(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_cg_configs(),
     key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'ROUND_P', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT',
-         'O_IS_BF16', 'RHS_DX', 'DO_IS_BF16'],
+         'O_IS_BF16', 'RHS_DX', 'DO_IS_BF16', 'FLAG_UNCONVERGED'],
     prune_configs_by={'early_config_prune': _prune_cg_configs},
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
@@ -140,6 +140,7 @@ def chunk_mesa_cg_fwd_kernel(
     O_IS_BF16: tl.constexpr,
     RHS_DX: tl.constexpr,
     DO_IS_BF16: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr,
 ):
     # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
     i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -249,6 +250,10 @@ def chunk_mesa_cg_fwd_kernel(
         m_act = m_act & (b_rr > tol2) & (b_rz > 0)
         i += 1
 
+    if FLAG_UNCONVERGED:
+        # a row that stopped above tol (at max_steps or a breakdown), or with a NaN residual, stores ~steps
+        m_bad = (b_s != 0) & ~(tl.sum(b_r * b_r, 1) <= tol2)
+        b_steps = tl.where(m_bad, -1 - b_steps, b_steps)
     b_x = b_x * b_s[:, None]
     tl.store(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], b_x, mask=m_rk)
     tl.store(steps + (bos + o_r) * H + i_h, b_steps, mask=m_r)
@@ -294,6 +299,7 @@ def chunk_mesa_cg(
     o_dtype: torch.dtype = torch.float32,
     do: torch.Tensor | None = None,
     round_directions: bool | None = None,
+    flag_unconverged: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -323,6 +329,8 @@ def chunk_mesa_cg(
         do (torch.Tensor, Optional): upstream gradient `[B, T, H, V]`: solve for `b_t = S_t do_t` (needs `v`, `h_kv`).
         round_directions (bool, Optional): round each CG direction to the split products' high part (bf16x3,
             tf32x3): 5 products a step instead of 7, the same attainable accuracy. Default: `CG_ROUND_DIRECTIONS`.
+        flag_unconverged (bool): with `cg_tol`, a row that stops without reaching it stores `~steps` (= -steps - 1;
+            `utils.split_cg_steps` decodes), as `solver.cg_solve`. Default: `False`.
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
@@ -395,5 +403,6 @@ def chunk_mesa_cg(
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
         H_IN_LOOP=BK > 128,
+        FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
     )
     return x, steps, o

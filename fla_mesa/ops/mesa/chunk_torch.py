@@ -7,12 +7,16 @@ from fla_mesa.ops.mesa.naive import naive_chunk_mesa_bwd, naive_chunk_mesa_fwd, 
 from fla_mesa.ops.mesa.utils import compute_dtype
 
 
-def chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
+def chunk_mesa_fwd_torch(
+    q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
+):
     dtype = compute_dtype(q)
     q, k, v, g, beta, lamb = (x.to(dtype) for x in (q, k, v, g, beta, lamb))
     if cu_seqlens is not None:
         q, k, v, g, beta = (pad_varlen(x, cu_seqlens) for x in (q, k, v, g, beta))
-    o, x, steps, final = naive_chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size)
+    o, x, steps, final = naive_chunk_mesa_fwd(
+        q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size, flag_unconverged
+    )
     if cu_seqlens is not None:
         o, x, steps = (unpad_varlen(t, cu_seqlens) for t in (o, x, steps))
     return o, x, steps, final

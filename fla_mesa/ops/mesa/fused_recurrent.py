@@ -10,7 +10,9 @@ from fla.utils import input_guard
 
 from fla_mesa.ops.mesa.chunk_h import sum2
 from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
-from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, residual_floor2, use_triton
+from fla_mesa.ops.mesa.utils import (
+    check_inputs, compute_dtype, l2norm, residual_floor2, split_cg_steps, use_triton, warn_if_unconverged,
+)
 from fla_mesa.utils import interpret_compat, is_interpreting
 
 # H [K, K] stays in registers up to this padded K; larger heads stream H through the final-state buffer (L2)
@@ -121,6 +123,7 @@ def fused_recurrent_mesa_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr,
     STORE_CG_STEPS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr,
 ):
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
@@ -227,6 +230,9 @@ def fused_recurrent_mesa_fwd_kernel(
                 i_s += b_active.to(tl.int32)
                 # rᵀz can underflow to 0 before rᵀr does: stop there too, before 0/0 reaches p
                 b_active = b_active & (b_rr > b_tol2) & (b_rz > 0)
+            if FLAG_UNCONVERGED:
+                # stopped above tol (at max_steps or a breakdown), or a NaN residual: ~steps (`split_cg_steps`)
+                i_s = tl.where((b_s != 0) & ~(tl.sum(b_r * b_r) <= b_tol2), -1 - i_s, i_s)
             b_x = b_x * b_s
         else:
             # cg_max_steps = 0: no solve, x = q (gated linear attention)
@@ -287,10 +293,12 @@ def fused_recurrent_mesa_fwd(
     precondition: bool = True,
     cu_seqlens: torch.LongTensor | None = None,
     return_cg_steps: bool = True,
+    flag_unconverged: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """
     Launches the kernel on contiguous, validated inputs (no checks here: the decode loop calls this directly).
-    Returns `o [B, T, H, V]` (v's dtype), the final state `(h_kk, h_kv)` and `cg_steps [B, T, H]` or `None`.
+    Returns `o [B, T, H, V]` (v's dtype), the final state `(h_kk, h_kv)` and `cg_steps [B, T, H]` or `None`; with
+    `flag_unconverged` (and `cg_tol`), a token that did not reach `cg_tol` has `~n` steps (`split_cg_steps`).
     """
     B, T, H, K, V = *k.shape, v.shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -334,22 +342,25 @@ def fused_recurrent_mesa_fwd(
         PRECONDITION=precondition,
         DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         FLOOR2=residual_floor2(dtype),
+        FLAG_UNCONVERGED=flag_unconverged and cg_tol is not None and return_cg_steps,
         enable_fp_fusion=FP_FUSION,
     )
     return o, (ht_kk, ht_kv), cg_steps
 
 
 @input_guard
-def _forward(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens):
+def _forward(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag_unconverged):
     initial_state = None if h0_kk is None else (h0_kk, h0_kv)
     if use_triton(q):
         o, (ht_kk, ht_kv), steps = fused_recurrent_mesa_fwd(
             q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
+            flag_unconverged=flag_unconverged,
         )
     else:
         o, (ht_kk, ht_kv), steps = naive_recurrent_mesa(
             q, k, v, g, beta, lamb, initial_state, output_final_state=True, cg_max_steps=cg_max_steps,
             cg_tol=cg_tol, precondition=precondition, cu_seqlens=cu_seqlens, return_cg_steps=True,
+            flag_unconverged=flag_unconverged,
         )
     return o, ht_kk, ht_kv, steps
 
@@ -386,6 +397,8 @@ def fused_recurrent_mesa(
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
     check_values: bool = True,
+    return_cg_unconverged: bool = False,
+    warn_unconverged: bool = False,
 ):
     r"""
     The Mesa layer token by token, for inference: decoding one or several tokens per call, short prefills and
@@ -426,13 +439,21 @@ def fused_recurrent_mesa(
         return_cg_steps (bool, Optional):
             also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
         check_values (bool, Optional):
-            check that `lamb > 0` and `g <= 0` everywhere (a `ValueError` otherwise), at the price of one host sync
-            per call. `MesaNet`, whose `Λ` and `g` are valid by construction, turns it off. Default: `True`.
+            check that `lamb > 0`, `g <= 0` (`-inf` allowed: γ = 0) and `beta >= 0` everywhere and that every input
+            is finite (a `ValueError` otherwise), at the price of one host sync per call. `MesaNet`, whose inputs
+            are valid by construction, turns it off. Default: `True`.
+        return_cg_unconverged (bool, Optional):
+            also return a bool `[B, T, H]` marking the tokens that stopped without reaching `cg_tol` (at
+            `cg_max_steps`, or at a breakdown), whose outputs may be far off; no host sync. All `False` with
+            `cg_tol=None`. Default: `False`.
+        warn_unconverged (bool, Optional):
+            warn (`RuntimeWarning`, one host sync) when any token stopped without reaching `cg_tol`. Default: `False`.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
         final_state (Tuple[torch.Tensor, torch.Tensor]): the final state if `output_final_state`, else `None`.
         cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps`.
+        cg_unconverged (torch.Tensor): `[B, T, H]` bool, only if `return_cg_unconverged`.
 
     Examples::
         >>> import torch, torch.nn.functional as F
@@ -458,9 +479,21 @@ def fused_recurrent_mesa(
         else:
             q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
-    args = (q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens)
+    flag = (return_cg_unconverged or warn_unconverged) and cg_tol is not None and cg_max_steps > 0
+    args = (q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag)
     # the autograd node (whose backward raises) only where a gradient could be asked for: decoding skips its cost
     tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
     o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(*args) if tracked else _forward(*args)
     final_state = (ht_kk, ht_kv) if output_final_state else None
-    return (o, final_state, steps) if return_cg_steps else (o, final_state)
+    if flag:
+        steps, unconverged = split_cg_steps(steps)
+    else:
+        unconverged = torch.zeros_like(steps, dtype=torch.bool) if return_cg_unconverged else None
+    if warn_unconverged and flag:
+        warn_if_unconverged('fused_recurrent_mesa', unconverged, cg_max_steps, cg_tol)
+    out = (o, final_state)
+    if return_cg_steps:
+        out += (steps,)
+    if return_cg_unconverged:
+        out += (unconverged,)
+    return out

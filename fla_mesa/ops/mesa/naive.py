@@ -100,10 +100,12 @@ def naive_recurrent_mesa(
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
+    flag_unconverged: bool = False,
 ):
     r"""
     Token-by-token Mesa with the project's CG solver (what the fused-recurrent kernel computes).
-    Returns `(o, final_state)`, plus `cg_steps [B, T, H]` when `return_cg_steps`.
+    Returns `(o, final_state)`, plus `cg_steps [B, T, H]` when `return_cg_steps` (with `flag_unconverged`, `~n` for
+    a token that did not reach `cg_tol`: `cg_solve`).
     """
     # padded tokens (g = beta = 0, q = 0) leave a shorter sequence's state as it was
     if cu_seqlens is not None:
@@ -131,6 +133,7 @@ def naive_recurrent_mesa(
             x, n = cg_solve(
                 lambda p: torch.einsum('bhij,bhj->bhi', A, p),
                 q[:, t], torch.diagonal(A, dim1=-2, dim2=-1), cg_max_steps, cg_tol, precondition,
+                flag_unconverged=flag_unconverged,
             )
         o.append(torch.einsum('bhk,bhkv->bhv', x, h_kv))
         steps.append(n)
@@ -207,14 +210,20 @@ class ChunkPieces:
         return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :self.T]
 
 
-def naive_chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size):
-    """Chunkwise forward on `[B, T, H, ...]` tensors of the compute dtype: `(o, x, steps, final_state)`."""
+def naive_chunk_mesa_fwd(
+    q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size, flag_unconverged=False
+):
+    """
+    Chunkwise forward on `[B, T, H, ...]` tensors of the compute dtype: `(o, x, steps, final_state)` (steps `~n`
+    where a token did not reach `cg_tol`, with `flag_unconverged`).
+    """
     pieces = ChunkPieces(k, v, g, beta, lamb, initial_state, chunk_size)
     b = pieces.chunk(q)
     if cg_max_steps == 0:
         x, steps = b, torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
     else:
-        x, steps = cg_solve(pieces.matvec, b, pieces.diag, cg_max_steps, cg_tol, precondition)
+        x, steps = cg_solve(pieces.matvec, b, pieces.diag, cg_max_steps, cg_tol, precondition,
+                            flag_unconverged=flag_unconverged)
     o = pieces.readout(x)
     return pieces.unchunk(o), pieces.unchunk(x), pieces.unchunk(steps), pieces.final_state
 
@@ -269,10 +278,12 @@ def naive_chunk_mesa(
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
     chunk_size: int = 64,
+    flag_unconverged: bool = False,
 ):
     r"""
     Chunkwise-parallel Mesa forward in PyTorch: the algorithm of the Triton chunk kernels.
-    Returns `(o, final_state)`, plus `cg_steps [B, T, H]` when `return_cg_steps`.
+    Returns `(o, final_state)`, plus `cg_steps [B, T, H]` when `return_cg_steps` (`~n` where a token did not reach
+    `cg_tol`, with `flag_unconverged`).
     """
     dtype = compute_dtype(q)
     if use_qk_l2norm_in_kernel:
@@ -282,7 +293,7 @@ def naive_chunk_mesa(
     if cu_seqlens is not None:
         q, k, v, g, beta = (pad_varlen(x, cu_seqlens) for x in (q, k, v, g, beta))
     o, _, steps, final = naive_chunk_mesa_fwd(
-        q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size
+        q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size, flag_unconverged
     )
     if cu_seqlens is not None:
         o, steps = unpad_varlen(o, cu_seqlens), unpad_varlen(steps, cu_seqlens)

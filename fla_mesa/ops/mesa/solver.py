@@ -18,6 +18,7 @@ def cg_solve(
     tol: float | None = None,
     precondition: bool = False,
     round_p: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    flag_unconverged: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     Solves `A x = b` row by row for a batch of SPD systems given only `matvec(p) = A p`.
@@ -39,10 +40,14 @@ def cg_solve(
         round_p (Callable, Optional):
             Rounded directions, as the chunk kernel's `round_directions` (op README): the start and each direction
             rounded by it before the matvec, x and r moved along the rounded vector, α = rᵀp / pᵀAp. Default: `None`.
+        flag_unconverged (bool):
+            With `tol`, a row that stops with `||r|| > tol * ||b||` (at `max_steps`, or at a breakdown: pᵀAp or rᵀz
+            not positive), or whose b is not finite, returns `~steps` (= -steps - 1; `utils.split_cg_steps` decodes).
+            Default: `False`.
 
     Returns:
         x (torch.Tensor): `[..., K]`, the solution.
-        steps (torch.Tensor): `[...]` int32, iterations each row ran.
+        steps (torch.Tensor): `[...]` int32, iterations each row ran (`~steps` where flagged, see `flag_unconverged`).
     """
     # normalise each right-hand side: results and step counts do not depend on the scale of b
     s = b.norm(dim=-1, keepdim=True)
@@ -86,4 +91,8 @@ def cg_solve(
         steps += active.to(torch.int32)
         # rᵀz can underflow to 0 before rᵀr does: a row stops there too, before 0/0 reaches p
         active = active & ((r * r).sum(-1, keepdim=True) > tol2) & (rz > 0)
+    if flag_unconverged and tol is not None:
+        # not (≤) rather than >: a NaN residual is flagged too; an all-zero b is solved exactly
+        unconverged = (s != 0) & ~((r * r).sum(-1, keepdim=True) <= tol2)
+        steps = torch.where(unconverged, ~steps, steps)
     return x * s, steps.squeeze(-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from fla.utils import tensor_cache
@@ -42,6 +43,29 @@ def min_log_decay(dtype: torch.dtype) -> float:
     gates after it (op README, "Extreme inputs").
     """
     return -800.0 if dtype == torch.float64 else -110.0
+
+
+def split_cg_steps(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Decodes the step counts of a solve run with `flag_unconverged`: a token that stopped without reaching `cg_tol`
+    (at `cg_max_steps`, or at a breakdown) holds `~n = -n - 1` for its `n` steps, so that one int32 tensor carries
+    both (no extra output through the kernels and autograd functions). Returns `(steps, unconverged)`: the counts
+    and a bool mask, both `[B, T, H]`, on the device (no host sync).
+    """
+    unconverged = steps < 0
+    return torch.where(unconverged, ~steps, steps), unconverged
+
+
+def warn_if_unconverged(op: str, unconverged: torch.Tensor, cg_max_steps: int, cg_tol: float | None, stacklevel: int = 4):
+    """The opt-in warning (one host sync): how many token-heads stopped without reaching `cg_tol`."""
+    n = int(unconverged.sum())
+    if n:
+        warnings.warn(
+            f"{op}: {n} of {unconverged.numel()} token-heads stopped without reaching cg_tol = {cg_tol} in "
+            f"cg_max_steps = {cg_max_steps} steps; their outputs can be far off the exact solve. A larger "
+            f"cg_max_steps, a larger lamb or a better-conditioned state helps (op README, \"No silent failure\")",
+            RuntimeWarning, stacklevel=stacklevel,
+        )
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
