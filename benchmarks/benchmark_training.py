@@ -31,6 +31,9 @@ in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes w
     python benchmarks/benchmark_training.py --profile-host --models fla-mesa --sizes small --Ts 2048
     TRITON_INTERPRET=1 python benchmarks/benchmark_training.py --device cpu --tiny --out /tmp/t.md   # smoke test
 
+--cuda-graph: the same rows with the whole step (forward, backward, AdamW with capturable=True) captured once in a
+CUDA graph and replayed: what the step costs when the host launches nothing but the graph.
+
 --profile-host: for the first of --models/--sizes/--Ts, one step under cProfile (synchronised only at its end):
 the top 40 functions by cumulative and by total time, then torch.profiler's key_averages() sorted by self CPU
 time (top 40), to --out.
@@ -169,7 +172,7 @@ def matched_config(name, mesa, max_T, device):
     return config, params, target
 
 
-def build(name, config, device):
+def build(name, config, device, capturable=False):
     with torch.device(device):
         model = model_class(name)(config)
     if device != 'cuda':
@@ -178,7 +181,8 @@ def build(name, config, device):
     model = model.to(torch.bfloat16).train()
     if name == 'llama' and getattr(model.config, '_attn_implementation', 'sdpa') != 'sdpa':
         raise RuntimeError(f"Llama built with attention {model.config._attn_implementation!r}, not sdpa")
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # capturable: AdamW keeps its step count on the GPU, so a CUDA graph can replay it
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=capturable)
 
 
 def step(model, opt, B, T, vocab, device):
@@ -234,7 +238,36 @@ def device_busy_us(prof):
     return (union_us(spans), 'events') if spans else (None, 'none')
 
 
-def profile_busy(model, opt, B, T, vocab, device, n):
+def graphed_step(model, opt, B, T, vocab):
+    """
+    The whole training step (forward, backward, AdamW) captured once in a CUDA graph, as PyTorch's whole-network
+    capture recipe does; returns a step function like `step`'s that draws fresh tokens into the graph's input and
+    replays it. The host then launches one graph a step instead of every kernel.
+    """
+    ids = torch.randint(0, vocab, (B, T), device='cuda')
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    def replay():
+        t0 = time.perf_counter()
+        ids.copy_(torch.randint(0, vocab, (B, T), device='cuda'))
+        graph.replay()
+        return time.perf_counter() - t0
+    return replay
+
+
+def profile_busy(do_step, device, n):
     """(device busy ms per step, wall ms per step) over n steps under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
@@ -242,7 +275,7 @@ def profile_busy(model, opt, B, T, vocab, device, n):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
-            step(model, opt, B, T, vocab, device)
+            do_step()
         sync(device)
         wall = time.perf_counter() - t0
     busy, _ = device_busy_us(prof) if device == 'cuda' else (None, 'cpu')
@@ -261,7 +294,7 @@ def free(device):
 
 def run_row(name, size, T, args, timed=True):
     B = args.tokens // T
-    row = dict(model=name, size='tiny' if args.tiny else size, T=T, B=B)
+    row = dict(model=name + (' (graph)' if args.cuda_graph else ''), size='tiny' if args.tiny else size, T=T, B=B)
     model = opt = None
     try:
         if B < 1 or B * T != args.tokens:
@@ -271,17 +304,22 @@ def run_row(name, size, T, args, timed=True):
         row.update(params=f"{params / 1e6:.1f}M", ratio=f"{params / target:.3f}")
         if args.device == 'cuda':
             torch.cuda.reset_peak_memory_stats()
-        model, opt = build(name, config, args.device)
+        model, opt = build(name, config, args.device, capturable=args.cuda_graph)
         vocab = config.vocab_size
         for _ in range(args.warmup if timed else 1):
             step(model, opt, B, T, vocab, args.device)
         sync(args.device)
         if not timed:
             return row
+        if args.cuda_graph:
+            do_step = graphed_step(model, opt, B, T, vocab)
+        else:
+            def do_step():
+                return step(model, opt, B, T, vocab, args.device)
         times, enqueue = [], []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            enqueue.append(step(model, opt, B, T, vocab, args.device))
+            enqueue.append(do_step())
             sync(args.device)
             times.append(time.perf_counter() - t0)
         ms = statistics.median(times) * 1e3
@@ -290,7 +328,7 @@ def run_row(name, size, T, args, timed=True):
         if args.device == 'cuda':
             row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
         if args.profile_steps > 0:
-            busy_ms, wall_ms = profile_busy(model, opt, B, T, vocab, args.device, args.profile_steps)
+            busy_ms, wall_ms = profile_busy(do_step, args.device, args.profile_steps)
             if busy_ms is not None:
                 row.update({'GPU ms/step': f"{busy_ms:.1f}", 'busy': f"{busy_ms / wall_ms:.1%}",
                             'busy/med': f"{busy_ms / ms:.1%}"})
@@ -486,6 +524,8 @@ def main(argv=None):
     p.add_argument('--compile-only', action='store_true', help='(the compile pass) one step per row, no timing')
     p.add_argument('--pin-config', type=int, default=None, help='(the compile pass) fla-mesa kernels at config I')
     p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
+    p.add_argument('--cuda-graph', action='store_true',
+                   help='time the whole step captured in one CUDA graph (model rows say "graph")')
     p.add_argument('--verbose', action='store_true', help='tracebacks of failed rows')
     args = p.parse_args(argv)
     args.Ts = args.Ts or ([64] if args.tiny else [2048, 4096, 8192])
@@ -494,6 +534,8 @@ def main(argv=None):
         args.sizes = args.sizes[:1]  # --tiny replaces the size
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu (with TRITON_INTERPRET=1 and --tiny) for a smoke test")
+    if args.cuda_graph and args.device != 'cuda':
+        raise SystemExit("--cuda-graph needs --device cuda")
     if args.profile_host:
         return profile_host(args)
     if args.compile_only:
