@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging as pylogging
 import math
 from typing import TYPE_CHECKING
 
@@ -9,9 +11,11 @@ import torch
 import torch.nn as nn
 from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
 from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel, get_attention
-from fla.modules import GatedMLP, RMSNorm
+from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss, GatedMLP, RMSNorm
+from fla.modules.l2warp import l2_warp
 from fla.ops.attnres import fused_attnres
 from torch.nn import functional as F
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging
 
@@ -51,6 +55,59 @@ class MesaMLP(GatedMLP):
         if self.hidden_act == 'powlu':
             raise NotImplementedError("hidden_act='powlu' needs fla's Triton kernels (a GPU or TRITON_INTERPRET=1)")
         return self.down_proj(F.silu(gate) * y)
+
+
+class MesaCrossEntropyLoss(nn.Module):
+    """
+    The model's criterion, called as fla's `FLAForCausalLM` calls one: `(logits, labels)`, or `(hidden_states, labels,
+    weight, bias)` when `config.fuse_linear_cross_entropy`. fla's fused losses where their Triton kernels run (a GPU, or
+    `TRITON_INTERPRET=1`); elsewhere, where fla's refuse CPU tensors, the same loss in PyTorch, in float32 as the fused
+    kernels compute it (with `use_l2warp`, fla's `l2_warp` on the logits, as fla's unfused path applies it). Reads
+    the config's flags at every call, so changing them after construction works as it does in fla.
+    """
+
+    ignore_index = -100
+
+    def __init__(self, config: MesaConfig, reduction: str = 'mean'):
+        super().__init__()
+        self.config = config
+        self.reduction = reduction
+
+    def forward(self, x, target, weight=None, bias=None):
+        fused = use_fla_kernels(x)
+        if weight is not None:
+            if fused:
+                criterion = FusedLinearCrossEntropyLoss(use_l2warp=self.config.use_l2warp, reduction=self.reduction)
+                return criterion(x, target, weight, bias)
+            logits = F.linear(x, weight, bias)
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction=self.reduction)
+            return l2_warp(loss, logits) if self.config.use_l2warp else loss
+        if not self.config.fuse_cross_entropy:
+            return F.cross_entropy(x, target, reduction=self.reduction)
+        if fused:
+            return FusedCrossEntropyLoss(inplace_backward=True, reduction=self.reduction)(x, target)
+        return F.cross_entropy(x.float(), target, reduction=self.reduction)
+
+
+class _DropCacheRename(pylogging.Filter):
+    def filter(self, record):
+        return '`past_key_values`/`cache_params` are deprecated' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _fla_cache_names():
+    """
+    fla 0.6's model code (`FLAModel.forward`, `FLAForCausalLM.forward`) builds transformers' outputs with
+    `past_key_values=`, which transformers >= 5.24 renames to `cache`, logging a deprecation the user did not cause
+    and cannot act on. Drops that one message while fla's forward runs (transformers logs it once per process).
+    """
+    logger = pylogging.getLogger('transformers.utils.generic')
+    quiet = _DropCacheRename()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class MesaBlock(GradientCheckpointingLayer):
@@ -245,6 +302,10 @@ class MesaModel(MesaPreTrainedModel, FLAModel):
 
         self.post_init()
 
+    def forward(self, *args, **kwargs):
+        with _fla_cache_names():
+            return super().forward(*args, **kwargs)
+
 
 class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
 
@@ -255,9 +316,40 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
         self.model = MesaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.criterion = None
+        self.criterion = MesaCrossEntropyLoss(config)
 
         self.post_init()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | torch.Tensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool = False,
+        **kwargs,
+    ):
+        # fla 0.6's version (same arguments, same steps) hands transformers' the cache as `past_key_values`, the name
+        # transformers >= 5.24 deprecates: two FutureWarnings per generate() call. The current name here
+        if cache_position is not None and next_sequence_length is None:
+            next_sequence_length = len(cache_position)
+        if logits_to_keep is not None:
+            kwargs['logits_to_keep'] = logits_to_keep
+        return GenerationMixin.prepare_inputs_for_generation(
+            self,
+            input_ids=input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            use_cache=use_cache,
+            **kwargs,
+        )
 
     def forward(self, *args, cache=None, **kwargs):
         # transformers >= 5.24 hands the generation cache over as `cache`, its new name for `past_key_values`;
@@ -266,4 +358,5 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
             if kwargs.get('past_key_values') is not None:
                 raise TypeError("pass the recurrent cache as `cache` or as `past_key_values`, not both")
             kwargs['past_key_values'] = cache
-        return super().forward(*args, **kwargs)
+        with _fla_cache_names():
+            return super().forward(*args, **kwargs)
