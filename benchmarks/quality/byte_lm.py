@@ -93,6 +93,10 @@ def byte_loss(model, x, y):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none').view_as(y)
 
 
+def mean_byte_loss(model, x, y):
+    return byte_loss(model, x, y).mean()
+
+
 def train_batch(data, seed, step, batch_size, seq_len):
     """The same windows for every model at a given seed and step (and after a resume)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -182,8 +186,7 @@ def train_run(cell):
             sys.exit(common.PAUSED)
         x, y = (a.to(device, non_blocking=True) for a in train_batch(train, cell['seed'], step, cell['batch_size'],
                                                                      cell['seq_len']))
-        loss = common.training_step(model, opt, sched, health, step, lambda: byte_loss(model, x, y).mean(),
-                                    cell['amp'])
+        loss = common.training_step(model, opt, sched, health, step, mean_byte_loss, (x, y), cell['amp'])
         accumulate_cg(model, hist)
         window.append(loss)
         step += 1
@@ -254,6 +257,12 @@ def parse_args(argv=None):
     return args
 
 
+def cg_pair(records, key):
+    """'mean / p99' of CG steps over runs (the mean of means, the largest p99)."""
+    vals = [r[key] for r in records if r[key]]
+    return f'{sum(v["mean"] for v in vals) / len(vals):.1f} / {max(v["p99"] for v in vals)}' if vals else '-'
+
+
 def write_report(args, records, sizes, manifest, folder):
     os.makedirs(RESULTS, exist_ok=True)
     env = next((r['environment'] for r in records.values() if r and 'environment' in r), common.environment())
@@ -280,11 +289,6 @@ def write_report(args, records, sizes, manifest, folder):
             lines.append(f'| {common.LABELS[model]} | {sizes[model]["params"]:,} | {status} | | | | | | | | |')
             continue
         bpb = [r['val_bpb'] for r in ok]
-
-        def pair(key):
-            vals = [r[key] for r in ok if r[key]]
-            return (f'{sum(v["mean"] for v in vals) / len(vals):.1f} / {max(v["p99"] for v in vals)}'
-                    if vals else '-')
         probe = [r['probe'] for r in ok if r['probe']['bpb_second'] is not None]
         h = [r['health'] for r in ok]
         lines.append(
@@ -292,7 +296,7 @@ def write_report(args, records, sizes, manifest, folder):
             f'{sum(bpb) / len(bpb):.4f} | '
             + (f'{sum(p["bpb_first"] for p in probe) / len(probe):.3f} / '
                f'{sum(p["bpb_second"] for p in probe) / len(probe):.3f} ({probe[0]["lines"]} lines)' if probe else '-')
-            + f' | {pair("cg_steps_train")} | {pair("cg_steps_eval")} | '
+            + f' | {cg_pair(ok, "cg_steps_train")} | {cg_pair(ok, "cg_steps_eval")} | '
             f'{sum(x["nonfinite_loss"] for x in h)} / {sum(x["nonfinite_grad"] for x in h)} | '
             f'{max(x["max_grad_norm"] for x in h):.3g} | {max(x["max_grad_spike"] for x in h):.3g} | '
             f'{sum(r["tokens_per_second"] for r in ok) / len(ok):,.0f} |')
@@ -349,7 +353,10 @@ def main(argv=None):
     common.run_jobs(jobs, args.parallel, 'byte-LM runs', args.time_limit)
     records = {(m, s): common.read_json(os.path.join(folder, f'{m}_s{s}.json')) for s in args.seeds
                for m in args.models}
-    print(f'report: {write_report(args, records, sizes, manifest, folder)}')
+    path = write_report(args, records, sizes, manifest, folder)
+    with open(path) as f:
+        print(f.read())
+    print(f'report: {path}')
 
 
 if __name__ == '__main__':

@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+# the checkout's fla_mesa when it is not installed
+sys.path.append(os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..')))
 warnings.filterwarnings('ignore', message='.*Triton is not supported.*')
 
 MODELS = ('mesa', 'gla', 'fla_mesa_net', 'deltanet', 'gated_deltanet', 'transformer')
@@ -201,11 +203,14 @@ class Health:
                     max_grad_spike_step=self.max_spike_step)
 
 
-def training_step(model, opt, sched, health, step, loss_fn, amp, clip=1.0):
-    """One optimiser step in bf16 autocast (weights and optimiser in float32); returns the loss."""
+def training_step(model, opt, sched, health, step, loss_fn, inputs, amp, clip=1.0):
+    """
+    One optimiser step on `loss_fn(model, *inputs)` in bf16 autocast (weights and optimiser in float32); returns
+    the loss.
+    """
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        loss = loss_fn()
+        loss = loss_fn(model, *inputs)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     loss_value, grad_value = loss.item(), grad_norm.item()
@@ -253,12 +258,13 @@ def worker_env(model, device):
     return env
 
 
-def run_jobs(jobs, parallel, desc, time_limit=None):
+def run_jobs(jobs, parallel, desc, time_limit=None, job_timeout=None):
     """
     Runs `jobs` (dicts: key, argv, env, log, result) `parallel` at a time, one process each, with a progress bar.
     A job whose process ends without writing its result gets a 'failed' record with its log's tail, unless it
     exits with `PAUSED` (checkpointed at its deadline; nothing is recorded, the next run resumes it). After
-    `time_limit` seconds no new job starts (the running ones finish); returns the number left unstarted.
+    `time_limit` seconds no new job starts (the running ones finish); returns the number left unstarted. A job
+    running past `job_timeout` seconds is killed and recorded as failed (a hung kernel must not stall the grid).
     """
     from tqdm.auto import tqdm
 
@@ -279,7 +285,13 @@ def run_jobs(jobs, parallel, desc, time_limit=None):
             for item in list(running):
                 job, proc, log, start = item
                 if proc.poll() is None:
-                    continue
+                    if job_timeout is not None and time.time() - start > job_timeout:
+                        proc.kill()
+                        proc.wait()
+                        write_json(job['result'], dict(status='failed', error=f'killed after {job_timeout:g} s',
+                                                       traceback=''))
+                    else:
+                        continue
                 running.remove(item)
                 log.close()
                 record = read_json(job['result'])
@@ -302,10 +314,9 @@ def run_jobs(jobs, parallel, desc, time_limit=None):
 
 def environment():
     """Versions and device, for the result files."""
+    import fla
     import transformers
     import triton
-
-    import fla
     info = dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__,
                 fla=getattr(fla, '__version__', '?'), transformers=transformers.__version__)
     if torch.cuda.is_available():
@@ -313,7 +324,7 @@ def environment():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         info['commit'] = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True,
-                                        text=True).stdout.strip()
+                                        text=True, check=False).stdout.strip()
     except OSError:
         pass
     return info

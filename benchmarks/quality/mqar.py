@@ -79,6 +79,10 @@ def query_loss_and_hits(model, inputs, labels):
     return torch.nn.functional.cross_entropy(logits, target), (logits.argmax(-1) == target).sum(), target.numel()
 
 
+def query_loss(model, inputs, labels):
+    return query_loss_and_hits(model, inputs, labels)[0]
+
+
 def train_cell(cell):
     """Trains one (model, width, lr, seed) cell and returns its record."""
     device = torch.device(cell['device'])
@@ -102,8 +106,7 @@ def train_cell(cell):
     for step in range(cell['steps']):
         inputs, labels = mqar_batch(cell['batch_size'], pairs[step % len(pairs)], cell['seq_len'],
                                     cell['vocab_size'], data, device)
-        loss = common.training_step(model, opt, sched, health, step,
-                                    lambda: query_loss_and_hits(model, inputs, labels)[0], amp)
+        loss = common.training_step(model, opt, sched, health, step, query_loss, (inputs, labels), amp)
         losses.append(loss)
         steps = common.cg_steps(model)
         if steps is not None:
@@ -173,6 +176,7 @@ def parse_args(argv=None):
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'mqar'))
     p.add_argument('--tag', help='output name: benchmarks/results/mqar_<tag>.md/.png (default: the preset)')
     p.add_argument('--time-limit', type=float, help='seconds after which no new cell starts (for a cut run)')
+    p.add_argument('--cell-timeout', type=float, default=1200, help='seconds after which a cell is killed (failed)')
     p.add_argument('--retry-failed', action='store_true', help='run again cells cached as failed (not refused)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -245,8 +249,8 @@ def summarise(args, records, sizes):
             for n in args.pairs:
                 best = None
                 for lr in args.lrs:
-                    accs = [r['accuracy'][str(n)] for (m, w, l, _), r in records.items()
-                            if (m, w, l) == (model, width, lr) and r and r['status'] == 'ok']
+                    accs = [r['accuracy'][str(n)] for key, r in records.items()
+                            if key[:3] == (model, width, lr) and r and r['status'] == 'ok']
                     if accs and (best is None or sum(accs) / len(accs) > best[0]):
                         best = (sum(accs) / len(accs), accs, lr)
                 table.setdefault(model, {}).setdefault(width, {})[n] = best
@@ -283,7 +287,8 @@ def write_report(args, records, table, sizes, folder):
         lines.append(f'| {common.LABELS[model]} | ' + ' | '.join(cells) + ' |')
     lines += ['', '## Parameters, time, CG steps and training health', '',
               '| model | width | params | s/step (mean) | CG steps train (mean) | CG steps test mean / p99 '
-              '(largest pairs) | non-finite loss / grad | max grad norm | max grad spike |', '|---|---|---|---|---|---|---|---|---|']
+              '(largest pairs) | non-finite loss / grad | max grad norm | max grad spike |',
+              '|---|---|---|---|---|---|---|---|---|']
     for model in args.models:
         for w in args.widths:
             rs = [r for (m, ww, _, _), r in records.items() if (m, ww) == (model, w) and r and r['status'] == 'ok']
@@ -318,7 +323,11 @@ def write_report(args, records, table, sizes, folder):
 
 
 def plot(args, table, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print('matplotlib is not installed: no plot (pip install matplotlib)')
+        return
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
@@ -332,6 +341,7 @@ def plot(args, table, path):
         ax.set_xlabel('key-value pairs')
         ax.set_xscale('log', base=2)
         ax.set_xticks(args.pairs, [str(n) for n in args.pairs])
+        ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel('accuracy on queries (%)')
     axes[0][-1].legend(fontsize=7)
@@ -356,7 +366,7 @@ def main(argv=None):
     cells = [(m, w, lr, s) for s in args.seeds for lr in args.lrs for w in args.widths for m in args.models]
     start = time.time()
     left = common.run_jobs(make_jobs(args, folder, settings, sizes, cells), args.parallel, 'MQAR cells',
-                           args.time_limit)
+                           args.time_limit, args.cell_timeout)
     records = load(folder, cells)
     if not left and len(args.seeds) >= 2:
         third = max(args.seeds) + 1
@@ -364,10 +374,14 @@ def main(argv=None):
         if extra:
             print(f'seeds disagree by > {args.disagree:g} points for {sorted(set(e[:2] for e in extra))}: seed {third}')
             remaining = None if args.time_limit is None else max(0.0, args.time_limit - (time.time() - start))
-            common.run_jobs(make_jobs(args, folder, settings, sizes, extra), args.parallel, 'third seeds', remaining)
+            common.run_jobs(make_jobs(args, folder, settings, sizes, extra), args.parallel, 'third seeds', remaining,
+                            args.cell_timeout)
             cells += extra
             records = load(folder, cells)
-    print(f'report: {write_report(args, records, summarise(args, records, sizes), sizes, folder)}')
+    path = write_report(args, records, summarise(args, records, sizes), sizes, folder)
+    with open(path) as f:
+        print(f.read())
+    print(f'report: {path}')
 
 
 if __name__ == '__main__':
