@@ -126,8 +126,9 @@ def test_chunk_gradcheck():
 def test_chunk_varlen_equals_per_sequence(backend):
     cu = torch.tensor([0, 1, 20, 64, 100], dtype=torch.int32)
     N, T = len(cu) - 1, int(cu[-1])
-    q, k, v, g, beta, lamb, h0 = make_inputs(1, T, 2, 16, 8, dtype=torch.float32, initial_state=True)
-    h0 = tuple(torch.cat([h] * N) for h in h0)
+    q, k, v, g, beta, lamb, _ = make_inputs(1, T, 2, 16, 8, dtype=torch.float32)
+    # a different initial state per sequence: a sequence started from another's state must fail
+    h0 = make_inputs(N, 1, 2, 16, 8, dtype=torch.float32, initial_state=True, seed=3)[6]
     do, _ = upstream(1, T, 2, 8, 16, 1e-3)
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=16)
     o, ht, grads = run_with_grads(chunk_mesa, [q, k, v, g, beta, lamb, h0], do, cu_seqlens=cu, **kw)

@@ -1,0 +1,236 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+Plants semantic bugs in a copy of the package, one at a time, and checks that the tests catch each.
+
+Each mutant is a textual replacement in one file of `fla_mesa/` (its anchor must occur exactly once: a missing or
+repeated anchor fails the run loudly, as the code it targeted has moved) and names the few test files (and a `-k`
+filter) that should catch it. For every mutant the committed tree of the commit asked for (`git archive`, default
+HEAD: other people's uncommitted edits are not checked) is unpacked to a fresh temporary directory, the mutant
+applied there, and pytest run in that directory, whose `fla_mesa` is imported before the installed one (checked:
+the run fails if the copy is not what gets imported). A mutant is caught when the tests fail. The unmutated copy runs
+every mutant's tests first: they must pass, else a "catch" would mean nothing.
+
+Run from the repository root (CPU, the Triton kernels under the interpreter, as CI):
+
+    TRITON_INTERPRET=1 .venv/bin/python scripts/mutation_check.py [--commit REV] [--only NAME ...] [--out FILE]
+
+It takes about 15-25 minutes on 2 CPU cores (the baseline run and one targeted run per mutant, each 20-120 s) and
+writes a Markdown table (mutant, file, tests, caught or missed, seconds) to `--out` (default
+benchmarks/results/mutation_check.md). Exit status 1 if any mutant is missed or the baseline fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str
+    anchor: str
+    replacement: str
+    tests: list[str]
+    select: str | None = None  # pytest -k
+
+
+MUTANTS = [
+    Mutant('dq sign flipped in the Triton backward without a solve (cg_max_steps=0)',
+           'fla_mesa/ops/mesa/chunk_triton.py',
+           'dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)',
+           'dq = -chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)',
+           ['tests/ops/test_no_solve.py'], 'triton and fp32 and 40'),
+    Mutant('Jacobi diagonal without its sum of beta k^2 in the CG kernel',
+           'fla_mesa/ops/mesa/chunk_cg.py',
+           'b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], PREC, False)',
+           'b_d = b_e[:, None] * b_hd[None, :] + b_lamb[None, :] + 0 * b_m[:, :1]',
+           ['tests/ops/test_cg_fixed_steps.py'], 'chunk'),
+    Mutant("recurrent kernel's float32 residual floor raised (1e-19 to 1e-12)",
+           'fla_mesa/ops/mesa/fused_recurrent.py',
+           'FLOOR2=residual_floor2(dtype),',
+           'FLOOR2=residual_floor2(dtype) if dtype == torch.float64 else 1e-12,',
+           ['tests/ops/test_fused_recurrent.py'], 'float32_matches_exact'),
+    Mutant('diagonal without the new token in the recurrent kernel',
+           'fla_mesa/ops/mesa/fused_recurrent.py',
+           'b_dh = b_dh * b_gamma + b_kb * b_k',
+           'b_dh = b_dh * b_gamma',
+           ['tests/ops/test_cg_fixed_steps.py'], 'recurrent'),
+    Mutant("recurrent kernel's S state not decayed",
+           'fla_mesa/ops/mesa/fused_recurrent.py',
+           'b_sv = b_sv * b_gamma + b_kb[:, None] * b_v[None, :]',
+           'b_sv = b_sv + b_kb[:, None] * b_v[None, :]',
+           ['tests/ops/test_fused_recurrent.py'], 'float32_matches_exact'),
+    Mutant("CG kernel's float32 residual floor raised (loosened stop)",
+           'fla_mesa/ops/mesa/chunk_cg.py',
+           'tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))',
+           'tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, 1e-11)',
+           ['tests/ops/test_chunk.py'], 'fp32_matches and triton and B2-T63'),
+    Mutant("CG kernel's causal mask off by one (a token's own key left out of its chunk sum)",
+           'fla_mesa/ops/mesa/chunk_cg.py',
+           'm_rc = (o_r[:, None] >= o_c[None, :])',
+           'm_rc = (o_r[:, None] > o_c[None, :])',
+           ['tests/ops/test_chunk.py'], 'fp32_matches and triton and B1-T1-'),
+    Mutant('backward kernel: dg without its last-token (chunk state) term',
+           'fla_mesa/ops/mesa/chunk_bwd.py',
+           'b_dg += exp2(b_g_last) * b_last',
+           'b_dg += 0 * b_last',
+           ['tests/ops/test_chunk.py'], 'fp32_matches and triton and B2-T63 and True'),
+    Mutant('varlen chunk states not reset between sequences (each starts at the first)',
+           'fla_mesa/ops/mesa/chunk_h.py',
+           'p_h0 = h0 + i_nh * K * W',
+           'p_h0 = h0 + i_h * K * W',
+           ['tests/layers/test_layer_triton.py', 'tests/ops/test_chunk.py'], 'varlen and (chunk or triton)'),
+    Mutant("layer's PyTorch short convolution not reset between packed sequences",
+           'fla_mesa/layers/mesa_net.py',
+           'prev = x.new_zeros(W, D) if cache is None else',
+           'prev = (x.new_zeros(W, D) if i == 0 else xs[-W:]) if cache is None else',
+           ['tests/layers/test_mesa_net_layer.py'], 'dense_equals_varlen'),
+    Mutant('PyTorch path: implicit backward with the adjoint term sign flipped',
+           'fla_mesa/ops/mesa/naive.py',
+           'loss = loss - (pieces.matvec(xc) * e).sum()',
+           'loss = loss + (pieces.matvec(xc) * e).sum()',
+           ['tests/ops/test_chunk.py'], 'fp32_matches and torch and B2-T63'),
+    Mutant('PyTorch path: Jacobi diagonal without the in-chunk sum',
+           'fla_mesa/ops/mesa/naive.py',
+           '+ self.M @ k.pow(2) + self.lamb',
+           '+ self.lamb',
+           ['tests/ops/test_cg_fixed_steps.py'], 'chunk'),
+    Mutant('PyTorch path: chunk state taken after the chunk (off by one chunk)',
+           'fla_mesa/ops/mesa/naive.py',
+           '            Hs.append(h_kk)\n            Ss.append(h_kv)\n'
+           '            d = gc[:, :, i, -1, None, None].exp()\n'
+           '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'
+           '            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]\n',
+           '            d = gc[:, :, i, -1, None, None].exp()\n'
+           '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'
+           '            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]\n'
+           '            Hs.append(h_kk)\n            Ss.append(h_kv)\n',
+           ['tests/ops/test_chunk.py'], 'fp32_matches and torch and B2-T63'),
+    Mutant("layer: Λ without its lower bound",
+           'fla_mesa/layers/mesa_net.py',
+           'return (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound)',
+           'return (F.softplus(self.lambda_params.float()))',
+           ['tests/layers/test_mesa_net_layer.py'], 'matches_float64_reference and default'),
+    Mutant('layer: the gamma cap with the wrong sign',
+           'fla_mesa/layers/mesa_net.py',
+           'g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)',
+           'g = g - torch.log1p(-(1 - self.gamma_cap) * beta * beta)',
+           ['tests/layers/test_layer_triton.py'], 'matches_float64 and default'),
+    Mutant('layer: the switch to the chunk kernel at 64 tokens instead of 65',
+           'fla_mesa/layers/mesa_net.py',
+           'elif q_len <= 64 and not self.training:',
+           'elif q_len < 64 and not self.training:',
+           ['tests/layers/test_layer_triton.py'], 'switch'),
+]
+
+
+def export(commit: str, dest: str):
+    """The committed tree of `commit` unpacked into `dest` (what CI's fresh clone sees)."""
+    archive = subprocess.run(['git', '-C', ROOT, 'archive', commit], check=True, capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
+
+
+def apply(mutant: Mutant, dest: str):
+    path = os.path.join(dest, mutant.path)
+    with open(path) as f:
+        text = f.read()
+    count = text.count(mutant.anchor)
+    if count != 1:
+        raise SystemExit(f"mutant '{mutant.name}': anchor found {count} times in {mutant.path} (must be once): "
+                         f"{mutant.anchor!r}")
+    with open(path, 'w') as f:
+        f.write(text.replace(mutant.anchor, mutant.replacement))
+
+
+def run_tests(dest: str, tests: list[str], select: str | None) -> tuple[bool, float, str]:
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([dest, os.environ.get('PYTHONPATH', '')]))
+    env.pop('FLA_MESA_BACKEND', None)
+    # the copy must be what gets imported, not the installed (editable) checkout
+    where = subprocess.run([sys.executable, '-c', 'import fla_mesa, tests.utils; print(fla_mesa.__file__, tests.utils.__file__)'],
+                           cwd=dest, env=env, capture_output=True, text=True, check=True).stdout.split()
+    if not all(p.startswith(dest) for p in where):
+        raise SystemExit(f"the copy in {dest} is not what gets imported: {where}")
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', *tests]
+    if select:
+        cmd += ['-k', select]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
+    tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+    # 0: passed; 1: failed; 5: nothing selected (a filter that no longer matches is an error, not a pass)
+    if result.returncode not in (0, 1):
+        raise SystemExit(f"pytest exited {result.returncode} for {tests} -k {select!r}: {tail}")
+    return result.returncode == 0, time.time() - start, tail
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--commit', default='HEAD')
+    parser.add_argument('--only', nargs='*', help='substrings of mutant names to run')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'mutation_check.md'))
+    args = parser.parse_args()
+    commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', args.commit], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    mutants = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only)]
+    ok = True
+    with tempfile.TemporaryDirectory(prefix='fla_mesa_mutant_') as tmp:
+        clean = os.path.join(tmp, 'clean')
+        os.mkdir(clean)
+        export(commit, clean)
+        # every anchor checked before anything runs
+        for m in mutants:
+            with open(os.path.join(clean, m.path)) as f:
+                if f.read().count(m.anchor) != 1:
+                    raise SystemExit(f"mutant '{m.name}': anchor not found exactly once in {m.path}: {m.anchor!r}")
+        # the baseline: every mutant's tests pass on the unmutated copy
+        groups = sorted({(tuple(m.tests), m.select) for m in mutants})
+        start = time.time()
+        for tests, select in groups:
+            passed, _, tail = run_tests(clean, list(tests), select)
+            if not passed:
+                raise SystemExit(f"baseline: {list(tests)} -k {select!r} fails without a mutant: {tail}")
+        print(f"baseline: {len(groups)} test selections pass ({time.time() - start:.0f} s)", flush=True)
+        rows = []
+        for i, m in enumerate(mutants):
+            dest = os.path.join(tmp, f'mutant{i}')
+            os.mkdir(dest)
+            export(commit, dest)
+            apply(m, dest)
+            passed, seconds, tail = run_tests(dest, m.tests, m.select)
+            caught = not passed
+            ok &= caught
+            print(f"{'caught' if caught else 'MISSED'} ({seconds:.0f} s): {m.name}: {tail}", flush=True)
+            rows.append((m, caught, seconds))
+    lines = [
+        '# Mutation check',
+        '',
+        f'`scripts/mutation_check.py` on commit {commit[:12]}; {platform.node()}, {platform.processor() or platform.machine()}, '
+        f'{os.cpu_count()} CPUs, Python {platform.python_version()}, TRITON_INTERPRET=1; '
+        f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Each mutant planted alone in a copy of the commit; '
+        'caught = its tests fail (the unmutated copy passes them).',
+        '',
+        '| mutant | file | tests (-k) | result | seconds |',
+        '|---|---|---|---|---|',
+    ]
+    for m, caught, seconds in rows:
+        lines.append(f"| {m.name} | `{m.path}` | {', '.join(t.split('/')[-1] for t in m.tests)} (`{m.select}`) | "
+                     f"{'caught' if caught else '**missed**'} | {seconds:.0f} |")
+    lines.append('')
+    lines.append(f"{sum(c for _, c, _ in rows)} of {len(rows)} caught.")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print(f"written {args.out}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == '__main__':
+    main()
