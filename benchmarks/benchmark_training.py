@@ -210,32 +210,67 @@ def union_us(intervals):
     return total
 
 
-def device_busy_us(prof):
-    """
-    Union of the device intervals (kernels, memcpy, memset) of a finished torch.profiler run, in microseconds:
-    from its Chrome trace (event categories are explicit there), else from its CUDA events' time ranges.
-    """
-    path = None
+def trace_events(prof):
+    """The complete ('X') events of a finished torch.profiler run's Chrome trace (event categories are explicit there)."""
+    fd, path = tempfile.mkstemp(suffix='.json')
+    os.close(fd)
     try:
-        fd, path = tempfile.mkstemp(suffix='.json')
-        os.close(fd)
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)
-        events = events['traceEvents'] if isinstance(events, dict) else events
-        cats = {'kernel', 'gpu_memcpy', 'gpu_memset'}
-        spans = [(float(e['ts']), float(e['ts']) + float(e['dur'])) for e in events
-                 if e.get('ph') == 'X' and str(e.get('cat', '')).lower() in cats and 'dur' in e]
+    finally:
+        os.remove(path)
+    events = events['traceEvents'] if isinstance(events, dict) else events
+    return [e for e in events if e.get('ph') == 'X' and 'dur' in e]
+
+
+DEVICE_CATS = {'kernel', 'gpu_memcpy', 'gpu_memset'}
+
+
+def device_busy_us(prof):
+    """
+    Union of the device intervals (kernels, memcpy, memset) of a finished torch.profiler run, in microseconds:
+    from its Chrome trace, else from its CUDA events' time ranges.
+    """
+    try:
+        spans = [(float(e['ts']), float(e['ts']) + float(e['dur'])) for e in trace_events(prof)
+                 if str(e.get('cat', '')).lower() in DEVICE_CATS]
         if spans:
             return union_us(spans), 'trace'
     except Exception as e:  # noqa: BLE001 - fall back below
         log(f"  chrome trace unreadable ({type(e).__name__}: {e}); using profiler events")
-    finally:
-        if path and os.path.exists(path):
-            os.remove(path)
     from torch.autograd import DeviceType
     spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     return (union_us(spans), 'events') if spans else (None, 'none')
+
+
+def idle_by_launcher(events, top=30):
+    """
+    Device idle time charged to what the device waited for: each gap before a kernel goes to the innermost two
+    non-aten CPU ops (autograd functions, modules' ops) enclosing that kernel's launch. Returns [(us, count, name)].
+    """
+    import bisect
+    from collections import Counter
+    kernels = sorted((e for e in events if str(e.get('cat', '')).lower() in DEVICE_CATS), key=lambda e: e['ts'])
+    launches = {e['args'].get('correlation'): e for e in events
+                if e.get('cat') in ('cuda_runtime', 'cuda_driver') and 'args' in e}
+    cpu = sorted((e for e in events if e.get('cat') in ('cpu_op', 'user_annotation')), key=lambda e: e['ts'])
+    starts = [e['ts'] for e in cpu]
+    idle, count, end = Counter(), Counter(), None
+    for k in kernels:
+        if end is not None and k['ts'] > end:
+            launch = launches.get(k.get('args', {}).get('correlation'))
+            name = '(launch not in trace)'
+            if launch is not None:
+                t = launch['ts']
+                around = [c['name'] for c in cpu[:bisect.bisect_right(starts, t)] if c['ts'] + c['dur'] >= t]
+                # named by the ops above aten's (an autograd function, the optimizer), else by the aten op itself
+                above = [n for n in around if not n.startswith(('aten::', 'cuda'))]
+                name = ' > '.join(n[:48] for n in (above or around)[-2:]) or '(no enclosing op)'
+            idle[name] += k['ts'] - end
+            count[name] += 1
+        end = max(end or k['ts'], k['ts'] + k['dur'])
+    return [(us, count[name], name) for name, us in idle.most_common(top)]
 
 
 def graphed_step(model, opt, B, T, vocab):
@@ -500,6 +535,11 @@ def profile_host(args):
         sync(args.device)
     out += ['### torch.profiler key_averages(), top 40 by self CPU time', '', '```',
             tprof.key_averages().table(sort_by='self_cpu_time_total', row_limit=40), '```', '']
+    if args.device == 'cuda':
+        out += ['### device idle before each kernel, by the CPU ops that launched it (one profiled step)', '',
+                '| idle ms | gaps | launched from |', '|---|---|---|']
+        out += [f"| {us / 1e3:.2f} | {n} | {name} |" for us, n, name in idle_by_launcher(trace_events(tprof))]
+        out.append('')
     path = args.out or default_out(args, f'training_host_{name}')
     with open(path, 'w') as f:
         f.write('\n'.join(out))
