@@ -401,5 +401,7 @@ class MesaNet(nn.Module):
 def init_gate_bias(bias: torch.Tensor):
     """γ₀ = σ(bias) with 1 − γ₀ log-uniform in `GATE_INIT_DECAY_RANGE`, one per head."""
     lo, hi = (math.log(x) for x in GATE_INIT_DECAY_RANGE)
-    decay = torch.exp(torch.rand(bias.shape, dtype=torch.float32, device=bias.device) * (hi - lo) + lo)
+    # drawn in place, on the parameter itself: works on an FSDP2-sharded bias (a DTensor) too, where copying a
+    # plain tensor in fails
+    decay = bias.uniform_(lo, hi).exp_()
     bias.copy_(torch.log1p(-decay) - torch.log(decay))

@@ -112,6 +112,9 @@ def _rank(rank, mode, tied, store, out):
             for block in model.model.layers:
                 fully_shard(block)
             fully_shard(model)
+            # flame initialises the weights after sharding: every initialiser must work on DTensors
+            torch.manual_seed(0)
+            model.apply(model._init_weights)
         torch.save(train(model, rank), os.path.join(out, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
