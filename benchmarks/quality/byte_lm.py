@@ -38,7 +38,6 @@ import byte_corpus  # noqa: E402
 import common  # noqa: E402
 
 RESULTS = os.path.join(HERE, '..', 'results')
-CG_BINS = 64
 
 PRESETS = {
     'full': dict(models=['mesa', 'gla', 'deltanet', 'gated_deltanet', 'transformer'], seeds=[0, 1], width=512,
@@ -105,22 +104,6 @@ def train_batch(data, seed, step, batch_size, seq_len):
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def cg_quantiles(hist):
-    hist = hist.double()
-    total = hist.sum()
-    if total == 0:
-        return None
-    mean = (hist * torch.arange(len(hist), dtype=torch.double)).sum() / total
-    p99 = int(torch.searchsorted(hist.cumsum(0) / total, torch.tensor(0.99, dtype=torch.double)))
-    return dict(mean=mean.item(), p99=p99)
-
-
-def accumulate_cg(model, hist):
-    steps = common.cg_steps(model)
-    if steps is not None:
-        hist += torch.bincount(steps.flatten().long().clamp(max=CG_BINS - 1), minlength=CG_BINS).cpu()
-
-
 @torch.no_grad()
 def evaluate(model, cell, val, device, amp):
     model.eval()
@@ -128,12 +111,12 @@ def evaluate(model, cell, val, device, amp):
     windows = np.stack([val[i * t:i * t + t + 1] for i in range(n)])
     first, second, lines = repeat_masks(windows)
     data = torch.from_numpy(windows.astype(np.int64))
-    losses, hist = [], torch.zeros(CG_BINS, dtype=torch.long)
+    losses, hist = [], common.cg_histogram()
     for i in range(0, n, cell['batch_size']):
         chunk = data[i:i + cell['batch_size']].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             losses.append(byte_loss(model, chunk[:, :-1], chunk[:, 1:]).cpu())
-        accumulate_cg(model, hist)
+        common.accumulate_cg(model, hist)
     loss = torch.cat(losses) / math.log(2)
     model.train()
     return dict(
@@ -141,7 +124,7 @@ def evaluate(model, cell, val, device, amp):
         probe=dict(lines=lines, bytes=int(second.sum()),
                    bpb_first=loss[first].mean().item() if first.any() else None,
                    bpb_second=loss[second].mean().item() if second.any() else None),
-        cg_steps_eval=cg_quantiles(hist),
+        cg_steps_eval=common.cg_quantiles(hist),
     )
 
 
@@ -158,7 +141,7 @@ def train_run(cell):
             on_gpu=device.type == 'cuda',
         )
     opt, sched = common.make_optimizer(model, cell['lr'], cell['steps'], max(1, cell['steps'] // 20))
-    health, hist, curve, step, seconds = common.Health(), torch.zeros(CG_BINS, dtype=torch.long), [], 0, 0.0
+    health, hist, curve, step, seconds = common.Health(), common.cg_histogram(), [], 0, 0.0
     ckpt = os.path.join(cell['checkpoint_dir'], os.path.basename(cell['result']) + '.ckpt.pt')
     os.makedirs(cell['checkpoint_dir'], exist_ok=True)
     if os.path.exists(ckpt):
@@ -187,7 +170,7 @@ def train_run(cell):
         x, y = (a.to(device, non_blocking=True) for a in train_batch(train, cell['seed'], step, cell['batch_size'],
                                                                      cell['seq_len']))
         loss = common.training_step(model, opt, sched, health, step, mean_byte_loss, (x, y), cell['amp'])
-        accumulate_cg(model, hist)
+        common.accumulate_cg(model, hist)
         window.append(loss)
         step += 1
         if step % 50 == 0 or step == cell['steps']:
@@ -202,7 +185,7 @@ def train_run(cell):
     record = dict(status='ok', params=sum(p.numel() for p in model.parameters()), steps=step,
                   tokens=step * cell['batch_size'] * cell['seq_len'], train_seconds=seconds,
                   tokens_per_second=step * cell['batch_size'] * cell['seq_len'] / max(seconds, 1e-9),
-                  curve=curve, cg_steps_train=cg_quantiles(hist), health=health.summary())
+                  curve=curve, cg_steps_train=common.cg_quantiles(hist), health=health.summary())
     record.update(evaluate(model, cell, val, device, cell['amp']))
     if os.path.exists(ckpt):
         os.remove(ckpt)

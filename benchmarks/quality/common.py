@@ -45,6 +45,8 @@ FLA_TRITON_MODELS = ('fla_mesa_net', 'deltanet', 'gated_deltanet')
 REFUSAL_MARK = 'produces incorrect results for'
 # a worker's exit status when it stopped at its deadline after saving a checkpoint (no result yet: resumes next run)
 PAUSED = 75
+# CG step counts above this are counted here (the solver's default cap is 30)
+CG_BINS = 64
 
 
 def _config(name, vocab_size, hidden_size, num_layers, head_dim, intermediate_size, max_len, on_gpu,
@@ -143,6 +145,29 @@ def cg_steps(model):
     steps = [getattr(a, 'last_cg_steps', None) for a in attns if getattr(a, 'use_solver', False)]
     steps = [s for s in steps if s is not None]
     return torch.stack([s.float() for s in steps]) if steps else None
+
+
+def cg_histogram():
+    """Counts of tokens (per head and layer) by CG steps taken: exact quantiles in constant memory."""
+    return torch.zeros(CG_BINS, dtype=torch.long)
+
+
+def accumulate_cg(model, hist):
+    """Adds the last forward's CG steps of `model` to `hist` (nothing for a model without a solve)."""
+    steps = cg_steps(model)
+    if steps is not None:
+        hist += torch.bincount(steps.flatten().long().clamp(max=CG_BINS - 1), minlength=CG_BINS).cpu()
+
+
+def cg_quantiles(hist):
+    """Mean and 99th percentile of the CG steps counted in `hist` (None if empty)."""
+    hist = hist.double()
+    total = hist.sum()
+    if total == 0:
+        return None
+    mean = (hist * torch.arange(len(hist), dtype=torch.double)).sum() / total
+    p99 = int(torch.searchsorted(hist.cumsum(0) / total, torch.tensor(0.99, dtype=torch.double)))
+    return dict(mean=mean.item(), p99=p99)
 
 
 def make_optimizer(model, lr, steps, warmup, weight_decay=0.1):

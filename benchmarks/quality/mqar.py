@@ -101,16 +101,14 @@ def train_cell(cell):
     health = common.Health()
     data = torch.Generator(device).manual_seed(cell['seed'])
     pairs, amp = cell['pairs'], cell['amp']
-    start, losses, train_cg = time.time(), [], []
+    start, losses, train_cg = time.time(), [], common.cg_histogram()
     model.train()
     for step in range(cell['steps']):
         inputs, labels = mqar_batch(cell['batch_size'], pairs[step % len(pairs)], cell['seq_len'],
                                     cell['vocab_size'], data, device)
         loss = common.training_step(model, opt, sched, health, step, query_loss, (inputs, labels), amp)
         losses.append(loss)
-        steps = common.cg_steps(model)
-        if steps is not None:
-            train_cg.append(steps.mean().item())
+        common.accumulate_cg(model, train_cg)
     train_seconds = time.time() - start
     model.eval()
     accuracy, eval_cg = {}, {}
@@ -119,23 +117,20 @@ def train_cell(cell):
             # the same test set for every model and seed
             gen = torch.Generator(device).manual_seed(10_000 + n)
             hits = total = 0
-            cg = []
+            cg = common.cg_histogram()
             for _ in range(cell['eval_batches']):
                 inputs, labels = mqar_batch(cell['batch_size'], n, cell['seq_len'], cell['vocab_size'], gen, device)
                 _, h, t = query_loss_and_hits(model, inputs, labels)
                 hits, total = hits + h.item(), total + t
-                steps = common.cg_steps(model)
-                if steps is not None:
-                    cg.append(steps.flatten())
+                common.accumulate_cg(model, cg)
             accuracy[str(n)] = hits / total
-            if cg:
-                cg = torch.cat(cg)
-                eval_cg[str(n)] = dict(mean=cg.mean().item(), p99=cg.quantile(0.99).item())
+            if common.cg_quantiles(cg):
+                eval_cg[str(n)] = common.cg_quantiles(cg)
     tail = losses[-max(1, len(losses) // 10):]
     return dict(
         status='ok', accuracy=accuracy, params=params, final_train_loss=sum(tail) / len(tail),
         train_seconds=train_seconds, seconds_per_step=train_seconds / cell['steps'],
-        cg_steps_train_mean=sum(train_cg) / len(train_cg) if train_cg else None, cg_steps_eval=eval_cg or None,
+        cg_steps_train=common.cg_quantiles(train_cg), cg_steps_eval=eval_cg or None,
         health=health.summary(),
     )
 
@@ -286,7 +281,7 @@ def write_report(args, records, table, sizes, folder):
                                  f'lr {entry[2]:g})')
         lines.append(f'| {common.LABELS[model]} | ' + ' | '.join(cells) + ' |')
     lines += ['', '## Parameters, time, CG steps and training health', '',
-              '| model | width | params | s/step (mean) | CG steps train (mean) | CG steps test mean / p99 '
+              '| model | width | params | s/step (mean) | CG steps train mean / p99 | CG steps test mean / p99 '
               '(largest pairs) | non-finite loss / grad | max grad norm | max grad spike |',
               '|---|---|---|---|---|---|---|---|---|']
     for model in args.models:
@@ -294,13 +289,14 @@ def write_report(args, records, table, sizes, folder):
             rs = [r for (m, ww, _, _), r in records.items() if (m, ww) == (model, w) and r and r['status'] == 'ok']
             if not rs:
                 continue
-            cg_train = [r['cg_steps_train_mean'] for r in rs if r['cg_steps_train_mean'] is not None]
+            cg_train = [r['cg_steps_train'] for r in rs if r['cg_steps_train']]
             cg_eval = [r['cg_steps_eval'][str(args.pairs[-1])] for r in rs if r['cg_steps_eval']]
             h = [r['health'] for r in rs]
             lines.append(
                 f'| {common.LABELS[model]} | {w} | {rs[0]["params"]:,} (target {sizes[w][model]["target"]:,}) | '
                 f'{sum(r["seconds_per_step"] for r in rs) / len(rs):.3f} | '
-                + (f'{sum(cg_train) / len(cg_train):.1f}' if cg_train else '-') + ' | '
+                + (f'{sum(c["mean"] for c in cg_train) / len(cg_train):.1f} / {max(c["p99"] for c in cg_train)}'
+                   if cg_train else '-') + ' | '
                 + (f'{sum(c["mean"] for c in cg_eval) / len(cg_eval):.1f} / {max(c["p99"] for c in cg_eval):.0f}'
                    if cg_eval else '-') + ' | '
                 f'{sum(x["nonfinite_loss"] for x in h)} / {sum(x["nonfinite_grad"] for x in h)} | '
