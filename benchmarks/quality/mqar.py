@@ -5,7 +5,7 @@ tokens opens with N key-value pairs (keys from the lower half of the `--vocab-si
 half, all distinct), then asks for every key again at positions drawn with Zoology's power-law gaps, the rest filled
 with random tokens; the model must predict each asked key's value. Accuracy is counted on the query positions only.
 
-As in Zoology, a model trains on a mixture of the pair counts (each step draws one of `--pairs`) and is tested on
+As in Zoology, a model trains on a mixture of the pair counts (its steps cycle through `--pairs`) and is tested on
 each; every (model, width, learning rate, seed) run is one cached cell (JSON under `--cache-dir`), so a run cut by
 a time limit resumes where it stopped. A (model, width, pairs) entry of the table is the best learning rate's mean
 over the seeds; a third seed runs where the first two disagree by more than `--disagree` points.
@@ -62,7 +62,7 @@ def mqar_batch(batch_size, num_pairs, seq_len, vocab_size, generator, device, po
     values = half + torch.rand(B, vocab_size - half, **opts).argsort(dim=1)[:, :N]
     space = (seq_len - 2 * N) // 2
     p = power_a * torch.arange(1, space + 1, device=device, dtype=torch.float) ** (power_a - 1)
-    gaps = torch.multinomial(p.expand(B, space), N, replacement=False, generator=generator)
+    gaps = torch.multinomial(p.expand(B, space).contiguous(), N, replacement=False, generator=generator)
     inputs = torch.randint(0, vocab_size, (B, seq_len), **opts)
     inputs[:, 0:2 * N:2], inputs[:, 1:2 * N:2] = keys, values
     where = 2 * N + 2 * gaps
@@ -162,7 +162,8 @@ def parse_args(argv=None):
     p.add_argument('--seq-len', type=int)
     p.add_argument('--num-layers', type=int, default=2)
     p.add_argument('--head-dim', type=int, default=None, help='key dimension per head (default 64; tiny 16)')
-    p.add_argument('--eval-batches', type=int, default=None, help='test batches per pair count (default 16; tiny 1)')
+    p.add_argument('--eval-batches', type=int, default=None,
+                   help='test batches per pair count (default 48, about Zoology\'s 3000 sequences; quick 16; tiny 1)')
     p.add_argument('--parallel', type=int, help='training processes at once on the one device')
     p.add_argument('--disagree', type=float, default=10.0,
                    help='points between two seeds that add a third seed for that model and width')
@@ -184,7 +185,7 @@ def parse_args(argv=None):
     if args.head_dim is None:
         args.head_dim = 16 if args.tiny else 64
     if args.eval_batches is None:
-        args.eval_batches = 1 if args.tiny else 16
+        args.eval_batches = {'tiny': 1, 'quick': 16, 'full': 48}[preset]
     return args
 
 
