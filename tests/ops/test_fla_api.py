@@ -188,7 +188,7 @@ def test_decoding_one_step(B, H, D, gate_range, max_CG_step, dtype):
 def test_decoding_definition_is_flas(max_CG_step):
     # fla's own float32 reference against the float64 definition the tests above hold the kernel to: the same
     # iteration once q is large enough that fla's 1e-5 in α's and β's denominators is negligible (it is scale-free
-    # but for them); at fla's test scale they move the result (measured: 2e-4 after 3 steps)
+    # but for them); at fla's test scale they move the result (docs/upstream.md)
     inputs = decoding_inputs(2, 2, 16, (0.95, 0.99), torch.float32)
     inputs['q'] = inputs['q'] * 1e3
     ref = definition(**inputs, max_CG_iteration=max_CG_step)
