@@ -98,7 +98,8 @@ def test_layer_matches_float64_reference(kwargs, training):
     with torch.set_grad_enabled(training):
         o, attn, cache = layer(x)
     assert attn is None and cache is None
-    assert_rel('o', o, reference(layer, x), 1e-6)
+    # a float64 layer still forms Λ, β and g in float32 (as fla's layers do): their rounding is the floor here
+    assert_rel('o', o, reference(layer, x), 3e-7)
     steps = layer.last_cg_steps
     assert steps.shape == (2, 20, 2)
     assert (steps == 0).all() if not layer.use_solver else (steps > 0).all()
@@ -124,12 +125,13 @@ def test_gamma_cap_formula(monkeypatch):
 
 
 def test_dense_equals_varlen():
+    # here and below, two float32 runs of the layer, each about a float32 floor (3e-7) off the truth: 1e-6
     layer = make_layer()
     x = inputs(B=3, T=20)
     o_dense, _, _ = layer(x)
     cu_seqlens = torch.tensor([0, 20, 40, 60], dtype=torch.int32, device=device)
     o_var, _, _ = layer(x.reshape(1, 60, -1), cu_seqlens=cu_seqlens)
-    assert_rel('o', o_var.view_as(o_dense), o_dense, 1e-5)
+    assert_rel('o', o_var.view_as(o_dense), o_dense, 1e-6)
     # and the gradients of every parameter
     grads_dense = torch.autograd.grad(o_dense.square().sum(), list(layer.parameters()))
     o_var, _, _ = layer(x.reshape(1, 60, -1), cu_seqlens=cu_seqlens)
@@ -150,7 +152,7 @@ def test_padding_mask_equals_per_sample(grad):
         o, _, _ = layer(x, attention_mask=mask)
         for i, n in enumerate(lens):
             o_i, _, _ = layer(x[i:i + 1, 12 - n:])
-            assert_rel(f'sample {i}', o[i, 12 - n:], o_i[0], 1e-5)
+            assert_rel(f'sample {i}', o[i, 12 - n:], o_i[0], 1e-6)
 
 
 @pytest.mark.parametrize('kwargs', [dict(), dict(use_short_conv=False), dict(use_v_conv=True, expand_v=0.5)],
@@ -166,7 +168,7 @@ def test_cache_continuation_equals_full(kwargs, pieces):
             o, _, cache = layer(x[:, t:t + n], past_key_values=cache, use_cache=True)
             outs.append(o)
             t += n
-    assert_rel('o', torch.cat(outs, 1), o_full, 1e-5)
+    assert_rel('o', torch.cat(outs, 1), o_full, 1e-6)
     assert cache.get_seq_length(0) == 16
 
 
@@ -182,7 +184,7 @@ def test_cache_continuation_chunk_mode_and_mask():
         o, _, cache = layer(x[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True)
         outs.append(o)
     o = torch.cat(outs, 1)
-    assert_rel('o', o[mask.bool()], o_full[mask.bool()], 1e-5)
+    assert_rel('o', o[mask.bool()], o_full[mask.bool()], 1e-6)
 
 
 def test_backward_all_parameters_finite():

@@ -58,12 +58,13 @@ def test_registration():
 
 @pytest.mark.parametrize('fuse_norm', [True, False])
 def test_dense_equals_varlen(fuse_norm):
+    # here and below, two float32 runs of the model: 3e-6, about 3x the largest such difference of the logits
     model = make_model(fuse_norm=fuse_norm)
     x = tokens(B=3, T=20)
     dense = model(input_ids=x).logits
     cu_seqlens = torch.tensor([0, 20, 40, 60], dtype=torch.int32, device=device)
     var = model(input_ids=x.view(1, 60), cu_seqlens=cu_seqlens).logits
-    assert_rel('logits', var.view_as(dense), dense, 1e-5)
+    assert_rel('logits', var.view_as(dense), dense, 3e-6)
 
 
 def test_padding_mask_equals_per_sample():
@@ -77,7 +78,7 @@ def test_padding_mask_equals_per_sample():
         logits = model(input_ids=x, attention_mask=mask).logits
         for i, n in enumerate(lens):
             ref = model(input_ids=x[i:i + 1, 16 - n:]).logits[0]
-            assert_rel(f'sample {i}', logits[i, 16 - n:], ref, 1e-5)
+            assert_rel(f'sample {i}', logits[i, 16 - n:], ref, 3e-6)
 
 
 @pytest.mark.parametrize('pieces', [[5] + [1] * 11, [5, 4, 3, 4], [12, 4]], ids=['one-by-one', 'chunks', 'two-prompts'])
@@ -101,7 +102,7 @@ def test_cached_forward_equals_full(pieces, padded):
             past, t = out.past_key_values, t + n
             outs.append(out.logits)
     m = mask.bool()
-    assert_rel('logits', torch.cat(outs, 1)[m], full[m], 1e-5)
+    assert_rel('logits', torch.cat(outs, 1)[m], full[m], 3e-6)
 
 
 def test_generate_equals_greedy_without_cache():
@@ -128,7 +129,7 @@ def test_cache_keyword():
         b = model(input_ids=x[:, 6:], cache=past, use_cache=True).logits
         full = model(input_ids=x, use_cache=False).logits[:, 6:]
         assert torch.equal(a, b)
-        assert_rel('logits', b, full, 1e-5)
+        assert_rel('logits', b, full, 3e-6)
         with pytest.raises(TypeError, match='not both'):
             model(input_ids=x[:, 6:], cache=past, past_key_values=past)
 
