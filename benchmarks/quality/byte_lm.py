@@ -287,6 +287,16 @@ def write_report(args, records, sizes, manifest, folder):
     if bad:
         lines += ['', '## Runs that did not train', '']
         lines += [f'- {k[0]} seed {k[1]}: **{r["status"]}**: {r["error"].splitlines()[0][:300]}' for k, r in bad]
+    mean_bpb = {}
+    for model in args.models:
+        bpb = [records[(model, s)]['val_bpb'] for s in args.seeds
+               if records[(model, s)] and records[(model, s)]['status'] == 'ok']
+        if len(bpb) == len(args.seeds):
+            mean_bpb[model] = sum(bpb) / len(bpb)
+    if 'mesa' in mean_bpb:
+        others = [f'{common.LABELS[m]} {mean_bpb["mesa"] - mean_bpb[m]:+.4f}' for m in mean_bpb if m != 'mesa']
+        lines += ['', 'MesaNet\'s mean validation bpb minus each model\'s (target: ≤ 0 against GLA and DeltaNet): '
+                  + (', '.join(others) or 'no other model finished') + '.']
     missing = [k for k, r in records.items() if r is None]
     if missing:
         lines += ['', f'{len(missing)} runs not finished (run the same command again to resume).']

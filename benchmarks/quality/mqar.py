@@ -253,6 +253,37 @@ def summarise(args, records, sizes):
     return table
 
 
+LINEAR = ('gla', 'fla_mesa_net', 'deltanet', 'gated_deltanet')
+
+
+def targets(args, table):
+    """
+    Issue 15's MQAR targets, from the table: MesaNet against the best linear baseline that trained, cell by cell
+    (target: never below, +5 points on average), and against the Transformer at the largest width (within 5).
+    """
+    if 'mesa' not in args.models:
+        return ['MesaNet was not run.']
+    margins, behind = [], []
+    for w in args.widths:
+        for n in args.pairs:
+            mesa = table['mesa'][w][n]
+            others = [table[m][w][n][0] for m in LINEAR if m in args.models and table[m][w][n] is not None]
+            if mesa is not None and others:
+                margins.append(100 * (mesa[0] - max(others)))
+                if margins[-1] < 0:
+                    behind.append(f'w{w} p{n}')
+    lines = []
+    if margins:
+        lines.append(f'- MesaNet minus the best linear baseline: {sum(margins) / len(margins):+.1f} points on average '
+                     f'over {len(margins)} cells (least {min(margins):+.1f}); behind in: {", ".join(behind) or "none"}.')
+    w = max(args.widths)
+    gaps = [100 * (table['transformer'][w][n][0] - table['mesa'][w][n][0]) for n in args.pairs
+            if 'transformer' in args.models and table['transformer'][w][n] and table['mesa'][w][n]]
+    if gaps:
+        lines.append(f'- Transformer minus MesaNet at width {w}: ' + ', '.join(f'{g:+.1f}' for g in gaps) + ' points.')
+    return lines or ['Not enough cells trained to compare.']
+
+
 def write_report(args, records, table, sizes, folder):
     os.makedirs(RESULTS, exist_ok=True)
     ok = [r for r in records.values() if r and r['status'] == 'ok']
@@ -307,6 +338,7 @@ def write_report(args, records, table, sizes, folder):
     if bad:
         lines += ['', '## Cells that did not train', '']
         lines += [f'- {k[0]} w{k[1]} lr {k[2]:g} seed {k[3]}: **{status}**: {err}' for k, status, err in sorted(bad)]
+    lines += ['', '## Against the targets', ''] + targets(args, table)
     missing = [k for k, r in records.items() if r is None]
     if missing:
         lines += ['', f'{len(missing)} cells not yet run (run the same command again to resume).']
