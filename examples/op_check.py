@@ -10,12 +10,12 @@ from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--seq-len', type=int, default=256)
-    parser.add_argument('--heads', type=int, default=4)
-    parser.add_argument('--head-dim', type=int, default=64)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--batch', type=int, default=2, help='sequences')
+    parser.add_argument('--seq-len', type=int, default=256, help='tokens per sequence')
+    parser.add_argument('--heads', type=int, default=4, help='heads')
+    parser.add_argument('--head-dim', type=int, default=64, help='key and value dimension per head')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='where to run')
     args = parser.parse_args()
 
     torch.manual_seed(0)
