@@ -224,3 +224,6 @@ def test_layer_and_config_take_flas_names():
     saved = config.to_dict()
     assert saved['cg_max_steps_training'] == 7 and 'max_cg_step_training' not in saved
     assert MesaConfig.from_dict(saved).cg_max_steps_inference == 9
+    # fla's saved config loads as this package's, under this package's model type
+    loaded = MesaConfig.from_dict(MesaNetConfig(max_cg_step_training=5).to_dict())
+    assert loaded.cg_max_steps_training == 5 and loaded.model_type == 'mesa' and loaded.to_dict()['model_type'] == 'mesa'

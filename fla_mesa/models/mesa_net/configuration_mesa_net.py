@@ -66,6 +66,9 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         max_cg_step_decoding: int | None = None,
         **kwargs,
     ):
+        # a config saved by fla's MesaNetConfig says model_type 'mesa_net': this class's own type, not the saved one,
+        # so that a model built from it saves and reloads as this package's
+        kwargs.pop('model_type', None)
         # fla's MesaNetConfig names for cg_max_steps_training / cg_max_steps_inference, so its configs load unchanged
         if max_cg_step_training is not None:
             cg_max_steps_training = max_cg_step_training
