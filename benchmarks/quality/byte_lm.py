@@ -160,6 +160,8 @@ def train_run(cell):
 
     model.train()
     start, last_save, window = time.time(), time.time(), []
+    # steady-state speed after a tenth of this process's steps: the first ones compile and autotune Triton kernels
+    steady_from, steady_start = step + (cell['steps'] - step) // 10, time.time()
     while step < cell['steps']:
         if time.time() > cell['deadline']:
             if step:
@@ -167,6 +169,8 @@ def train_run(cell):
                 save()
             print(f'paused at step {step}', flush=True)
             sys.exit(common.PAUSED)
+        if step == steady_from:
+            steady_start = time.time()
         x, y = (a.to(device, non_blocking=True) for a in train_batch(train, cell['seed'], step, cell['batch_size'],
                                                                      cell['seq_len']))
         loss = common.training_step(model, opt, sched, health, step, mean_byte_loss, (x, y), cell['amp'])
@@ -176,15 +180,16 @@ def train_run(cell):
         if step % 50 == 0 or step == cell['steps']:
             curve.append((step, sum(window) / len(window) / math.log(2)))
             window = []
-            print(f'step {step} train bpb {curve[-1][1]:.4f}', flush=True)
+            print(f'step {step} train bpb {curve[-1][1]:.4f} ({seconds + time.time() - start:.0f} s)', flush=True)
         if time.time() - last_save > cell['checkpoint_seconds']:
             seconds, start = seconds + time.time() - start, time.time()
             save()
             last_save = time.time()
     seconds += time.time() - start
+    steady_tps = (step - steady_from) * cell['batch_size'] * cell['seq_len'] / max(time.time() - steady_start, 1e-9)
     record = dict(status='ok', params=sum(p.numel() for p in model.parameters()), steps=step,
                   tokens=step * cell['batch_size'] * cell['seq_len'], train_seconds=seconds,
-                  tokens_per_second=step * cell['batch_size'] * cell['seq_len'] / max(seconds, 1e-9),
+                  tokens_per_second=steady_tps,
                   curve=curve, cg_steps_train=common.cg_quantiles(hist), health=health.summary())
     record.update(evaluate(model, cell, val, device, cell['amp']))
     if os.path.exists(ckpt):
@@ -261,7 +266,7 @@ def write_report(args, records, sizes, manifest, folder):
         f'duplicates dropped; Python {manifest["python"]}.', '',
         f'Environment: {json.dumps(env)}; device `{args.device}`. Cache: `{os.path.relpath(folder, RESULTS)}`.', '',
         '| model | params | val bpb (per seed) | mean | probe bpb 1st / 2nd occurrence | CG train mean / p99 | '
-        'CG val mean / p99 | non-finite loss / grad | max grad norm | max spike | tokens/s |',
+        'CG val mean / p99 | non-finite loss / grad | max grad norm | max spike | tokens/s (after the first tenth) |',
         '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for model in args.models:
