@@ -342,6 +342,9 @@ def chunk_mesa_cg(
         raise ValueError("give exactly one of `b` and `do` (the right-hand side, or the gradient that forms it)")
     if do is not None and v is None:
         raise ValueError("`do` needs `v` and `h_kv` (b = dx = S_t do_t)")
+    if not isinstance(precondition, bool):
+        raise ValueError(f"the Triton chunk CG takes `precondition` True (Jacobi) or False, got {precondition!r}; "
+                         "precondition='chunk' runs on the PyTorch path (FLA_MESA_BACKEND=torch)")
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
     if K > 256 or (K > 128 and k.is_cuda):

@@ -471,6 +471,8 @@ def fused_recurrent_mesa(
         ...                                 initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
     """
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, check_values=check_values)
+    if not isinstance(precondition, bool):
+        raise ValueError(f"fused_recurrent_mesa takes `precondition` True (Jacobi) or False, got {precondition!r}")
     if use_qk_l2norm_in_kernel:
         if use_triton(q) and q.dtype != torch.float64:
             interpret_compat()

@@ -191,6 +191,34 @@ class ChunkPieces:
         self.final_state = (h_kk, h_kv)
         self.diag = self.decay * torch.diagonal(self.H, dim1=-2, dim2=-1)[..., None, :] + self.M @ k.pow(2) + self.lamb
 
+    def chunk_start_preconditioner(self):
+        """
+        `z = M_c⁻¹ r` for every token of chunk c, `M_c = a_c H_c + Λ` with `a_c` the decay from the chunk's start to
+        its middle token (op README, "Chunk-start preconditioner"). `M_c` is factorised once per chunk and head, in
+        float64 (its condition number is that of the state); a chunk where even that fails (a state beyond float64)
+        falls back to `diag(M_c)`. Rounding in `M` changes step counts, never what CG converges to.
+        """
+        with torch.no_grad():
+            C = self.decay.shape[-2]
+            a = self.decay[..., C // 2, :].double()
+            lamb = self.lamb[:, :, 0].double()
+            m = a[..., None] * self.H.detach().double() + torch.diag_embed(lamb.expand(*a.shape[:-1], -1))
+            m = (m + m.transpose(-1, -2)) / 2
+            L, info = torch.linalg.cholesky_ex(m)
+            diag = torch.diag_embed(torch.diagonal(m, dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt())
+            L = torch.where((info != 0)[..., None, None], diag, L).to(self.k.dtype)
+
+        def apply(r):
+            # r [B, H, NT, C, K]: the chunk's rows as the columns of one pair of triangular solves
+            return torch.cholesky_solve(r.transpose(-1, -2), L).transpose(-1, -2)
+        return apply
+
+    def preconditioner(self, precondition):
+        """What `cg_solve` takes for the op's `precondition`: `True`, `False`, or 'chunk'."""
+        if precondition == 'chunk':
+            return self.chunk_start_preconditioner()
+        return bool(precondition)
+
     def matvec(self, p):
         """`A_t p_t` for every token: `p [B, H, NT, C, K]`."""
         # H p, not pᵀ H: equal for a symmetric H, but the gradient of a given (maybe asymmetric) h_kk is −e xᵀ
@@ -222,7 +250,7 @@ def naive_chunk_mesa_fwd(
     if cg_max_steps == 0:
         x, steps = b, torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
     else:
-        x, steps = cg_solve(pieces.matvec, b, pieces.diag, cg_max_steps, cg_tol, precondition,
+        x, steps = cg_solve(pieces.matvec, b, pieces.diag, cg_max_steps, cg_tol, pieces.preconditioner(precondition),
                             flag_unconverged=flag_unconverged)
     o = pieces.readout(x)
     return pieces.unchunk(o), pieces.unchunk(x), pieces.unchunk(steps), pieces.final_state
@@ -249,7 +277,7 @@ def naive_chunk_mesa_bwd(
             elif solve is not None:
                 e = pieces.chunk(solve(pieces.unchunk(dx)))
             else:
-                e, _ = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol, precondition)
+                e, _ = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol, pieces.preconditioner(precondition))
         loss = (pieces.readout(xc) * doc).sum()
         if cg_max_steps > 0:
             loss = loss - (pieces.matvec(xc) * e).sum()

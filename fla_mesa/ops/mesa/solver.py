@@ -16,7 +16,7 @@ def cg_solve(
     diag: torch.Tensor,
     max_steps: int,
     tol: float | None = None,
-    precondition: bool = False,
+    precondition: bool | Callable[[torch.Tensor], torch.Tensor] = False,
     round_p: Callable[[torch.Tensor], torch.Tensor] | None = None,
     flag_unconverged: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +35,10 @@ def cg_solve(
         tol (float, Optional):
             A row stops once `||r|| <= tol * ||b||`. `None` runs every row for `max_steps` steps, unless
             `||r||² <= residual_floor2(dtype) · ||b||²` (3e-10 relative in float32) stops it first.
-        precondition (bool):
-            Jacobi-preconditioned CG. Default: `False`.
+        precondition (bool or Callable):
+            `True`: Jacobi-preconditioned CG (`z = r / diag`); a callable maps `r [..., K]` to `z = M⁻¹ r` for an SPD
+            `M` of its own (the chunk-start preconditioner: `naive.ChunkPieces.chunk_start_preconditioner`); `False`:
+            plain CG. The start is the Jacobi one (`b / diag`) in every case. Default: `False`.
         round_p (Callable, Optional):
             Rounded directions, as the chunk kernel's `round_directions` (op README): the start and each direction
             rounded by it before the matvec, x and r moved along the rounded vector, α = rᵀp / pᵀAp. Default: `None`.
@@ -58,11 +60,21 @@ def cg_solve(
     # the reciprocal once: a multiply per step instead of a division (the kernels do the same, for speed; the same
     # rounding keeps their step counts equal to this reference)
     dinv = 1 / diag
+    if not (callable(precondition) or isinstance(precondition, bool)):
+        raise ValueError(f"`precondition` must be a bool or a callable here, got {precondition!r}")
+    if callable(precondition):
+        apply_m = precondition
+    elif precondition:
+        def apply_m(r):
+            return r * dinv
+    else:
+        def apply_m(r):
+            return r
     x = b * dinv
     if round_p is not None:
         x = round_p(x)
     r = b - matvec(x)
-    z = r * dinv if precondition else r
+    z = apply_m(r)
     p = z
     rz = (r * z).sum(-1, keepdim=True)
     active = nonzero & ((r * r).sum(-1, keepdim=True) > tol2) & (rz > 0)
@@ -83,7 +95,7 @@ def cg_solve(
         alpha = torch.where(active, rp / torch.where(active, pw, torch.ones_like(pw)), torch.zeros_like(pw))
         x = x + alpha * p
         r = r - alpha * w
-        z = r * dinv if precondition else r
+        z = apply_m(r)
         rz_new = (r * z).sum(-1, keepdim=True)
         ratio = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         p = z + ratio * p
