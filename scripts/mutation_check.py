@@ -159,12 +159,15 @@ def run_tests(dest: str, tests: list[str], select: str | None) -> tuple[bool, fl
                            cwd=dest, env=env, capture_output=True, text=True, check=True).stdout.split()
     if not all(p.startswith(dest) for p in where):
         raise SystemExit(f"the copy in {dest} is not what gets imported: {where}")
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', *tests]
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-x', '-rf', '-p', 'no:cacheprovider', *tests]
     if select:
         cmd += ['-k', select]
     start = time.time()
     result = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
-    tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+    lines = result.stdout.strip().splitlines()
+    # the first failure's one-line summary (-rf), else pytest's last line
+    failed = [line for line in lines if line.startswith('FAILED ')]
+    tail = (failed[0] if failed else lines[-1]) if lines else result.stderr[-300:]
     # 0: passed; 1: failed; 5: nothing selected (a filter that no longer matches is an error, not a pass)
     if result.returncode not in (0, 1):
         raise SystemExit(f"pytest exited {result.returncode} for {tests} -k {select!r}: {tail}")
@@ -175,6 +178,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--commit', default='HEAD')
     parser.add_argument('--only', nargs='*', help='substrings of mutant names to run')
+    parser.add_argument('--skip-baseline', action='store_true', help='skip the unmutated run (it passed already)')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'mutation_check.md'))
     args = parser.parse_args()
     commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', args.commit], check=True, capture_output=True,
@@ -191,7 +195,7 @@ def main():
                 if f.read().count(m.anchor) != 1:
                     raise SystemExit(f"mutant '{m.name}': anchor not found exactly once in {m.path}: {m.anchor!r}")
         # the baseline: every mutant's tests pass on the unmutated copy
-        groups = sorted({(tuple(m.tests), m.select) for m in mutants})
+        groups = [] if args.skip_baseline else sorted({(tuple(m.tests), m.select) for m in mutants})
         start = time.time()
         for tests, select in groups:
             passed, _, tail = run_tests(clean, list(tests), select)
@@ -208,7 +212,7 @@ def main():
             caught = not passed
             ok &= caught
             print(f"{'caught' if caught else 'MISSED'} ({seconds:.0f} s): {m.name}: {tail}", flush=True)
-            rows.append((m, caught, seconds))
+            rows.append((m, caught, seconds, tail))
     lines = [
         '# Mutation check',
         '',
@@ -217,14 +221,15 @@ def main():
         f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Each mutant planted alone in a copy of the commit; '
         'caught = its tests fail (the unmutated copy passes them).',
         '',
-        '| mutant | file | tests (-k) | result | seconds |',
-        '|---|---|---|---|---|',
+        '| mutant | file | tests (-k) | result | seconds | first failure |',
+        '|---|---|---|---|---|---|',
     ]
-    for m, caught, seconds in rows:
+    for m, caught, seconds, tail in rows:
+        why = tail.replace('|', '/')[:160] if caught else ''
         lines.append(f"| {m.name} | `{m.path}` | {', '.join(t.split('/')[-1] for t in m.tests)} (`{m.select}`) | "
-                     f"{'caught' if caught else '**missed**'} | {seconds:.0f} |")
+                     f"{'caught' if caught else '**missed**'} | {seconds:.0f} | {why} |")
     lines.append('')
-    lines.append(f"{sum(c for _, c, _ in rows)} of {len(rows)} caught.")
+    lines.append(f"{sum(c for _, c, _, _ in rows)} of {len(rows)} caught.")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, 'w') as f:
         f.write('\n'.join(lines) + '\n')
