@@ -93,7 +93,7 @@ MUTANTS = [
            'fla_mesa/layers/mesa_net.py',
            'prev = x.new_zeros(W, D) if cache is None else',
            'prev = (x.new_zeros(W, D) if i == 0 else xs[-W:]) if cache is None else',
-           ['tests/layers/test_mesa_net_layer.py'], 'dense_equals_varlen'),
+           ['tests/layers/test_mesa_net_layer.py'], 'varlen_matches_float64'),
     Mutant('PyTorch path: implicit backward with the adjoint term sign flipped',
            'fla_mesa/ops/mesa/naive.py',
            'loss = loss - (pieces.matvec(xc) * e).sum()',

@@ -15,7 +15,7 @@ import torch
 
 from fla_mesa.layers import mesa_net as mesa_net_module
 from tests.layers.test_mesa_net_layer import inputs, make_layer, reference
-from tests.utils import fp32_bound, rel_err
+from tests.utils import FP32_FLOOR, fp32_bound, rel_err
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') != '1',
                                 reason='the Triton path on the CPU: needs TRITON_INTERPRET=1 at start-up')
@@ -47,6 +47,9 @@ def on_torch_paths(monkeypatch, fn):
 def check(names, out, base, ref):
     for name, a, b, r in zip(names, out, base, ref):
         err, floor = rel_err(a, r), rel_err(b, r)
+        # the rule's premise: the baseline itself near the float32 floor (a bug in the layer's shared code would
+        # move both paths alike and the baseline with them)
+        assert floor <= 4 * FP32_FLOOR, f"{name}: PyTorch path {floor:.2e} off float64"
         # twice the op's rule: a parameter's gradient sums the op's gradients over tokens, which the two paths' kernels
         # form in different orders, and the PyTorch path's error on one of 15 tensors can be luckily small
         assert err <= 2 * fp32_bound(floor), f"{name}: Triton path {err:.2e}, PyTorch path {floor:.2e}"
