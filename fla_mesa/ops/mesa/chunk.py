@@ -8,7 +8,7 @@ import torch
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
-from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, use_triton
+from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, split_cg_steps, use_triton, warn_if_unconverged
 
 
 def _use_triton_path(q: torch.Tensor) -> bool:
@@ -32,13 +32,13 @@ class ChunkMesaFunction(torch.autograd.Function):
     @autocast_custom_fwd
     def forward(
         ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
-        chunk_size,
+        chunk_size, flag_unconverged,
     ):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         args = (cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size)
         triton = _use_triton_path(q)
         fwd = _triton_chunk.chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
-        o, x, steps, (ht_kk, ht_kv) = fwd(q, k, v, g, beta, lamb, initial_state, *args)
+        o, x, steps, (ht_kk, ht_kv) = fwd(q, k, v, g, beta, lamb, initial_state, *args, flag_unconverged=flag_unconverged)
         ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens)
         ctx.args, ctx.triton, ctx.q_dtype = args, triton, q.dtype
         ctx.mark_non_differentiable(steps)
@@ -61,7 +61,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         dh0_kk, dh0_kv = (None, None) if dh0 is None else (dh0[0].to(h0_kk), dh0[1].to(h0_kv))
         return (
             dq.to(ctx.q_dtype), dk.to(k), dv.to(v), dg.to(g), dbeta.to(beta),
-            dlamb.to(lamb), dh0_kk, dh0_kv, None, None, None, None, None, None,
+            dlamb.to(lamb), dh0_kk, dh0_kv, None, None, None, None, None, None, None,
         )
 
 
@@ -83,6 +83,8 @@ def chunk_mesa(
     return_cg_steps: bool = False,
     chunk_size: int = 64,
     check_values: bool = True,
+    return_cg_unconverged: bool = False,
+    warn_unconverged: bool = False,
 ):
     r"""
     The Mesa layer, chunkwise in parallel over time, for training and prefill.
@@ -116,9 +118,10 @@ def chunk_mesa(
             token for `cg_max_steps`, unless its residual falls below 3e-10 (float32; 1e-77 in float64), past which
             steps change nothing but can lose the solution to denormal rounding. The backward's adjoint solve uses
             the same rule. Default: `1e-4`, which the paper found to match 30 fixed steps at about 9 steps on average.
-        precondition (bool, Optional):
-            Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG. Default: `True`
-            (never more than 0.2 steps slower, and up to 2.6x fewer steps to `cg_tol=1e-4`; see the op README).
+        precondition (bool or str, Optional):
+            Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG; `'chunk'` the
+            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README; PyTorch path only so far: set
+            `FLA_MESA_BACKEND=torch` on a GPU). Default: `True`.
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
@@ -128,13 +131,21 @@ def chunk_mesa(
         chunk_size (int, Optional):
             16, 32 or 64. Default: `64`.
         check_values (bool, Optional):
-            check that `lamb > 0` and `g <= 0` everywhere (a `ValueError` otherwise), at the price of one host sync
-            per call. `MesaNet`, whose `Λ` and `g` are valid by construction, turns it off. Default: `True`.
+            check that `lamb > 0`, `g <= 0` (`-inf` allowed: γ = 0) and `beta >= 0` everywhere and that every input
+            is finite (a `ValueError` otherwise), at the price of one host sync per call. `MesaNet`, whose inputs
+            are valid by construction, turns it off. Default: `True`.
+        return_cg_unconverged (bool, Optional):
+            also return a bool `[B, T, H]` marking the tokens whose forward solve stopped without reaching `cg_tol`
+            (at `cg_max_steps`, or at a breakdown), whose outputs may be far off; no host sync. All `False` with
+            `cg_tol=None`. Default: `False`.
+        warn_unconverged (bool, Optional):
+            warn (`RuntimeWarning`, one host sync) when any token stopped without reaching `cg_tol`. Default: `False`.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
         final_state (Tuple[torch.Tensor, torch.Tensor]): the final state if `output_final_state`, else `None`.
         cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps`.
+        cg_unconverged (torch.Tensor): `[B, T, H]` bool, only if `return_cg_unconverged`.
 
     Examples::
         >>> import torch, torch.nn.functional as F
@@ -160,9 +171,21 @@ def chunk_mesa(
         else:
             q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
+    flag = (return_cg_unconverged or warn_unconverged) and cg_tol is not None and cg_max_steps > 0
     o, ht_kk, ht_kv, steps = ChunkMesaFunction.apply(
         q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
-        chunk_size,
+        chunk_size, flag,
     )
     final_state = (ht_kk, ht_kv) if output_final_state else None
-    return (o, final_state, steps) if return_cg_steps else (o, final_state)
+    if flag:
+        steps, unconverged = split_cg_steps(steps)
+    else:
+        unconverged = torch.zeros_like(steps, dtype=torch.bool) if return_cg_unconverged else None
+    if warn_unconverged and flag:
+        warn_if_unconverged('chunk_mesa', unconverged, cg_max_steps, cg_tol)
+    out = (o, final_state)
+    if return_cg_steps:
+        out += (steps,)
+    if return_cg_unconverged:
+        out += (unconverged,)
+    return out

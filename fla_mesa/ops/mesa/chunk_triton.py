@@ -12,6 +12,7 @@ from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.naive import pad_varlen, unpad_varlen
+from fla_mesa.ops.mesa.utils import min_log_decay
 from fla_mesa.utils import interpret_compat
 
 try:
@@ -25,8 +26,9 @@ except ImportError:
 def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
     interpret_compat()
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
-    # in-chunk cumulative log-decay in log2 space: the kernels use exp2
-    g_cum = chunk_local_cumsum(g.float(), chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    # in-chunk cumulative log-decay in log2 space: the kernels use exp2. g = -inf (γ = 0) clamped to a g whose
+    # γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN
+    g_cum = chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     beta = beta.float()
     h_kk, h_kv, final_state = chunk_mesa_fwd_h(
         k, v, g_cum, beta, initial_state=initial_state, output_final_state=True,
@@ -35,7 +37,9 @@ def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
     return chunk_indices, g_cum, beta, h_kk, h_kv, final_state
 
 
-def chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
+def chunk_mesa_fwd(
+    q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
+):
     """Returns `(o, x, steps, final_state)` like the PyTorch path."""
     if cg_max_steps == 0 and q.dtype == torch.float32:
         # fla's chunk_fwd_o multiplies float32 in tf32 on a GPU (1e-3 off); under bf16 inputs' rounding that is
@@ -52,6 +56,7 @@ def chunk_mesa_fwd(q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, 
     x, steps, o = chunk_mesa_cg(
         q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv, o_dtype=v.dtype,
+        flag_unconverged=flag_unconverged,
     )
     return o, x, steps, final_state
 
