@@ -14,7 +14,7 @@ Run from the repository root (CPU, the Triton kernels under the interpreter, as 
 
     TRITON_INTERPRET=1 .venv/bin/python scripts/mutation_check.py [--commit REV] [--only NAME ...] [--out FILE]
 
-It takes about 15-25 minutes on 2 CPU cores (the baseline run and one targeted run per mutant, each 20-120 s) and
+It took 24 minutes on 2 busy CPU cores (the baseline, 13 test selections, 16 min; then 9-54 s a mutant: -x stops at the first failure) and
 writes a Markdown table (mutant, file, tests, caught or missed, seconds) to `--out` (default
 benchmarks/results/mutation_check.md). Exit status 1 if any mutant is missed or the baseline fails.
 """
