@@ -14,8 +14,8 @@ Run from the repository root (CPU, the Triton kernels under the interpreter, as 
 
     TRITON_INTERPRET=1 .venv/bin/python scripts/mutation_check.py [--commit REV] [--only NAME ...] [--out FILE]
 
-It took 24 minutes on 2 busy CPU cores (the baseline, 13 test selections, 16 min; then 9-54 s a mutant: -x stops at the first failure) and
-writes a Markdown table (mutant, file, tests, caught or missed, seconds) to `--out` (default
+It took 24 minutes on 2 busy CPU cores (the baseline, 13 test selections, 16 min; then 9-54 s a mutant: -x stops
+at the first failure) and writes a Markdown table (mutant, file, tests, caught or missed, seconds) to `--out` (default
 benchmarks/results/mutation_check.md). Exit status 1 if any mutant is missed or the baseline fails.
 """
 
@@ -155,7 +155,8 @@ def run_tests(dest: str, tests: list[str], select: str | None) -> tuple[bool, fl
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([dest, os.environ.get('PYTHONPATH', '')]))
     env.pop('FLA_MESA_BACKEND', None)
     # the copy must be what gets imported, not the installed (editable) checkout
-    where = subprocess.run([sys.executable, '-c', 'import fla_mesa, tests.utils; print(fla_mesa.__file__, tests.utils.__file__)'],
+    probe = 'import fla_mesa, tests.utils; print(fla_mesa.__file__, tests.utils.__file__)'
+    where = subprocess.run([sys.executable, '-c', probe],
                            cwd=dest, env=env, capture_output=True, text=True, check=True).stdout.split()
     if not all(p.startswith(dest) for p in where):
         raise SystemExit(f"the copy in {dest} is not what gets imported: {where}")
@@ -216,7 +217,8 @@ def main():
     lines = [
         '# Mutation check',
         '',
-        f'`scripts/mutation_check.py` on commit {commit[:12]}; {platform.node()}, {platform.processor() or platform.machine()}, '
+        f'`scripts/mutation_check.py` on commit {commit[:12]}; {platform.node()}, '
+        f'{platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs, Python {platform.python_version()}, TRITON_INTERPRET=1; '
         f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Each mutant planted alone in a copy of the commit; '
         'caught = its tests fail (the unmutated copy passes them).',

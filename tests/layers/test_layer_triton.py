@@ -59,7 +59,8 @@ def spy_ops(monkeypatch):
     called = []
     for name in ('chunk_mesa', 'fused_recurrent_mesa'):
         real = getattr(mesa_net_module, name)
-        monkeypatch.setattr(mesa_net_module, name, lambda *a, _real=real, _name=name, **kw: (called.append(_name), _real(*a, **kw))[1])
+        monkeypatch.setattr(mesa_net_module, name,
+                            lambda *a, _real=real, _name=name, **kw: (called.append(_name), _real(*a, **kw))[1])
     return called
 
 

@@ -1,10 +1,10 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
 MesaForCausalLM on its Triton path under TRITON_INTERPRET=1 against the same model in float64 on its PyTorch paths:
-cached `generate()` with a left-padded batch, every parameter's gradient, and a hybrid with an attention layer whose
-flash-attn calls are stood in for by torch's sdpa where flash-attn is absent (against the Mesa op's PyTorch path). Bounds: twice FlashAttention's rule
-(as in tests/layers/test_layer_triton.py) against the float32 model on its PyTorch paths. Tiny sizes: the
-interpreter is slow.
+cached `generate()` with a left-padded batch and every parameter's gradient; and a hybrid with an attention layer
+whose flash-attn calls are stood in for by torch's sdpa where flash-attn is absent (against the Mesa op's PyTorch
+path). Bounds: twice FlashAttention's rule (as in tests/layers/test_layer_triton.py) against the float32 model on its
+PyTorch paths. Tiny sizes: the interpreter is slow.
 """
 
 import copy

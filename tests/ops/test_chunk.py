@@ -3,8 +3,8 @@
 
 Tolerances follow FlashAttention's rule: in float32 an output or gradient may be off the float64 truth by at most
 twice what the exact reference itself loses when run in float32 (a dense `torch.linalg.solve`), with a floor of
-3e-7 (`tests/utils.FP32_FLOOR`) for cases where that reference happens to be nearly exact. Runs with `cg_tol=1e-4` are checked against the
-error the tolerance allows, `κ(A)·1e-4`, bounded here by 2e-3.
+3e-7 (`tests/utils.FP32_FLOOR`) for cases where that reference happens to be nearly exact. Runs with `cg_tol=1e-4`
+are checked against the error the tolerance allows, `κ(A)·1e-4`, bounded here by 2e-3.
 """
 
 import os
