@@ -142,6 +142,9 @@ class MesaNet(nn.Module):
             Jacobi-preconditioned CG. Default: `True`.
         chunk_size (int, Optional):
             The chunk size of `chunk_mesa`: 16, 32 or 64. Default: 64.
+        warn_unconverged (bool, Optional):
+            Warn (`RuntimeWarning`, one host sync per call) when a token's solve stops at its step limit without
+            reaching the tolerance; `last_cg_unconverged` marks such tokens either way. Default: `False`.
         max_cg_step_training, max_cg_step_decoding (int, Optional):
             fla's names for `cg_max_steps_training` and `cg_max_steps_inference`, accepted for drop-in use.
     """
@@ -171,6 +174,7 @@ class MesaNet(nn.Module):
         cg_tol_inference: float | None = 1e-4,
         precondition: bool = True,
         chunk_size: int = 64,
+        warn_unconverged: bool = False,
         max_cg_step_training: int | None = None,
         max_cg_step_decoding: int | None = None,
         **kwargs,
@@ -207,6 +211,7 @@ class MesaNet(nn.Module):
             _check(name, value, value is None or (isinstance(value, (int, float)) and 0 <= value < 1),
                    'None or a float in [0, 1)')
         _check('chunk_size', chunk_size, chunk_size in (16, 32, 64), '16, 32 or 64')
+        _check('warn_unconverged', warn_unconverged, isinstance(warn_unconverged, bool), 'a bool')
         _check('layer_idx', layer_idx, layer_idx is None or (is_int(layer_idx) and layer_idx >= 0), 'None or an int >= 0')
 
         self.mode = mode
@@ -235,6 +240,7 @@ class MesaNet(nn.Module):
         self.cg_tol_inference = cg_tol_inference
         self.precondition = precondition
         self.chunk_size = chunk_size
+        self.warn_unconverged = warn_unconverged
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -363,18 +369,24 @@ class MesaNet(nn.Module):
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
             return_cg_steps=True,
+            return_cg_unconverged=True,
+            warn_unconverged=self.warn_unconverged,
             # Λ = softplus + a positive bound, g a log-sigmoid (plus the log of a factor in (0, 1]): valid by
             # construction, so no host sync to check them
             check_values=False,
         )
         if mode == 'chunk':
-            o, recurrent_state, cg_steps = chunk_mesa(q, k, v, g, beta, lamb, chunk_size=self.chunk_size, **op_kwargs)
+            o, recurrent_state, cg_steps, unconverged = chunk_mesa(
+                q, k, v, g, beta, lamb, chunk_size=self.chunk_size, **op_kwargs
+            )
         elif mode == 'fused_recurrent':
-            o, recurrent_state, cg_steps = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
+            o, recurrent_state, cg_steps, unconverged = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
         else:
             raise NotImplementedError(f"Not supported mode `{mode}`.")
-        # the CG steps of the last call, per token and head (for monitoring; not differentiable)
+        # the CG steps of the last call per token and head, and the tokens whose solve stopped short of cg_tol
+        # (for monitoring; not differentiable, on the device: reading them is the only sync)
         self.last_cg_steps = cg_steps
+        self.last_cg_unconverged = unconverged
 
         update_layer_cache(
             self,

@@ -226,6 +226,30 @@ def test_init_values():
     assert (layer.cg_max_steps_training, layer.cg_max_steps_inference) == (7, 5)
 
 
+@pytest.mark.parametrize('mode', ['chunk', 'fused_recurrent'])
+def test_unconverged_tokens_flagged(mode):
+    # one CG step cannot reach a relative residual of 1e-6 on these states; 40 steps can (K = 16)
+    x = inputs(T=20)
+    for steps, warn in ((1, True), (40, False)):
+        layer = make_layer(cg_max_steps_inference=steps, cg_tol_inference=1e-6, warn_unconverged=warn).eval()
+        layer.mode = mode
+        with torch.no_grad():
+            if warn:
+                with pytest.warns(RuntimeWarning, match='stopped without reaching cg_tol'):
+                    layer(x)
+            else:
+                layer(x)
+        flags = layer.last_cg_unconverged
+        assert flags.dtype == torch.bool and flags.shape == layer.last_cg_steps.shape == (2, 20, 2)
+        assert flags.all() if steps == 1 else not flags.any()
+        assert (layer.last_cg_steps >= 1).all() and (layer.last_cg_steps <= steps).all()
+    # with cg_tol None every token runs its steps by request: nothing is flagged
+    layer = make_layer(cg_max_steps_inference=1, cg_tol_inference=None).eval()
+    with torch.no_grad():
+        layer(x)
+    assert not layer.last_cg_unconverged.any()
+
+
 def test_train_and_eval_cg_settings(monkeypatch):
     layer = make_layer(cg_max_steps_training=3, cg_tol_training=None, cg_max_steps_inference=5, cg_tol_inference=0.5)
     seen = []

@@ -42,6 +42,7 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         cg_tol_inference: float | None = 1e-4,
         precondition: bool = True,
         chunk_size: int = 64,
+        warn_unconverged: bool = False,
         max_position_embeddings: int = 2048,
         hidden_ratio: int | None = 4,
         intermediate_size: int | None = None,
@@ -94,6 +95,7 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         self.cg_tol_inference = cg_tol_inference
         self.precondition = precondition
         self.chunk_size = chunk_size
+        self.warn_unconverged = warn_unconverged
         self.max_position_embeddings = max_position_embeddings
 
         self.hidden_ratio = hidden_ratio

@@ -144,6 +144,7 @@ class MesaBlock(GradientCheckpointingLayer):
                 cg_tol_inference=config.cg_tol_inference,
                 precondition=config.precondition,
                 chunk_size=config.chunk_size,
+                warn_unconverged=config.warn_unconverged,
             )
         self.mlp_norm = (MesaRMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
         self.mlp = MesaMLP(
