@@ -28,8 +28,16 @@ GATE_INIT_DECAY_RANGE = (1e-3, 1e-1)
 
 
 def use_fla_kernels(x: torch.Tensor) -> bool:
-    """fla's Triton modules (short conv, norms) run on GPUs and under `TRITON_INTERPRET=1`; elsewhere PyTorch does."""
-    return use_triton(x)
+    """
+    fla's Triton modules (short conv, norms) run on GPUs and under `TRITON_INTERPRET=1`; elsewhere PyTorch does.
+    Under the interpreter, fla's kernels are first made runnable there (`interpret_compat`), whichever module calls
+    them first.
+    """
+    if not use_triton(x):
+        return False
+    if is_interpreting():
+        interpret_compat()
+    return True
 
 
 def short_conv_torch(
@@ -321,8 +329,6 @@ class MesaNet(nn.Module):
             raise ValueError(f"Only chunk mode is supported in training, got mode `{mode}`")
 
         fla_kernels = use_fla_kernels(hidden_states)
-        if fla_kernels and is_interpreting():
-            interpret_compat()
         last_state = get_layer_cache(self, past_key_values)
         cu_seqlens = kwargs.get('cu_seqlens')
         hidden_states, indices, cu_seqlens = unpad_hidden_states(hidden_states, cu_seqlens, attention_mask, q_len)

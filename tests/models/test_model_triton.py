@@ -42,9 +42,6 @@ model(input_ids=tokens(B=1, T=4))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="MesaRMSNorm.forward (fla_mesa/models/mesa_net/modeling_mesa_net.py) calls fla's "
-                   "autotuned rms_norm without fla_mesa.utils.interpret_compat(): in a fresh process under "
-                   "TRITON_INTERPRET=1 the autotuner benchmarks its configs and needs a GPU driver")
 def test_model_first_call_in_fresh_process():
     import subprocess
     import sys
