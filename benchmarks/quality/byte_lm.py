@@ -197,17 +197,6 @@ def train_run(cell):
     return record
 
 
-def worker(cell_json):
-    cell = json.loads(cell_json)
-    try:
-        record = train_run(cell)
-    except Exception as exc:  # recorded in the run's cache so the report says why (fla's refusal included)
-        record = common.failure_record(exc)
-    record['cell'] = cell
-    record['environment'] = common.environment()
-    common.write_json(cell['result'], record)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n\n', 1)[1])
@@ -316,7 +305,7 @@ def write_report(args, records, sizes, manifest, folder):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        return worker(args.worker)
+        return common.run_worker(args.worker, train_run)
     corpus_kw = corpus_settings(args)
     if args.corpus is None:
         digest = hashlib.sha256(json.dumps(corpus_kw, sort_keys=True).encode()).hexdigest()[:10]

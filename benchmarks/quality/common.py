@@ -269,6 +269,18 @@ def read_json(path):
         return None
 
 
+def run_worker(cell_json, train):
+    """A worker process's whole job: train the cell, record the result (or why it failed) in the cell's cache."""
+    cell = json.loads(cell_json)
+    try:
+        record = train(cell)
+    except Exception as exc:  # recorded in the cell's cache so the report says why (fla's refusal included)
+        record = failure_record(exc)
+    record['cell'] = cell
+    record['environment'] = environment()
+    write_json(cell['result'], record)
+
+
 def worker_env(model, device):
     """
     On a CPU fla's models need the Triton interpreter, while fla-mesa's and the Transformer run in PyTorch

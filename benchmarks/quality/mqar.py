@@ -140,17 +140,6 @@ def train_cell(cell):
     )
 
 
-def worker(cell_json):
-    cell = json.loads(cell_json)
-    try:
-        record = train_cell(cell)
-    except Exception as exc:  # recorded in the cell's cache so the summary says why (fla's refusal included)
-        record = common.failure_record(exc)
-    record['cell'] = cell
-    record['environment'] = common.environment()
-    common.write_json(cell['result'], record)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n\n', 1)[1])
@@ -388,7 +377,7 @@ def plot(args, table, path):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        return worker(args.worker)
+        return common.run_worker(args.worker, train_cell)
     folder, settings = cell_dir(args)
     settings['amp'] = not args.no_amp
     sizes = {w: common.matched_sizes(args.models, vocab_size=args.vocab_size, hidden_size=w,
