@@ -8,7 +8,7 @@ import torch
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
-from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, split_cg_steps, use_triton, warn_if_unconverged
+from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, op_outputs, use_triton
 
 
 def _use_triton_path(q: torch.Tensor) -> bool:
@@ -177,15 +177,5 @@ def chunk_mesa(
         chunk_size, flag,
     )
     final_state = (ht_kk, ht_kv) if output_final_state else None
-    if flag:
-        steps, unconverged = split_cg_steps(steps)
-    else:
-        unconverged = torch.zeros_like(steps, dtype=torch.bool) if return_cg_unconverged else None
-    if warn_unconverged and flag:
-        warn_if_unconverged('chunk_mesa', unconverged, cg_max_steps, cg_tol)
-    out = (o, final_state)
-    if return_cg_steps:
-        out += (steps,)
-    if return_cg_unconverged:
-        out += (unconverged,)
-    return out
+    return op_outputs('chunk_mesa', o, final_state, steps, flag, cg_max_steps, cg_tol, return_cg_steps, return_cg_unconverged,
+                      warn_unconverged)

@@ -11,7 +11,7 @@ from fla.utils import input_guard
 from fla_mesa.ops.mesa.chunk_h import sum2
 from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
 from fla_mesa.ops.mesa.utils import (
-    check_inputs, compute_dtype, l2norm, residual_floor2, split_cg_steps, use_triton, warn_if_unconverged,
+    check_inputs, compute_dtype, l2norm, op_outputs, residual_floor2, use_triton,
 )
 from fla_mesa.utils import interpret_compat, is_interpreting
 
@@ -487,15 +487,5 @@ def fused_recurrent_mesa(
     tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
     o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(*args) if tracked else _forward(*args)
     final_state = (ht_kk, ht_kv) if output_final_state else None
-    if flag:
-        steps, unconverged = split_cg_steps(steps)
-    else:
-        unconverged = torch.zeros_like(steps, dtype=torch.bool) if return_cg_unconverged else None
-    if warn_unconverged and flag:
-        warn_if_unconverged('fused_recurrent_mesa', unconverged, cg_max_steps, cg_tol)
-    out = (o, final_state)
-    if return_cg_steps:
-        out += (steps,)
-    if return_cg_unconverged:
-        out += (unconverged,)
-    return out
+    return op_outputs('fused_recurrent_mesa', o, final_state, steps, flag, cg_max_steps, cg_tol, return_cg_steps, return_cg_unconverged,
+                      warn_unconverged)

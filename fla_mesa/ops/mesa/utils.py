@@ -56,6 +56,28 @@ def split_cg_steps(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(unconverged, ~steps, steps), unconverged
 
 
+def op_outputs(
+    op: str, o, final_state, steps, flagged: bool, cg_max_steps: int, cg_tol: float | None,
+    return_cg_steps: bool, return_cg_unconverged: bool, warn_unconverged: bool,
+) -> tuple:
+    """
+    What `chunk_mesa` and `fused_recurrent_mesa` return: `(o, final_state)`, then the steps and the unconverged mask
+    as asked, both decoded from `steps` when the solve ran with the flag (`flagged`); the opt-in warning.
+    """
+    if flagged:
+        steps, unconverged = split_cg_steps(steps)
+    else:
+        unconverged = torch.zeros_like(steps, dtype=torch.bool) if return_cg_unconverged else None
+    if warn_unconverged and flagged:
+        warn_if_unconverged(op, unconverged, cg_max_steps, cg_tol, stacklevel=5)
+    out = (o, final_state)
+    if return_cg_steps:
+        out += (steps,)
+    if return_cg_unconverged:
+        out += (unconverged,)
+    return out
+
+
 def warn_if_unconverged(op: str, unconverged: torch.Tensor, cg_max_steps: int, cg_tol: float | None, stacklevel: int = 4):
     """The opt-in warning (one host sync): how many token-heads stopped without reaching `cg_tol`."""
     n = int(unconverged.sum())
