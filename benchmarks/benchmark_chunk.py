@@ -31,6 +31,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+# the repository root: the GPU config lists and pinning are the tests' (tests/gpu_configs.py)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.gpu_configs import gpu_configs, pin  # noqa: E402
+
 GRADS = ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb']
 # 'cpu' (with TRITON_INTERPRET=1 and tiny --tokens) only to smoke-test this script
 DEVICE = 'cuda'
@@ -156,21 +160,6 @@ def bench(fn):
         fn()
         return (time.time() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median')
-
-
-def single_config(kernel, config):
-    """Pins an autotuned kernel (under its heuristics) to one config; returns a function that restores it."""
-    tuner = kernel
-    while not hasattr(tuner, 'configs'):
-        tuner = tuner.fn
-    saved = tuner.configs
-    tuner.configs = [config]
-    tuner.cache.clear()
-
-    def restore():
-        tuner.configs = saved
-        tuner.cache.clear()
-    return restore
 
 
 def cg_flops_per_step(B, T, H, K, chunk=64):
@@ -379,8 +368,8 @@ def study(args):
     from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg_fwd_kernel
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_kernel_h
     # one config each: these checks are about correctness, and every autotuning config would compile
-    restore = [single_config(chunk_mesa_cg_fwd_kernel, triton.Config({'NR': 2}, num_warps=4, num_stages=1)),
-               single_config(chunk_mesa_fwd_kernel_h, triton.Config({'BK': 64, 'BW': 64}, num_warps=4, num_stages=2))]
+    restore = [pin(chunk_mesa_cg_fwd_kernel, triton.Config({'NR': 2}, num_warps=4, num_stages=1)),
+               pin(chunk_mesa_fwd_kernel_h, triton.Config({'BK': 64, 'BW': 64}, num_warps=4, num_stages=2))]
     cases = [(2, 63, 2, 128, 128, None), (1, 130, 2, 64, 128, None), (1, 200, 2, 128, 64, [0, 7, 100, 200]),
              (3, 100, 1, 16, 16, None), (1, 130, 1, 256, 256, None), (1, 65, 1, 200, 48, None)]
     for B, T, H, K, V, cu in cases:
@@ -531,10 +520,9 @@ def main():
     global DEVICE, COMPILE_ONLY
     DEVICE = args.device
     if args.pin_config is not None:
-        from check_configs import kernels
         COMPILE_ONLY = True
-        for tuner, configs in kernels().values():
-            single_config(tuner, configs[args.pin_config % len(configs)])
+        for tuner, configs in gpu_configs().values():
+            pin(tuner, configs[args.pin_config % len(configs)])
     if DEVICE == 'cuda' and not torch.cuda.is_available():
         sys.exit("benchmark_chunk.py needs a CUDA GPU")
     if DEVICE != 'cuda':

@@ -491,18 +491,17 @@ def warm(args):
 
 
 def mesa_config_count():
-    sys.path.insert(0, HERE)
-    from check_configs import kernels
-    return max(len(configs) for _, configs in kernels().values())
+    sys.path.insert(0, ROOT)
+    from tests.gpu_configs import gpu_configs
+    return max(len(configs) for _, configs in gpu_configs().values())
 
 
 def pin_config(i):
     """Every fla-mesa chunk kernel pinned to its config i (mod its count): the compile pass splits them so."""
-    sys.path.insert(0, HERE)
-    from benchmark_chunk import single_config
-    from check_configs import kernels
-    for tuner, configs in kernels().values():
-        single_config(tuner, configs[i % len(configs)])
+    sys.path.insert(0, ROOT)
+    from tests.gpu_configs import gpu_configs, pin
+    for tuner, configs in gpu_configs().values():
+        pin(tuner, configs[i % len(configs)])
 
 
 def profile_host(args):

@@ -39,9 +39,9 @@ def main(argv=None):
     parser.add_argument('extra', nargs=argparse.REMAINDER, help='-- then arguments for benchmark_chunk.py')
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ['--'] else args.extra
-    sys.path.insert(0, HERE)
-    from check_configs import kernels
-    n_configs = max(len(configs) for _, configs in kernels().values())
+    sys.path.insert(0, os.path.dirname(HERE))
+    from tests.gpu_configs import gpu_configs
+    n_configs = max(len(configs) for _, configs in gpu_configs().values())
     env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')
 
     def launch(cmd):

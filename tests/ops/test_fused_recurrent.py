@@ -230,11 +230,11 @@ def test_validation_errors():
         fused_recurrent_mesa(big, big, v[:, :1, :1], g[:, :1, :1], beta[:, :1, :1], torch.ones(1, 300))
 
 
-# the kernel compiled for sm_90 on any machine (no GPU needed, benchmarks/cg_sass_stats.py); run apart, as the
-# interpreter replaces triton.jit
+# the kernel compiled for sm_90 on any machine (no GPU needed, tests/sm90.py); run apart, as the interpreter
+# replaces triton.jit
 _PTX_SCRIPT = """
 import sys, triton
-from cg_sass_stats import compile_sm90
+from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import fused_recurrent as fr
 types = dict(q='*fp32', k='*fp32', v='*fp32', g='*fp32', beta='*fp32', lamb='*fp32', o='*fp32', ht_kk='*fp32',
              ht_kv='*fp32', tol='fp32', max_steps='i32', T='i32', NH='i32')
@@ -268,7 +268,7 @@ def test_no_fused_multiply_adds(monkeypatch):
     assert launches and launches[0]['enable_fp_fusion'] is False
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.path.join(root, 'benchmarks'), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
     for fusion in (False, True):
         ptx = subprocess.run([sys.executable, '-c', _PTX_SCRIPT, str(fusion)], capture_output=True, text=True,
                              env=env, check=True).stdout

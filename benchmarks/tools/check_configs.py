@@ -8,10 +8,11 @@ config crashes the process, or gives wrong answers if it wins the timing. Here `
 backward with one kernel pinned to one config (every other kernel to its first), each run in its own process (a
 fault poisons the CUDA context), and one table gives, per config and shape, the largest relative error of o and
 every gradient against float64 on the same rounded inputs, or FAULT. A cell over 3x its column's median is BAD.
+The config lists, the pinning and the measurement are tests/gpu_configs.py's (the tests run them too).
 
-    python benchmarks/check_configs.py                                   # GPU: bf16 and fp32, three (K, V)
-    python benchmarks/check_configs.py --kernels grads --shapes 32x16 --dtypes bf16 --jobs 16
-    python benchmarks/check_configs.py --dtypes bf16 --shapes 32x16 --sanitize   # a fault names its kernel
+    python benchmarks/tools/check_configs.py                                   # GPU: bf16 and fp32, three (K, V)
+    python benchmarks/tools/check_configs.py --kernels grads --shapes 32x16 --dtypes bf16 --jobs 16
+    python benchmarks/tools/check_configs.py --dtypes bf16 --shapes 32x16 --sanitize   # a fault names its kernel
 
 Under TRITON_INTERPRET=1 (CPU) the same runs check the kernels' logic in every GPU config, with no compiler in
 the way, and every load and store against the kernel's tensors (tests/bounds.py).
@@ -27,83 +28,18 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
-from benchmark_chunk import header, single_config  # noqa: E402
-DTYPES = {'bf16': torch.bfloat16, 'fp32': torch.float32}
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [ROOT, os.path.dirname(HERE)]
+from benchmark_chunk import header  # noqa: E402
 
-
-def kernels():
-    """name -> (the kernel's autotuner, its GPU config list); the interpreter's own lists hold one config each."""
-    from fla_mesa.ops.mesa import chunk_bwd, chunk_cg, chunk_h
-
-    def gpu_list(module, fn):
-        interpreting = module.is_interpreting
-        module.is_interpreting = lambda: False
-        try:
-            return fn()
-        finally:
-            module.is_interpreting = interpreting
-
-    def tuner(kernel):
-        while not isinstance(kernel, triton.runtime.autotuner.Autotuner):
-            kernel = kernel.fn
-        return kernel
-
-    return {
-        'cg': (tuner(chunk_cg.chunk_mesa_cg_fwd_kernel), gpu_list(chunk_cg, chunk_cg._cg_configs)),
-        'states': (tuner(chunk_h.chunk_mesa_fwd_kernel_h), gpu_list(chunk_h, chunk_h.state_configs)),
-        'dh': (tuner(chunk_bwd.chunk_mesa_bwd_kernel_dh), gpu_list(chunk_h, chunk_h.state_configs)),
-        'dx': (tuner(chunk_bwd.chunk_mesa_bwd_kernel_dx), gpu_list(chunk_bwd, chunk_bwd._configs)),
-        'grads': (tuner(chunk_bwd.chunk_mesa_bwd_kernel_grads), gpu_list(chunk_bwd, chunk_bwd._grads_configs)),
-    }
-
-
-def describe(config):
-    return ' '.join(f'{k}={v}' for k, v in config.kwargs.items()) + f' w{config.num_warps} s{config.num_stages}'
-
-
-def run_case(kernel, index, dtype, K, V, T=130, device=None):
-    """Relative errors of o and every gradient with `kernel` pinned to its config `index` (the rest to their first)."""
-    from fla_mesa.ops.mesa import chunk_mesa
-    from fla_mesa.utils import is_interpreting
-    from tests.utils import make_inputs, rel_err
-
-    device = device or ('cpu' if is_interpreting() else 'cuda')
-    if is_interpreting():
-        from tests import bounds
-        bounds.install()
-    for name, (tuner, configs) in kernels().items():
-        single_config(tuner, configs[index] if name == kernel else configs[0])
-    q, k, v, g, beta, lamb, h0 = make_inputs(1, T, 2, K, V, gate=(5.0, 1.0), initial_state=True, seed=K + V)
-    q, k, v = (t.to(DTYPES[dtype]).double() for t in (q, k, v))
-    do = torch.randn(1, T, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    do = do.to(DTYPES[dtype]).double()
-    # the dx kernel runs only without a solve (cg_max_steps = 0: q* = q)
-    steps = 0 if kernel == 'dx' else 40
-
-    def run(dev, qkv_dtype, dtype):
-        leaves = [t.to(dev, qkv_dtype, copy=True).requires_grad_() for t in (q, k, v)]
-        leaves += [t.to(dev, dtype, copy=True).requires_grad_() for t in (g, beta, lamb)]
-        state = tuple(h.to(dev, dtype, copy=True).requires_grad_() for h in h0)
-        o, _ = chunk_mesa(*leaves, initial_state=state, cg_max_steps=steps, cg_tol=None, check_values=False)
-        (o * do.to(dev, o.dtype)).sum().backward()
-        return [o] + [t.grad for t in leaves + list(state)]
-
-    out = run(device, DTYPES[dtype], torch.float32)
-    ref = run('cpu', torch.float64, torch.float64)
-    names = ['o', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv']
-    if steps == 0:
-        names, out, ref = names[:6] + names[7:], out[:6] + out[7:], ref[:6] + ref[7:]
-    return {n: rel_err(a, b) for n, a, b in zip(names, out, ref)}
+from tests.gpu_configs import DTYPES, config_errors, describe, gpu_configs  # noqa: E402
 
 
 def worker(args):
     try:
-        errs = run_case(args.kernel, args.index, args.dtype, args.K, args.V)
+        errs = config_errors(args.kernel, args.index, args.dtype, args.K, args.V)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         print('RESULT ' + json.dumps(errs), flush=True)
@@ -134,7 +70,7 @@ def main():
         kernel, index, dtype, K, V = args.worker
         return worker(argparse.Namespace(kernel=kernel, index=int(index), dtype=dtype, K=int(K), V=int(V)))
 
-    table = kernels()
+    table = gpu_configs()
     names = args.kernels or list(table)
     unknown = sorted(set(names) - set(table))
     if unknown:

@@ -5,9 +5,10 @@ instructions of one CG step (the loop body, per warp), its tensor-core instructi
 per autotune config, with rounded directions off and on (`FLA_MESA_CG_ROUND_DIRECTIONS`). The benchmark's shape:
 K = V = 128, chunk 64, bf16 q/k/v, bf16x3 products, Jacobi preconditioning, fused readout.
 
-    python benchmarks/cg_sass_stats.py
+    python benchmarks/tools/cg_sass_stats.py
 """
 
+import argparse
 import os
 import re
 import subprocess
@@ -15,28 +16,12 @@ import sys
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.sm90 import compile_sm90  # noqa: E402
+
 BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
 ADDR = re.compile(r'\s+/\*([0-9a-f]{4,})\*/')
-
-
-def compile_sm90(kernel, types, consts, **options):
-    """
-    `kernel` (under its autotune/heuristics wrappers) compiled for sm_90 with `types` for its runtime arguments and
-    `consts` for its constexprs (those not given, e.g. unused pointers, are None), every pointer 16-byte aligned as
-    the runtime specialises them (without it no load is vectorised); `options` as triton.compile takes them.
-    """
-    fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    signature = {p.name: types.get(p.name, 'constexpr') for p in fn.params}
-    constexprs = {p.name: consts.get(p.name) for p in fn.params if p.name not in types}
-    attrs = {(i,): [['tt.divisibility', 16]] for i, p in enumerate(fn.params) if types.get(p.name, '').startswith('*')}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget('cuda', 90, 32), options=options)
 
 
 def sass(round_p, NR, num_warps, prec='bf16x3'):
@@ -70,6 +55,7 @@ def stats(lines):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(f"# CG kernel SASS for sm_90 (triton {triton.__version__}): per warp, one CG step and the whole kernel\n")
     print("| config | rounded directions | step instructions | step HMMA | step local ld/st | kernel HMMA |")
     print("|---|---|---|---|---|---|")

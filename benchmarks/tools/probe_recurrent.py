@@ -6,7 +6,7 @@ multiply-adds off (the kernel's default, `FP_FUSION`) and on: which of them hang
 line per run as it ends, then a table: the relative error of o and the final states against the float64 exact
 solve, or HANG (past --timeout) or the error.
 
-    python benchmarks/probe_recurrent.py --jobs 8 --timeout 60
+    python benchmarks/tools/probe_recurrent.py --jobs 8 --timeout 60
 """
 
 import argparse
@@ -17,8 +17,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
 
 # name -> (B, T, H, K, V, dtype, cg_max_steps, cg_tol, return_cg_steps), as in tests/ops/test_fused_recurrent.py
 CASES = {
@@ -35,18 +35,18 @@ def run_case(case, num_warps, fusion):
     import torch
     import triton
 
-    from benchmark_chunk import single_config
     from fla_mesa.ops.mesa import naive_exact_mesa
     from fla_mesa.ops.mesa import fused_recurrent
     from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa, fused_recurrent_mesa_fwd_kernel
     from fla_mesa.utils import is_interpreting
+    from tests.gpu_configs import pin
     from tests.utils import make_inputs, rel_err
 
     # under TRITON_INTERPRET=1 (CPU) only to smoke-test this script
     device = 'cpu' if is_interpreting() else 'cuda'
     B, T, H, K, V, dtype, steps, tol, store = CASES[case]
     fused_recurrent.FP_FUSION = fusion
-    single_config(fused_recurrent_mesa_fwd_kernel, triton.Config({'BV': 32}, num_warps=num_warps))
+    pin(fused_recurrent_mesa_fwd_kernel, triton.Config({'BV': 32}, num_warps=num_warps))
     inputs = make_inputs(B, T, H, K, V, dtype=torch.float64, initial_state=True)
     dtype = getattr(torch, dtype)
     args = [x.to(device, dtype) for x in inputs[:6]] + [tuple(h.to(device, dtype) for h in inputs[6])]

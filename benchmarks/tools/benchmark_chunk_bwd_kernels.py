@@ -3,7 +3,7 @@
 The chunk path's backward kernels on a GPU: accuracy against float64 (operand precisions 'ieee' and 'tf32x3',
 upstream gradients of scale 1, 1e-4, 1e-8, bf16 k/v/do) and time at B·T = 16384, H = 16, D = 128.
 
-    python benchmarks/benchmark_chunk_bwd_kernels.py [--out FILE]
+    python benchmarks/tools/benchmark_chunk_bwd_kernels.py [--out FILE]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
 
 from fla.ops.utils import prepare_chunk_indices  # noqa: E402
 
@@ -27,7 +28,6 @@ from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dh, chunk_mesa_bwd_dx, ch
 # the float64 reference the tests check the kernels against (computed on the CPU)
 from tests.ops.test_chunk_bwd_kernels import g_cumsum, reference  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_chunk import header  # noqa: E402
 
 DEV = 'cuda'

@@ -3,7 +3,7 @@
 Where chunk_mesa's time goes: forward and forward+backward under torch.profiler, CUDA time per kernel (ms per call,
 averaged over the profiled iterations), at B·T = 16384, H = 16, D = 128, bf16, the inputs of benchmark_chunk.py.
 
-    python benchmarks/profile_chunk.py [--T 4096] [--modes steps30 tol]
+    python benchmarks/tools/profile_chunk.py [--T 4096] [--modes steps30 tol]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmark_chunk import header, make_inputs  # noqa: E402
 

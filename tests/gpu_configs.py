@@ -1,0 +1,95 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+The chunk kernels' GPU autotune configs, one at a time: pinned under the interpreter by the tests, and on a GPU by
+benchmarks/tools/check_configs.py (every config against float64) and the benchmarks' compile passes.
+"""
+
+import torch
+import triton
+
+DTYPES = {'bf16': torch.bfloat16, 'fp32': torch.float32}
+GRAD_NAMES = ['o', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv']
+
+
+def autotuner(kernel):
+    """The autotuner under a kernel's heuristics wrappers."""
+    while not isinstance(kernel, triton.runtime.autotuner.Autotuner):
+        kernel = kernel.fn
+    return kernel
+
+
+def gpu_configs():
+    """name -> (the kernel's autotuner, its GPU config list); the interpreter's own lists hold one config each."""
+    from fla_mesa.ops.mesa import chunk_bwd, chunk_cg, chunk_h
+
+    def gpu_list(module, fn):
+        interpreting = module.is_interpreting
+        module.is_interpreting = lambda: False
+        try:
+            return fn()
+        finally:
+            module.is_interpreting = interpreting
+
+    return {
+        'cg': (autotuner(chunk_cg.chunk_mesa_cg_fwd_kernel), gpu_list(chunk_cg, chunk_cg._cg_configs)),
+        'states': (autotuner(chunk_h.chunk_mesa_fwd_kernel_h), gpu_list(chunk_h, chunk_h.state_configs)),
+        'dh': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_dh), gpu_list(chunk_h, chunk_h.state_configs)),
+        'dx': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_dx), gpu_list(chunk_bwd, chunk_bwd._configs)),
+        'grads': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_grads), gpu_list(chunk_bwd, chunk_bwd._grads_configs)),
+    }
+
+
+def pin(kernel, config):
+    """Pins an autotuned kernel (under its heuristics) to one config; returns a function that restores it."""
+    tuner = autotuner(kernel)
+    saved = tuner.configs
+    tuner.configs = [config]
+    tuner.cache.clear()
+
+    def restore():
+        tuner.configs = saved
+        tuner.cache.clear()
+    return restore
+
+
+def describe(config):
+    return ' '.join(f'{k}={v}' for k, v in config.kwargs.items()) + f' w{config.num_warps} s{config.num_stages}'
+
+
+def config_errors(kernel, index, dtype, K, V, T=130, device=None, others=0):
+    """
+    Relative errors of o and every gradient of chunk_mesa against float64 on the same rounded inputs, with `kernel`
+    pinned to its GPU config `index` and every other chunk kernel to its config `others` (mod its count). The pins
+    stay (check_configs.py runs one case a process).
+    """
+    from fla_mesa.ops.mesa import chunk_mesa
+    from fla_mesa.utils import is_interpreting
+    from tests.utils import make_inputs, rel_err
+
+    device = device or ('cpu' if is_interpreting() else 'cuda')
+    if is_interpreting():
+        from tests import bounds
+        bounds.install()
+    for name, (tuner, configs) in gpu_configs().items():
+        pin(tuner, configs[(index if name == kernel else others) % len(configs)])
+    q, k, v, g, beta, lamb, h0 = make_inputs(1, T, 2, K, V, gate=(5.0, 1.0), initial_state=True, seed=K + V)
+    q, k, v = (t.to(DTYPES[dtype]).double() for t in (q, k, v))
+    do = torch.randn(1, T, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    do = do.to(DTYPES[dtype]).double()
+    # the dx kernel runs only without a solve (cg_max_steps = 0: q* = q)
+    steps = 0 if kernel == 'dx' else 40
+
+    def run(dev, qkv_dtype, dtype):
+        leaves = [t.to(dev, qkv_dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        leaves += [t.to(dev, dtype, copy=True).requires_grad_() for t in (g, beta, lamb)]
+        state = tuple(h.to(dev, dtype, copy=True).requires_grad_() for h in h0)
+        o, _ = chunk_mesa(*leaves, initial_state=state, cg_max_steps=steps, cg_tol=None, check_values=False)
+        (o * do.to(dev, o.dtype)).sum().backward()
+        return [o] + [t.grad for t in leaves + list(state)]
+
+    out = run(device, DTYPES[dtype], torch.float32)
+    ref = run('cpu', torch.float64, torch.float64)
+    names = GRAD_NAMES
+    if steps == 0:
+        names, out, ref = names[:6] + names[7:], out[:6] + out[7:], ref[:6] + ref[7:]
+    return {n: rel_err(a, b) for n, a, b in zip(names, out, ref)}

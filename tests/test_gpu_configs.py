@@ -1,0 +1,43 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The chunk kernels pinned to their GPU autotune configs (tests/gpu_configs.py), in the interpreter, against float64."""
+
+import pytest
+
+from fla_mesa.utils import is_interpreting
+from tests.gpu_configs import config_errors, gpu_configs
+from tests.utils import FP32_FLOOR
+
+pytestmark = pytest.mark.skipif(not is_interpreting(), reason='runs the GPU configs in the Triton interpreter')
+
+
+@pytest.fixture
+def table():
+    table = gpu_configs()
+    saved = {name: list(t.configs) for name, (t, _) in table.items()}
+    yield table
+    # the other tests run the interpreter's own configs
+    for name, (t, _) in table.items():
+        t.configs = saved[name]
+        t.cache.clear()
+
+
+def test_pins_each_config_and_measures(table):
+    assert set(table) == {'cg', 'states', 'dh', 'dx', 'grads'}
+    tuner, configs = table['grads']
+    # the GPU list, not the interpreter's single config: these are what the autotuner picks from on a GPU
+    assert len(configs) > 1
+    last = len(configs) - 1
+    errs = config_errors('grads', last, 'fp32', 16, 24, T=20)
+    assert tuner.configs == [configs[last]]
+    assert all(t.configs == [c[0]] for name, (t, c) in table.items() if name != 'grads')
+    assert set(errs) == {'o', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk', 'dh0_kv'}
+    # float32 inputs, 40 steps at K = 16: converged, a few float32 ulps (the float64 reference has no error of its own
+    # here to scale a bound from)
+    assert max(errs.values()) < 3 * FP32_FLOOR, errs
+
+
+def test_every_kernel_on_one_config_index(table):
+    # what benchmark_chunk.py --pin-config I compiles: every chunk kernel on its config I mod its count
+    errs = config_errors('cg', 4, 'fp32', 16, 16, T=16, others=4)
+    assert all(t.configs == [c[4 % len(c)]] for t, c in table.values())
+    assert max(errs.values()) < 3 * FP32_FLOOR, errs
