@@ -132,3 +132,11 @@ def naive_gla(q, k, v, g, beta, lamb, initial_state=None, output_final_state=Tru
         o.append(torch.einsum('bhk,bhkv->bhv', q[:, t], h_kv))
     o = torch.stack(o, 1) + 0 * lamb.sum()
     return o, ((h_kk, h_kv) if output_final_state else None)
+
+
+def on_torch_paths(monkeypatch, fn):
+    """`fn()` on the PyTorch paths (the float32 baseline of FlashAttention's rule for the Triton paths)."""
+    with monkeypatch.context() as m:
+        m.setenv('TRITON_INTERPRET', '0')
+        m.setenv('FLA_MESA_BACKEND', 'torch')
+        return fn()

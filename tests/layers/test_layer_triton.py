@@ -15,7 +15,7 @@ import torch
 
 from fla_mesa.layers import mesa_net as mesa_net_module
 from tests.layers.test_mesa_net_layer import inputs, make_layer, reference
-from tests.utils import FP32_FLOOR, fp32_bound, rel_err
+from tests.utils import FP32_FLOOR, fp32_bound, on_torch_paths, rel_err
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') != '1',
                                 reason='the Triton path on the CPU: needs TRITON_INTERPRET=1 at start-up')
@@ -34,14 +34,6 @@ def run(layer, x, do, use_reference=False, **kwargs):
         return [o]
     # materialised: without the solve Λ is unused, its gradient zero
     return [o] + list(torch.autograd.grad(o, list(layer.parameters()), do.to(o.dtype), materialize_grads=True))
-
-
-def on_torch_paths(monkeypatch, fn):
-    """`fn()` on the PyTorch paths (the float32 baseline of the rule)."""
-    with monkeypatch.context() as m:
-        m.setenv('TRITON_INTERPRET', '0')
-        m.setenv('FLA_MESA_BACKEND', 'torch')
-        return fn()
 
 
 def check(names, out, base, ref):

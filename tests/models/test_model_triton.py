@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from fla_mesa.layers import MesaNet
 from fla_mesa.utils import interpret_compat
 from tests.models.test_modeling_mesa import make_config, make_model, tokens
-from tests.utils import FP32_FLOOR, fp32_bound, rel_err
+from tests.utils import FP32_FLOOR, fp32_bound, on_torch_paths, rel_err
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') != '1',
                                 reason='the Triton path on the CPU: needs TRITON_INTERPRET=1 at start-up')
@@ -50,13 +50,6 @@ def test_model_first_call_in_fresh_process():
     env.pop('FLA_MESA_BACKEND', None)
     result = subprocess.run([sys.executable, '-c', _FIRST_CALL], capture_output=True, text=True, env=env, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
-
-
-def on_torch_paths(monkeypatch, fn):
-    with monkeypatch.context() as m:
-        m.setenv('TRITON_INTERPRET', '0')
-        m.setenv('FLA_MESA_BACKEND', 'torch')
-        return fn()
 
 
 def check(name, x, base, ref):
