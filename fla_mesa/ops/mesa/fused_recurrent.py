@@ -25,8 +25,8 @@ NUM_WARPS = [2, 4, 8, 16]
 # leave the loop, which is sound only if the copies agree to the bit. With fusion the sm_90 code of a cross-lane sum
 # adds a lane's own product unrounded to its partner's rounded one (`mul`, `shfl`, `fma`), so lanes, and then the
 # warps' copies, drift apart; a warp that leaves the loop while another waits at the loop's barrier hangs the
-# program. The suspected cause of three tests that never returned on an H200 (benchmarks/results/gpu_tests_h200.md
-# §5); `benchmarks/probe_recurrent.py` runs them with this on and off
+# program (benchmarks/results/gpu_tests_h200.md §5-6); `benchmarks/tools/probe_recurrent.py` runs those cases with
+# this on and off
 FP_FUSION = False
 
 
