@@ -9,9 +9,9 @@ answers blur. The Mesa layer reads `Sᵀ (H + Λ)⁻¹ q` instead, the answer of
 stored pairs, which undoes the overlap. The demo trains the same small MesaNet language model twice: with the solve
 (MesaNet) and without it (`use_solver=False`, `q* = q`: gated linear attention, the paper's baseline), then prints
 both recall accuracies, the conjugate-gradient steps the solver used, and saves a plot of the two learning curves.
-Both models start from the same weights and see the same batches. With the defaults and seed 0 it prints recall
-94.8% for MesaNet against 71.2% for GLA, 5.2 CG steps per token in training and 6.0 in evaluation (CPU, one thread,
-torch 2.13 CPU build; about 4.5 minutes of one core). Another CPU or torch build rounds differently, and in a run
+Both models start from the same weights and see the same batches. With the defaults and seed 0 it printed recall
+93.9% for MesaNet against 76.5% for GLA, 5.2 CG steps per token in training and 6.0 in evaluation (CPU, one thread,
+torch 2.13 CPU build; about 4 minutes of one core; benchmarks/results/mqar_demo_cpu.md). Another CPU or torch build rounds differently, and in a run
 this small the rounding changes the training path, so the numbers can differ there. Runs this small are noisy
 across seeds too: at an earlier commit, seed 2 put GLA ahead (89% vs 94%).
 
