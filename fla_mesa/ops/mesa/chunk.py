@@ -120,8 +120,7 @@ def chunk_mesa(
             the same rule. Default: `1e-4`, which the paper found to match 30 fixed steps at about 9 steps on average.
         precondition (bool or str, Optional):
             Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG; `'chunk'` the
-            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README; PyTorch path only so far: set
-            `FLA_MESA_BACKEND=torch` on a GPU). Default: `True`.
+            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README), on both chunk paths. Default: `True`.
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
