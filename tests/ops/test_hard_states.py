@@ -111,3 +111,10 @@ def test_triton_chunk_cg_refuses_unknown_preconditioner():
     with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False or 'chunk', got 'jacobi'"):
         chunk_cg.chunk_mesa_cg(k, k, torch.zeros(1, 16, 1), torch.ones(1, 16, 1), torch.ones(1, 16),
                                torch.zeros(1, 1, 1, 16, 16), 30, 1e-4, 'jacobi', chunk_size=16)
+
+
+def test_fused_recurrent_refuses_chunk_preconditioner():
+    from fla_mesa.ops.mesa import fused_recurrent_mesa
+    q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
+    with pytest.raises(ValueError, match=r"got 'chunk'; the chunk-start preconditioner \('chunk'\) is chunk_mesa's"):
+        fused_recurrent_mesa(q, k, v, g, beta, lamb, precondition='chunk')
