@@ -87,7 +87,9 @@ def family_table(args, lines):
 
 def chunk_table(args, lines):
     from fla_mesa.ops.mesa import chunk_mesa
+    from fla_mesa.ops.mesa import chunk_cg
     from fla_mesa.ops.mesa.precond import chunk_start_factor
+    saved = chunk_cg.FACTOR_DTYPE
     H, D = 16, args.D
     lines += [f"## 2. The chunk table's shape: B·T = {args.tokens}, H = {H}, D = {D}, bf16 q/k/v "
               "(benchmark_chunk.py's inputs, cg_tol 1e-4)", "",
@@ -95,8 +97,10 @@ def chunk_table(args, lines):
     for T in args.Ts:
         B = max(args.tokens // T, 1)
         inputs = benchmark_chunk.make_inputs(B, T, H, D, device=args.device)
-        for method in ('jacobi', 'chunk'):
-            pc = METHODS[method]
+        for method in ('jacobi', 'chunk', 'chunk, bf16 W'):
+            pc = METHODS[method.split(',')[0]]
+            # 'bf16 W': the factor stored in bfloat16 (`precond.FACTOR_DTYPE`; the PyTorch path keeps its own dtype)
+            chunk_cg.FACTOR_DTYPE = torch.bfloat16 if method.endswith('bf16 W') else saved
             try:
                 _, _, steps = chunk_mesa(*inputs, precondition=pc, return_cg_steps=True, check_values=False)
                 t_f = timed(lambda: chunk_mesa(*inputs, precondition=pc, check_values=False), args.device)
@@ -108,6 +112,7 @@ def chunk_table(args, lines):
                 row = f"n/a ({benchmark_chunk.short(e)}) | |"
             lines.append(f"| {T} | {method} | {row} |")
             print(lines[-1], flush=True)
+    chunk_cg.FACTOR_DTYPE = saved
     # the factorisation alone, on states of the table's size (forward and backward each build it once)
     NT = args.tokens // 64
     h = torch.randn(1, NT, H, D, D, device=args.device) / D ** 0.5
