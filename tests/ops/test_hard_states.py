@@ -118,3 +118,9 @@ def test_fused_recurrent_refuses_chunk_preconditioner():
     q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
     with pytest.raises(ValueError, match=r"got 'chunk'; the chunk-start preconditioner \('chunk'\) is chunk_mesa's"):
         fused_recurrent_mesa(q, k, v, g, beta, lamb, precondition='chunk')
+
+
+def test_chunk_mesa_refuses_unknown_preconditioner():
+    q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
+    with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False \(plain CG\) or 'chunk', got 'jacobi'"):
+        chunk_mesa(q, k, v, g, beta, lamb, precondition='jacobi')

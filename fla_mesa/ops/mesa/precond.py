@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import torch
 
+# chunk_mesa's default `precondition`: Jacobi until the H200 study (benchmarks/benchmark_solver.py) says otherwise;
+# 'chunk' here switches it (fused_recurrent_mesa keeps Jacobi: op README, "Chunk-start preconditioner")
+DEFAULT_PRECONDITION: bool | str = True
 # the dtype the Triton path stores `W` in: float32 keeps the PyTorch path's step counts; bfloat16 halves the memory
 # and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
 FACTOR_DTYPE = torch.float32
