@@ -105,9 +105,22 @@ def test_chunk_start_preconditioner_gradients(family):
         assert err <= 2 * max(floor, err_jacobi, 1e-6), (name, err, floor, err_jacobi)
 
 
-def test_chunk_start_preconditioner_on_triton_path_is_refused(monkeypatch):
+def test_triton_chunk_cg_refuses_unknown_preconditioner():
     from fla_mesa.ops.mesa import chunk_cg
     k = torch.randn(1, 16, 1, 16)
-    with pytest.raises(ValueError, match=r"precondition='chunk' runs on the PyTorch path"):
+    with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False or 'chunk', got 'jacobi'"):
         chunk_cg.chunk_mesa_cg(k, k, torch.zeros(1, 16, 1), torch.ones(1, 16, 1), torch.ones(1, 16),
-                               torch.zeros(1, 1, 1, 16, 16), 30, 1e-4, 'chunk', chunk_size=16)
+                               torch.zeros(1, 1, 1, 16, 16), 30, 1e-4, 'jacobi', chunk_size=16)
+
+
+def test_fused_recurrent_refuses_chunk_preconditioner():
+    from fla_mesa.ops.mesa import fused_recurrent_mesa
+    q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
+    with pytest.raises(ValueError, match=r"got 'chunk'; the chunk-start preconditioner \('chunk'\) is chunk_mesa's"):
+        fused_recurrent_mesa(q, k, v, g, beta, lamb, precondition='chunk')
+
+
+def test_chunk_mesa_refuses_unknown_preconditioner():
+    q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
+    with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False \(plain CG\) or 'chunk', got 'jacobi'"):
+        chunk_mesa(q, k, v, g, beta, lamb, precondition='jacobi')

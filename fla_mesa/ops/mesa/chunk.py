@@ -8,6 +8,7 @@ import torch
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
+from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
 from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, op_outputs, use_triton
 
 
@@ -77,7 +78,7 @@ def chunk_mesa(
     output_final_state: bool = False,
     cg_max_steps: int = 30,
     cg_tol: float | None = 1e-4,
-    precondition: bool = True,
+    precondition: bool | str = DEFAULT_PRECONDITION,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_steps: bool = False,
@@ -120,8 +121,8 @@ def chunk_mesa(
             the same rule. Default: `1e-4`, which the paper found to match 30 fixed steps at about 9 steps on average.
         precondition (bool or str, Optional):
             Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG; `'chunk'` the
-            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README; PyTorch path only so far: set
-            `FLA_MESA_BACKEND=torch` on a GPU). Default: `True`.
+            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README), on both chunk paths.
+            Default: `precond.DEFAULT_PRECONDITION` (`True`).
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
@@ -164,6 +165,8 @@ def chunk_mesa(
         ...                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
     """
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, chunk_size, check_values)
+    if not (isinstance(precondition, bool) or (isinstance(precondition, str) and precondition == 'chunk')):
+        raise ValueError(f"`precondition` must be True (Jacobi), False (plain CG) or 'chunk', got {precondition!r}")
     if use_qk_l2norm_in_kernel:
         if _use_triton_path(q):
             from fla.modules.l2norm import l2norm as l2norm_triton

@@ -15,6 +15,7 @@ from fla_mesa.ops.mesa.chunk_h import (
     INTERPRETING, chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, round_tf32,
     sum2,
 )
+from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
 
@@ -61,6 +62,17 @@ def _chunk_mesa_matvec(
 
 
 @triton.jit
+def _apply_factor(b_r, b_f_hi, b_f_lo, PREC: tl.constexpr, F_EXACT: tl.constexpr):
+    # the chunk-start preconditioner z = M⁻¹ r = (r W) Wᵀ for the rows of the tile (`precond.chunk_start_factor`);
+    # `F_EXACT`: W holds split-high values (bf16), its low part is zero and its products are skipped
+    b_r_hi, b_r_lo = mesa_split(b_r, PREC)
+    b_u = mesa_dot_split(b_r_hi, b_r_lo, b_f_hi, b_f_lo, tl.zeros(b_r.shape, dtype=tl.float32), PREC, False, F_EXACT)
+    b_u_hi, b_u_lo = mesa_split(b_u, PREC)
+    return mesa_dot_split(b_u_hi, b_u_lo, tl.trans(b_f_hi), tl.trans(b_f_lo), tl.zeros(b_r.shape, dtype=tl.float32),
+                          PREC, False, F_EXACT)
+
+
+@triton.jit
 def _round_hi(a, PREC: tl.constexpr):
     # to the nearest value of a split's high part (`mesa_split`), still fp32; on the GPU by its bf16 conversion (one
     # instruction per two values; `round_bf16`'s integer arithmetic takes four), which the interpreter truncates
@@ -95,11 +107,12 @@ def _prune_cg_configs(configs, named_args, **kwargs):
     'O_IS_BF16': lambda args: args['o'] is not None and args['o'].dtype == torch.bfloat16,
     'RHS_DX': lambda args: args['do'] is not None,
     'DO_IS_BF16': lambda args: args['do'] is not None and args['do'].dtype == torch.bfloat16,
+    'F_IS_BF16': lambda args: args['factor'] is not None and args['factor'].dtype == torch.bfloat16,
 })
 @triton.autotune(
     configs=_cg_configs(),
     key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'ROUND_P', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT',
-         'O_IS_BF16', 'RHS_DX', 'DO_IS_BF16', 'FLAG_UNCONVERGED'],
+         'O_IS_BF16', 'RHS_DX', 'DO_IS_BF16', 'FLAG_UNCONVERGED', 'F_IS_BF16'],
     prune_configs_by={'early_config_prune': _prune_cg_configs},
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
@@ -110,6 +123,7 @@ def chunk_mesa_cg_fwd_kernel(
     beta,
     lamb,
     h_kk,
+    factor,
     v,
     h_kv,
     do,
@@ -141,6 +155,7 @@ def chunk_mesa_cg_fwd_kernel(
     RHS_DX: tl.constexpr,
     DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr,
+    F_IS_BF16: tl.constexpr,
 ):
     # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
     i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -184,6 +199,13 @@ def chunk_mesa_cg_fwd_kernel(
     b_kf = b_k.to(tl.float32)
     b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], PREC, False)
     b_k_hi, b_k_lo = mesa_split(b_k, PREC)
+    if PRECONDITION == 2:
+        # [BK, BK] the chunk-start factor W (M_c⁻¹ = W Wᵀ), split once; padded rows and columns 0, so z is 0 there
+        b_f_hi, b_f_lo = mesa_split(tl.load(factor + (i_tg * H + i_h) * K * K + o_k[:, None] * K + o_k[None, :],
+                                            mask=m_kk, other=0.), PREC)
+    else:
+        b_f_hi = tl.zeros([BK, BK], dtype=tl.float32)
+        b_f_lo = b_f_hi
 
     # per-row normalised right-hand side; an all-zero row is solved by x = 0 in 0 steps
     if RHS_DX:
@@ -206,7 +228,9 @@ def chunk_mesa_cg_fwd_kernel(
         b_x = _round_hi(b_x, PREC)
     b_r = b_b - _chunk_mesa_matvec(b_x, b_k_hi, b_k_lo, b_m, b_e, b_lamb, b_h_hi, b_h_lo, p_ht, m_kk, PREC, K_IS_BF16,
                                       H_IN_LOOP, ROUND_P)
-    if PRECONDITION:
+    if PRECONDITION == 2:
+        b_z = _apply_factor(b_r, b_f_hi, b_f_lo, PREC, F_IS_BF16)
+    elif PRECONDITION == 1:
         b_z = b_r * b_dinv
     else:
         b_z = b_r
@@ -237,7 +261,9 @@ def chunk_mesa_cg_fwd_kernel(
         b_alpha = tl.where(m_act, b_rp / tl.where(m_act, b_pw, 1.), 0.)
         b_x += b_alpha[:, None] * b_p
         b_r -= b_alpha[:, None] * b_w
-        if PRECONDITION:
+        if PRECONDITION == 2:
+            b_z = _apply_factor(b_r, b_f_hi, b_f_lo, PREC, F_IS_BF16)
+        elif PRECONDITION == 1:
             b_z = b_r * b_dinv
         else:
             b_z = b_r
@@ -288,7 +314,7 @@ def chunk_mesa_cg(
     h_kk: torch.Tensor,
     cg_max_steps: int,
     cg_tol: float | None,
-    precondition: bool,
+    precondition: bool | str,
     cu_seqlens: torch.LongTensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
@@ -300,6 +326,7 @@ def chunk_mesa_cg(
     do: torch.Tensor | None = None,
     round_directions: bool | None = None,
     flag_unconverged: bool = False,
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -317,7 +344,8 @@ def chunk_mesa_cg(
         cg_max_steps (int): at most this many iterations.
         cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps` (or to the
             residual floor, `residual_floor2`).
-        precondition (bool): Jacobi PCG.
+        precondition (bool or str): `True` Jacobi PCG, `False` plain CG, 'chunk' the chunk-start preconditioner
+            (`precond.chunk_start_factor`, built here from `h_kk` unless `factor` is given).
         cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
         chunk_size (int): 16, 32 or 64.
         v (torch.Tensor, Optional): values `[B, T, H, V]`, for the fused readout.
@@ -331,6 +359,8 @@ def chunk_mesa_cg(
             tf32x3): 5 products a step instead of 7, the same attainable accuracy. Default: `CG_ROUND_DIRECTIONS`.
         flag_unconverged (bool): with `cg_tol`, a row that stops without reaching it stores `~steps` (= -steps - 1;
             `utils.split_cg_steps` decodes), as `solver.cg_solve`. Default: `False`.
+        factor (torch.Tensor, Optional): with 'chunk', the factor `W` `[B, NT, H, K, K]` (float32 or bfloat16) of
+            `M_c⁻¹ = W Wᵀ`. Default: built from `h_kk`, in `precond.FACTOR_DTYPE`.
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
@@ -342,9 +372,8 @@ def chunk_mesa_cg(
         raise ValueError("give exactly one of `b` and `do` (the right-hand side, or the gradient that forms it)")
     if do is not None and v is None:
         raise ValueError("`do` needs `v` and `h_kv` (b = dx = S_t do_t)")
-    if not isinstance(precondition, bool):
-        raise ValueError(f"the Triton chunk CG takes `precondition` True (Jacobi) or False, got {precondition!r}; "
-                         "precondition='chunk' runs on the PyTorch path (FLA_MESA_BACKEND=torch)")
+    if not (isinstance(precondition, bool) or precondition == 'chunk'):
+        raise ValueError(f"`precondition` must be True (Jacobi), False or 'chunk', got {precondition!r}")
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
     if K > 256 or (K > 128 and k.is_cuda):
@@ -365,6 +394,16 @@ def chunk_mesa_cg(
     BV = min(max(triton.next_power_of_2(V), 16), 64)
     k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (k, g_cum, beta, lamb, h_kk))
     b, do, v, h_kv = (None if t is None else t.contiguous() for t in (b, do, v, h_kv))
+    if precondition == 'chunk' and factor is None:
+        a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices)
+        factor = chunk_start_factor(h_kk, a.view(*h_kk.shape[:3]), lamb, FACTOR_DTYPE)
+    if precondition == 'chunk':
+        if factor.shape != h_kk.shape or factor.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"`factor` must be float32 or bfloat16 of h_kk's shape {tuple(h_kk.shape)}, got "
+                             f"{factor.dtype} {tuple(factor.shape)}")
+        factor = factor.contiguous()
+    else:
+        factor = None
 
     x = k.new_empty(B, T, H, K, dtype=torch.float32)
     steps = k.new_empty(B, T, H, dtype=torch.int32)
@@ -382,6 +421,7 @@ def chunk_mesa_cg(
         beta=beta,
         lamb=lamb,
         h_kk=h_kk,
+        factor=factor,
         v=v,
         h_kv=h_kv,
         do=do,
@@ -401,7 +441,7 @@ def chunk_mesa_cg(
         BV=BV,
         PREC=precision,
         O_PREC=readout_precision,
-        PRECONDITION=bool(precondition),
+        PRECONDITION=2 if precondition == 'chunk' else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,

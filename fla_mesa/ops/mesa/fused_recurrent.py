@@ -431,7 +431,8 @@ def fused_recurrent_mesa(
             a token stops once its relative residual is at most `cg_tol`; `None` runs every token for
             `cg_max_steps`, unless its residual falls below 3e-10 (float32; 1e-77 in float64). Default: `1e-4`.
         precondition (bool, Optional):
-            Jacobi-preconditioned CG. Default: `True`.
+            Jacobi-preconditioned CG; `False` plain CG. `'chunk'` is refused: the chunk-start
+            preconditioner is `chunk_mesa`'s (op README). Default: `True`.
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
@@ -472,7 +473,10 @@ def fused_recurrent_mesa(
     """
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, check_values=check_values)
     if not isinstance(precondition, bool):
-        raise ValueError(f"fused_recurrent_mesa takes `precondition` True (Jacobi) or False, got {precondition!r}")
+        # 'chunk' has no token-by-token form that pays: a factorisation per token costs more than the CG steps it
+        # saves (op README, "Chunk-start preconditioner")
+        raise ValueError(f"fused_recurrent_mesa takes `precondition` True (Jacobi) or False, got {precondition!r}; "
+                         "the chunk-start preconditioner ('chunk') is chunk_mesa's only (op README)")
     if use_qk_l2norm_in_kernel:
         if use_triton(q) and q.dtype != torch.float64:
             interpret_compat()

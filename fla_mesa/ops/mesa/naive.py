@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fla_mesa.ops.mesa.precond import apply_factor, chunk_start_factor
 from fla_mesa.ops.mesa.solver import cg_solve
 from fla_mesa.ops.mesa.utils import compute_dtype, l2norm, min_log_decay
 
@@ -194,24 +195,14 @@ class ChunkPieces:
     def chunk_start_preconditioner(self):
         """
         `z = M_c⁻¹ r` for every token of chunk c, `M_c = a_c H_c + Λ` with `a_c` the decay from the chunk's start to
-        its middle token (op README, "Chunk-start preconditioner"). `M_c` is factorised once per chunk and head, in
-        float64 (its condition number is that of the state); a chunk where even that fails (a state beyond float64)
-        falls back to `diag(M_c)`. Rounding in `M` changes step counts, never what CG converges to.
+        its middle token (op README, "Chunk-start preconditioner"), as `(r W) Wᵀ` with the factor `W` of
+        `precond.chunk_start_factor` that the Triton path uses too. Rounding in `W` changes step counts, never what CG
+        converges to.
         """
-        with torch.no_grad():
-            C = self.decay.shape[-2]
-            a = self.decay[..., C // 2, :].double()
-            lamb = self.lamb[:, :, 0].double()
-            m = a[..., None] * self.H.detach().double() + torch.diag_embed(lamb.expand(*a.shape[:-1], -1))
-            m = (m + m.transpose(-1, -2)) / 2
-            L, info = torch.linalg.cholesky_ex(m)
-            diag = torch.diag_embed(torch.diagonal(m, dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt())
-            L = torch.where((info != 0)[..., None, None], diag, L).to(self.k.dtype)
-
-        def apply(r):
-            # r [B, H, NT, C, K]: the chunk's rows as the columns of one pair of triangular solves
-            return torch.cholesky_solve(r.transpose(-1, -2), L).transpose(-1, -2)
-        return apply
+        C = self.decay.shape[-2]
+        w = chunk_start_factor(self.H.detach(), self.decay[..., C // 2, 0].detach(), self.lamb[:, :, 0].detach(),
+                               self.k.dtype)
+        return lambda r: apply_factor(r, w)
 
     def preconditioner(self, precondition):
         """What `cg_solve` takes for the op's `precondition`: `True`, `False`, or 'chunk'."""

@@ -1,0 +1,168 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+The solver study of issue 14 (item 4): plain CG, Jacobi PCG and the chunk-start preconditioner ('chunk').
+
+1. Per method, on the hard families of `tests/ops/test_hard_states.py` (keys from a few directions, γ near 1,
+   anisotropic keys, softplus Λ) and on benign random states: mean CG steps a token, the share at `cg_max_steps`,
+   the relative error of the last 4 tokens' output against a float64 direct solve (float32 inputs, defaults
+   `cg_max_steps=30, cg_tol=1e-4`; the float32 floor, a float32 direct solve, beside it), and the time of the forward
+   and of forward+backward.
+2. The chunk table's shape (B·T = 16384, H = 16, D = 128, bf16, `benchmark_chunk.py`'s inputs) at T = 2048 and 8192:
+   Jacobi against 'chunk', forward and forward+backward, and the factorisation `precond.chunk_start_factor` alone.
+
+    python benchmarks/benchmark_solver.py --device cuda            # H200: a few minutes, compiles included
+    python benchmarks/benchmark_solver.py --device cpu             # smoke run: the PyTorch path, small shapes
+
+Writes `benchmarks/results/solver_<device>.md` (or `--out`). On the GPU the CG kernel is pinned to one config
+(`--autotune` autotunes it: three configs per preconditioner and shape to compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import benchmark_chunk  # noqa: E402
+from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs  # noqa: E402
+
+METHODS = {'plain': False, 'jacobi': True, 'chunk': 'chunk'}
+
+
+def timed(fn, device):
+    if device == 'cuda':
+        import triton
+        return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode='median')
+    fn()
+    t0 = time.time()
+    fn()
+    return (time.time() - t0) * 1e3
+
+
+def fwd_bwd(fn, inputs):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    fn(*leaves).float().sum().backward()
+
+
+def family_table(args, lines):
+    from fla_mesa.ops.mesa import chunk_mesa
+    T, H, K = args.family_T, args.family_H, args.family_K
+    lines += [f"## 1. Hard families and benign states: B = 1, T = {T}, H = {H}, K = V = {K}, float32, defaults "
+              "(cg_max_steps 30, cg_tol 1e-4)", "",
+              "steps: mean a token / share at the cap; error: the last 4 tokens' o against float64; time in ms "
+              f"({'do_bench median' if args.device == 'cuda' else 'one call'}).", "",
+              "| family | float32 floor | method | steps | at cap | o error | fwd ms | fwd+bwd ms |",
+              "|---|---|---|---|---|---|---|---|"]
+    families = dict(FAMILIES)
+    families['benign: random keys, γ = 0.98, Λ = 1'] = dict(dirs=0, gamma=0.98)
+    for name, kw in families.items():
+        inputs64 = [x.to(args.device) for x in hard_inputs(T, H=H, K=K, V=K, **kw)]
+        ref = last_outputs(*inputs64)
+        inputs = [x.float() for x in inputs64]
+        floor = benchmark_chunk.rel(last_outputs(*inputs), ref)
+        for method, pc in METHODS.items():
+            try:
+                o, _, steps = chunk_mesa(*inputs, precondition=pc, return_cg_steps=True, check_values=False)
+                steps = steps.float()
+                err = benchmark_chunk.rel(o[:, -ref.shape[1]:], ref)
+                t_f = timed(lambda: chunk_mesa(*inputs, precondition=pc, check_values=False), args.device)
+                t_b = timed(lambda: fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0],
+                                            inputs), args.device)
+                row = (f"{steps.mean():.2f} | {(steps >= 30).float().mean() * 100:.0f}% | {err:.1e} | {t_f:.2f} | "
+                       f"{t_b:.2f}")
+            except Exception as e:
+                traceback.print_exc()
+                row = f"n/a ({benchmark_chunk.short(e)}) | | | |"
+            lines.append(f"| {name} | {floor:.1e} | {method} | {row} |")
+            print(lines[-1], flush=True)
+    lines.append("")
+
+
+def chunk_table(args, lines):
+    from fla_mesa.ops.mesa import chunk_mesa
+    from fla_mesa.ops.mesa import chunk_cg
+    from fla_mesa.ops.mesa.precond import chunk_start_factor
+    saved = chunk_cg.FACTOR_DTYPE
+    H, D = 16, args.D
+    lines += [f"## 2. The chunk table's shape: B·T = {args.tokens}, H = {H}, D = {D}, bf16 q/k/v "
+              "(benchmark_chunk.py's inputs, cg_tol 1e-4)", "",
+              "| T | method | mean steps | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+    for T in args.Ts:
+        B = max(args.tokens // T, 1)
+        inputs = benchmark_chunk.make_inputs(B, T, H, D, device=args.device)
+        for method in ('jacobi', 'chunk', 'chunk, bf16 W'):
+            pc = METHODS[method.split(',')[0]]
+            # 'bf16 W': the factor stored in bfloat16 (`precond.FACTOR_DTYPE`; the PyTorch path keeps its own dtype)
+            chunk_cg.FACTOR_DTYPE = torch.bfloat16 if method.endswith('bf16 W') else saved
+            try:
+                _, _, steps = chunk_mesa(*inputs, precondition=pc, return_cg_steps=True, check_values=False)
+                t_f = timed(lambda: chunk_mesa(*inputs, precondition=pc, check_values=False), args.device)
+                t_b = timed(lambda: fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0],
+                                            inputs), args.device)
+                row = f"{steps.float().mean():.2f} | {t_f:.2f} | {t_b:.2f}"
+            except Exception as e:
+                traceback.print_exc()
+                row = f"n/a ({benchmark_chunk.short(e)}) | |"
+            lines.append(f"| {T} | {method} | {row} |")
+            print(lines[-1], flush=True)
+    chunk_cg.FACTOR_DTYPE = saved
+    # the factorisation alone, on states of the table's size (forward and backward each build it once)
+    NT = args.tokens // 64
+    h = torch.randn(1, NT, H, D, D, device=args.device) / D ** 0.5
+    h = h @ h.transpose(-1, -2)
+    a, lamb = torch.rand(1, NT, H, device=args.device), torch.full((H, D), 0.25, device=args.device)
+    for dtype in (torch.float32, torch.bfloat16):
+        t = timed(lambda: chunk_start_factor(h, a, lamb, dtype), args.device)
+        lines.append(f"\nchunk_start_factor alone ({NT * H} matrices {D}x{D}, float64 Cholesky and inverse, stored "
+                     f"{str(dtype)[6:]}): {t:.2f} ms")
+    lines.append("")
+
+
+def gpu_tag():
+    name = torch.cuda.get_device_name()
+    return next((t.lower() for t in ('H200', 'H100', 'A100') if t in name), 'cuda')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
+    p.add_argument('--Ts', type=int, nargs='+', default=None, help="chunk table lengths (cuda: 2048 8192)")
+    p.add_argument('--tokens', type=int, default=None, help="chunk table B·T (cuda: 16384)")
+    p.add_argument('--autotune', action='store_true', help="autotune the CG kernel instead of pinning one config")
+    p.add_argument('--out', default=None)
+    args = p.parse_args()
+    gpu = args.device == 'cuda'
+    if gpu and not torch.cuda.is_available():
+        sys.exit("no GPU: use --device cpu")
+    # the GPU: the Triton kernels at the study's sizes; the CPU: the PyTorch path at small ones (a smoke run)
+    os.environ['FLA_MESA_BACKEND'] = 'auto' if gpu else 'torch'
+    args.family_T, args.family_H, args.family_K = (8192, 4, 128) if gpu else (1024, 1, 64)
+    args.Ts = args.Ts or ([2048, 8192] if gpu else [128, 256])
+    args.tokens = args.tokens or (16384 if gpu else 256)
+    args.D = 128 if gpu else 32
+    benchmark_chunk.DEVICE = args.device
+    if gpu and not args.autotune:
+        from tests.gpu_configs import gpu_configs, pin
+        tuner, configs = gpu_configs()['cg']
+        pin(tuner, configs[0])
+    lines = [f"# benchmarks/benchmark_solver.py --device {args.device}", "", f"# {benchmark_chunk.header()}"
+             + ("" if gpu else f"; CPU: {os.cpu_count()} cores, PyTorch path"), ""]
+    t0 = time.time()
+    family_table(args, lines)
+    chunk_table(args, lines)
+    lines.append(f"Total run time {time.time() - t0:.0f} s.")
+    out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f"solver_{gpu_tag() if gpu else 'cpu'}.md")
+    with open(out, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print(f"wrote {out}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,64 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The chunk-start preconditioner `M_c = a_c H_c + Λ` (op README, "Chunk-start preconditioner"), one definition for
+the PyTorch and Triton chunk paths: a factor `W` with `M_c⁻¹ = W Wᵀ`, applied to a chunk's rows as `z = (r W) Wᵀ`."""
+
+from __future__ import annotations
+
+import torch
+
+# chunk_mesa's default `precondition`: Jacobi until the H200 study (benchmarks/benchmark_solver.py) says otherwise;
+# 'chunk' here switches it (fused_recurrent_mesa keeps Jacobi: op README, "Chunk-start preconditioner")
+DEFAULT_PRECONDITION: bool | str = True
+# the dtype the Triton path stores `W` in: float32 keeps the PyTorch path's step counts; bfloat16 halves the memory
+# and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
+FACTOR_DTYPE = torch.float32
+
+
+def chunk_start_factor(h_kk: torch.Tensor, a: torch.Tensor, lamb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r"""
+    `W = L⁻ᵀ` for the Cholesky factor `L Lᵀ = M = a H + Λ`, so that `M⁻¹ = W Wᵀ`: symmetric whatever `W`'s rounding,
+    so CG with it stays preconditioned CG and converges to CG's own answer (rounding changes step counts only).
+    Factorised in float64 (the condition number of `M` is the state's); where even that fails (a state beyond
+    float64), `W = diag(M)^(-1/2)`.
+
+    Args:
+        h_kk (torch.Tensor): chunk-start states `[..., K, K]`.
+        a (torch.Tensor): the decay from each chunk's start to its middle token, `[...]`.
+        lamb (torch.Tensor): the ridge, broadcastable to `[..., K]`.
+        dtype (torch.dtype): the dtype of `W`.
+
+    Returns:
+        W (torch.Tensor): `[..., K, K]`, upper triangular.
+    """
+    with torch.no_grad():
+        K = h_kk.shape[-1]
+        m = a.double()[..., None, None] * h_kk.double()
+        m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.double().expand(*a.shape, K))
+        L, info = torch.linalg.cholesky_ex(m)
+        d = torch.diagonal(m, dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        L = torch.where((info != 0)[..., None, None], torch.diag_embed(d), L)
+        eye = torch.eye(K, dtype=torch.float64, device=m.device).expand_as(L)
+        return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2).to(dtype)
+
+
+def apply_factor(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`z = M⁻¹ r` for rows `r [..., C, K]` of the chunks of `w [..., K, K]`."""
+    return (r @ w) @ w.transpose(-1, -2)
+
+
+def chunk_middle_scale(g_cum: torch.Tensor, chunk_size: int, cu_seqlens: torch.LongTensor | None = None,
+                       chunk_indices: torch.LongTensor | None = None) -> torch.Tensor:
+    r"""
+    `a_c = 2^{Γ_mid}`, the decay from each chunk's start to its middle token `C // 2` (its last token when the chunk
+    is shorter), from the Triton path's in-chunk cumulative log2-decay `g_cum [B, T, H]`. Returns `[B, NT, H]`, the
+    chunk layout of `chunk_mesa_fwd_h`'s states (`NT` over every sequence's chunks when varlen). No host sync.
+    """
+    B, T, H = g_cum.shape
+    if cu_seqlens is None:
+        start = torch.arange(0, T, chunk_size, device=g_cum.device)
+        idx = (start + chunk_size // 2).clamp_max(T - 1)
+    else:
+        i_n, i_t = chunk_indices[:, 0].long(), chunk_indices[:, 1].long()
+        bos, eos = cu_seqlens[i_n].long(), cu_seqlens[i_n + 1].long()
+        idx = torch.minimum(bos + i_t * chunk_size + chunk_size // 2, eos - 1)
+    return torch.exp2(g_cum[:, idx].float())
