@@ -68,6 +68,8 @@ def family_table(args, lines):
         inputs = [x.float() for x in inputs64]
         floor = benchmark_chunk.rel(last_outputs(*inputs), ref)
         for method, pc in METHODS.items():
+            if method not in args.methods:
+                continue
             try:
                 o, _, steps = chunk_mesa(*inputs, precondition=pc, return_cg_steps=True, check_values=False)
                 steps = steps.float()
@@ -98,6 +100,8 @@ def chunk_table(args, lines):
         B = max(args.tokens // T, 1)
         inputs = benchmark_chunk.make_inputs(B, T, H, D, device=args.device)
         for method in ('jacobi', 'chunk', 'chunk, bf16 W'):
+            if method.split(',')[0] not in args.methods:
+                continue
             pc = METHODS[method.split(',')[0]]
             # 'bf16 W': the factor stored in bfloat16 (`precond.FACTOR_DTYPE`; the PyTorch path keeps its own dtype)
             chunk_cg.FACTOR_DTYPE = torch.bfloat16 if method.endswith('bf16 W') else saved
@@ -125,6 +129,20 @@ def chunk_table(args, lines):
     lines.append("")
 
 
+def warm(args):
+    """Triton compiles one kernel at a time in a process: one process per method and section, at small sizes (the
+    binaries do not depend on T or B), fills Triton's on-disk cache for the timed run."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    cmd = [sys.executable, os.path.abspath(__file__), '--device', args.device, '--family-T', '256', '--Ts', '256',
+           '--tokens', '256', '--out', os.devnull] + (['--autotune'] if args.autotune else [])
+    jobs = [cmd + ['--methods', m, '--sections', s] for m in args.methods for s in args.sections]
+    t0 = time.time()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        codes = list(pool.map(lambda c: subprocess.run(c, capture_output=True).returncode, jobs))
+    print(f"warm: {len(jobs)} processes, exit codes {codes}, {time.time() - t0:.0f} s", flush=True)
+
+
 def gpu_tag():
     name = torch.cuda.get_device_name()
     return next((t.lower() for t in ('H200', 'H100', 'A100') if t in name), 'cuda')
@@ -135,7 +153,13 @@ def main():
     p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     p.add_argument('--Ts', type=int, nargs='+', default=None, help="chunk table lengths (cuda: 2048 8192)")
     p.add_argument('--tokens', type=int, default=None, help="chunk table B·T (cuda: 16384)")
-    p.add_argument('--autotune', action='store_true', help="autotune the CG kernel instead of pinning one config")
+    p.add_argument('--autotune', action='store_true',
+                   help="autotune the chunk kernels instead of pinning each to its first config")
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    p.add_argument('--sections', nargs='+', default=['families', 'table'], choices=['families', 'table'])
+    p.add_argument('--family-T', type=int, default=None, help="the families' length (cuda: 8192)")
+    p.add_argument('--warm', action='store_true',
+                   help="first compile every method and section in parallel processes at small sizes")
     p.add_argument('--out', default=None)
     args = p.parse_args()
     gpu = args.device == 'cuda'
@@ -143,20 +167,27 @@ def main():
         sys.exit("no GPU: use --device cpu")
     # the GPU: the Triton kernels at the study's sizes; the CPU: the PyTorch path at small ones (a smoke run)
     os.environ['FLA_MESA_BACKEND'] = 'auto' if gpu else 'torch'
+    family_T = args.family_T
     args.family_T, args.family_H, args.family_K = (8192, 4, 128) if gpu else (1024, 1, 64)
+    args.family_T = family_T or args.family_T
     args.Ts = args.Ts or ([2048, 8192] if gpu else [128, 256])
     args.tokens = args.tokens or (16384 if gpu else 256)
     args.D = 128 if gpu else 32
     benchmark_chunk.DEVICE = args.device
     if gpu and not args.autotune:
+        # every chunk kernel at its first config: one binary per variant, the same for every method compared
         from tests.gpu_configs import gpu_configs, pin
-        tuner, configs = gpu_configs()['cg']
-        pin(tuner, configs[0])
+        for tuner, configs in gpu_configs().values():
+            pin(tuner, configs[0])
+    if args.warm:
+        warm(args)
     lines = [f"# benchmarks/benchmark_solver.py --device {args.device}", "", f"# {benchmark_chunk.header()}"
              + ("" if gpu else f"; CPU: {os.cpu_count()} cores, PyTorch path"), ""]
     t0 = time.time()
-    family_table(args, lines)
-    chunk_table(args, lines)
+    if 'families' in args.sections:
+        family_table(args, lines)
+    if 'table' in args.sections:
+        chunk_table(args, lines)
     lines.append(f"Total run time {time.time() - t0:.0f} s.")
     out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f"solver_{gpu_tag() if gpu else 'cpu'}.md")
     with open(out, 'w') as f:
