@@ -9,6 +9,8 @@ The solver study of issue 14 (item 4): plain CG, Jacobi PCG and the chunk-start 
    and of forward+backward.
 2. The chunk table's shape (B·T = 16384, H = 16, D = 128, bf16, `benchmark_chunk.py`'s inputs) at T = 2048 and 8192:
    Jacobi against 'chunk', forward and forward+backward, and the factorisation `precond.chunk_start_factor` alone.
+3. Long states (T = 32768 on the GPU, γ = 1 or 0.9999, few key directions), float32 and bf16 q/k/v: steps, the last
+   tokens' error against float64 beside the float32 floor, and whether the output and every gradient are finite.
 
     python benchmarks/benchmark_solver.py --device cuda            # H200: a few minutes, compiles included
     python benchmarks/benchmark_solver.py --device cpu             # smoke run: the PyTorch path, small shapes
@@ -87,6 +89,43 @@ def family_table(args, lines):
     lines.append("")
 
 
+LONG_FAMILIES = {
+    '4 directions + noise 1e-2, γ = 1': dict(dirs=4, noise=1e-2, gamma=1.0),
+    '8 directions, γ = 0.9999': dict(dirs=8, gamma=0.9999),
+    '1 direction, γ = 1': dict(dirs=1, gamma=1.0),
+}
+
+
+def long_table(args, lines):
+    """Issue 14's long states: the last tokens' o against float64 (the float32 floor beside it) and whether o and every
+    gradient are finite, for float32 and bf16 q/k/v (g, β, Λ in float32)."""
+    from fla_mesa.ops.mesa import chunk_mesa
+    T, H, K = args.long_T, args.family_H, args.family_K
+    lines += [f"## 3. Long states: B = 1, T = {T}, H = {H}, K = V = {K}, β = 0.99, Λ = 0.25, defaults", "",
+              "| family | q/k/v | method | steps | at cap | o error | float32 floor | o finite | grads finite |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, kw in LONG_FAMILIES.items():
+        inputs64 = [x.to(args.device) for x in hard_inputs(T, H=H, K=K, V=K, **kw)]
+        for dtype in (torch.float32, torch.bfloat16):
+            rounded = [x.to(dtype).double() if i < 3 else x for i, x in enumerate(inputs64)]
+            ref = last_outputs(*rounded)
+            floor = benchmark_chunk.rel(last_outputs(*[x.float() for x in rounded]), ref)
+            for method, pc in METHODS.items():
+                if method not in args.methods:
+                    continue
+                leaves = [x.to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(inputs64)]
+                o, _, steps = chunk_mesa(*leaves, precondition=pc, return_cg_steps=True, check_values=False)
+                (o.float() * torch.randn_like(o, dtype=torch.float32)).sum().backward()
+                finite = all(torch.isfinite(x.grad).all().item() for x in leaves)
+                steps = steps.float()
+                lines.append(f"| {name} | {str(dtype)[6:]} | {method} | {steps.mean():.2f} | "
+                             f"{(steps >= 30).float().mean() * 100:.0f}% | "
+                             f"{benchmark_chunk.rel(o[:, -ref.shape[1]:], ref):.1e} | {floor:.1e} | "
+                             f"{torch.isfinite(o).all().item()} | {finite} |")
+                print(lines[-1], flush=True)
+    lines.append("")
+
+
 def chunk_table(args, lines):
     from fla_mesa.ops.mesa import chunk_mesa
     from fla_mesa.ops.mesa import chunk_cg
@@ -135,7 +174,7 @@ def warm(args):
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
     cmd = [sys.executable, os.path.abspath(__file__), '--device', args.device, '--family-T', '256', '--Ts', '256',
-           '--tokens', '256', '--out', os.devnull] + (['--autotune'] if args.autotune else [])
+           '--tokens', '256', '--long-T', '256', '--out', os.devnull] + (['--autotune'] if args.autotune else [])
     jobs = [cmd + ['--methods', m, '--sections', s] for m in args.methods for s in args.sections]
     t0 = time.time()
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -156,7 +195,9 @@ def main():
     p.add_argument('--autotune', action='store_true',
                    help="autotune the chunk kernels instead of pinning each to its first config")
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
-    p.add_argument('--sections', nargs='+', default=['families', 'table'], choices=['families', 'table'])
+    p.add_argument('--sections', nargs='+', default=['families', 'table', 'long'],
+                   choices=['families', 'table', 'long'])
+    p.add_argument('--long-T', type=int, default=None, help="the long states' length (cuda: 32768)")
     p.add_argument('--family-T', type=int, default=None, help="the families' length (cuda: 8192)")
     p.add_argument('--warm', action='store_true',
                    help="first compile every method and section in parallel processes at small sizes")
@@ -167,9 +208,10 @@ def main():
         sys.exit("no GPU: use --device cpu")
     # the GPU: the Triton kernels at the study's sizes; the CPU: the PyTorch path at small ones (a smoke run)
     os.environ['FLA_MESA_BACKEND'] = 'auto' if gpu else 'torch'
-    family_T = args.family_T
+    family_T, long_T = args.family_T, args.long_T
     args.family_T, args.family_H, args.family_K = (8192, 4, 128) if gpu else (1024, 1, 64)
     args.family_T = family_T or args.family_T
+    args.long_T = long_T or (32768 if gpu else 2048)
     args.Ts = args.Ts or ([2048, 8192] if gpu else [128, 256])
     args.tokens = args.tokens or (16384 if gpu else 256)
     args.D = 128 if gpu else 32
@@ -188,6 +230,8 @@ def main():
         family_table(args, lines)
     if 'table' in args.sections:
         chunk_table(args, lines)
+    if 'long' in args.sections:
+        long_table(args, lines)
     lines.append(f"Total run time {time.time() - t0:.0f} s.")
     out = args.out or os.path.join(ROOT, 'benchmarks', 'results', f"solver_{gpu_tag() if gpu else 'cpu'}.md")
     with open(out, 'w') as f:
