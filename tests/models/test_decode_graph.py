@@ -128,6 +128,22 @@ def test_generate_drops_mask_after_prefill():
     assert kept['attention_mask'] is mask
 
 
+def test_generate_with_decode_graph_option_on_cpu():
+    # off CUDA the option runs the same static step eagerly: generate() through it, token for token and logit for
+    # logit the eager generate()
+    model = make_model().eval()
+    prompt = tokens(B=2, T=7)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        eager = model.generate(prompt, **kwargs)
+        model.config.decode_cuda_graph = True
+        static = model.generate(prompt, **kwargs)
+    assert model._decode_graphs[2].graph is None and model._decode_graphs[2]._owner is not None
+    assert torch.equal(static.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(static.logits, eager.logits))
+
+
 @pytest.mark.skipif(not ON_GPU, reason='CUDA graphs need a GPU')
 def test_generate_with_decode_graph_equals_eager():
     model = make_model().cuda().eval()

@@ -15,7 +15,8 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
     convolutions, the cross-entropy loss) runs in PyTorch by itself, with the same parameters.
     `decode_cuda_graph=True`: on CUDA, `generate()` replays each decode step (one token per sequence) as a CUDA graph,
     captured at the first step of each batch size (`MesaDecodeGraph`); the same tokens as eager decoding, without
-    the host's per-kernel launch cost. Models with attention layers (`attn`) decode eagerly.
+    the host's per-kernel launch cost (on a CPU the same step runs eagerly). Models with attention layers (`attn`)
+    decode eagerly.
     """
 
     model_type = 'mesa'

@@ -382,14 +382,17 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
                       logits_to_keep=0, **kwargs):
         """
         The decode step as a replayed CUDA graph (`config.decode_cuda_graph`), where it applies: one new token per
-        sequence on CUDA, from a cache, no gradient, no mask, nothing else asked; `None` elsewhere (eager).
+        sequence from a cache, no gradient, no mask, nothing else asked; `None` elsewhere (eager). Off CUDA the
+        same step runs eagerly on the static buffers (no gain: what the CPU tests check).
         """
-        if (input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or not input_ids.is_cuda
+        if (input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1
                 or past_key_values is None or use_cache is False or return_dict is False
                 or logits_to_keep not in (0, 1, None)
                 # positions mean nothing to a recurrent model: anything else asked for decodes eagerly
-                or any(v is not None and v is not False for k, v in kwargs.items() if k not in ('cache_position', 'position_ids'))
-                or self.training or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()
+                or any(v is not None and v is not False
+                       for k, v in kwargs.items() if k not in ('cache_position', 'position_ids'))
+                or self.training or torch.is_grad_enabled()
+                or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
                 or self.config.attn is not None or self.config.warn_unconverged
                 or len(past_key_values) != self.config.num_hidden_layers or past_key_values.get_seq_length() == 0):
             return None
