@@ -59,6 +59,9 @@ def build(name, args):
     peer = 'fla-mesa' if name == 'fla-mesa-graph' else name
     config, params, _ = matched_config(peer, copy.deepcopy(mesa), args.prompt + args.new_tokens, args.device)
     config.use_cache = True
+    if os.environ.get('TRITON_INTERPRET') == '1' and hasattr(config, 'fuse_norm'):
+        # fla's fused norm and SwiGLU run under the interpreter too: the modules a GPU runs, counted as there
+        config.fuse_norm = config.fuse_swiglu = True
     if name == 'fla-mesa-graph':
         config.decode_cuda_graph = True
     with torch.device(args.device):
