@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from fla.models.utils import Cache
+from fla.models.utils import Cache, LegacyFLACache
 
 
 def _tensors(state):
@@ -44,11 +44,11 @@ def _layer_states(cache) -> list[dict]:
 
 
 def _set_layer_state(cache, i, state):
-    # fla's Cache keeps a layer's state on its layer object; the legacy cache in a list
-    if hasattr(cache, 'layers'):
-        cache.layers[i].state = state
-    else:
+    # fla's legacy cache keeps the layers' states in a list; its Cache on each layer object
+    if isinstance(cache, LegacyFLACache):
         cache.states[i] = state
+    else:
+        cache.layers[i].state = state
 
 
 class MesaDecodeGraph:
