@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 from torch.nn import functional as F
 
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
@@ -349,8 +348,9 @@ class MesaNet(nn.Module):
         else:
             v = self.v_proj(hidden_states)
 
-        q, k = (rearrange(x, '... (h d) -> ... h d', d=self.head_k_dim) for x in (q, k))
-        v = rearrange(v, '... (h d) -> ... h d', d=self.head_v_dim)
+        # views, not einops: its parsing is host time in every layer of every decode step
+        q, k = q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim))
+        v = v.unflatten(-1, (-1, self.head_v_dim))
         beta = self.b_proj(hidden_states).float().sigmoid()
         g = F.logsigmoid(self.a_proj(hidden_states).float())
         if self.use_gamma_cap:
@@ -405,12 +405,12 @@ class MesaNet(nn.Module):
 
         gate = None
         if self.use_output_gate:
-            gate = rearrange(self.g_proj(hidden_states), '... (h d) -> ... h d', d=self.head_v_dim)
+            gate = self.g_proj(hidden_states).unflatten(-1, (-1, self.head_v_dim))
         if fla_kernels:
             o = self.o_norm(o, gate) if self.use_output_gate else self.o_norm(o)
         else:
             o = rms_norm_torch(self.o_norm, o, gate)
-        o = self.o_proj(rearrange(o, 'b t h d -> b t (h d)'))
+        o = self.o_proj(o.flatten(-2))
         o = repad_hidden_states(o, indices, batch_size, q_len)
         return o, None, past_key_values
 

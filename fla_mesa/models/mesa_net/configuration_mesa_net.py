@@ -13,6 +13,10 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
     fla's `max_cg_step_training` and `max_cg_step_decoding` are accepted (and readable) as the names of
     `cg_max_steps_training` and `cg_max_steps_inference`. On a CPU without Triton every fused module (norms, MLP,
     convolutions, the cross-entropy loss) runs in PyTorch by itself, with the same parameters.
+    `decode_cuda_graph=True`: on CUDA, `generate()` replays each decode step (one token per sequence) as a CUDA graph,
+    captured at the first step of each batch size (`MesaDecodeGraph`); the same tokens as eager decoding, without
+    the host's per-kernel launch cost (on a CPU the same step runs eagerly). Models with attention layers (`attn`)
+    decode eagerly.
     """
 
     model_type = 'mesa'
@@ -43,6 +47,7 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         precondition: bool = True,
         chunk_size: int = 64,
         warn_unconverged: bool = False,
+        decode_cuda_graph: bool = False,
         max_position_embeddings: int = 2048,
         hidden_ratio: int | None = 4,
         intermediate_size: int | None = None,
@@ -96,6 +101,7 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         self.precondition = precondition
         self.chunk_size = chunk_size
         self.warn_unconverged = warn_unconverged
+        self.decode_cuda_graph = decode_cuda_graph
         self.max_position_embeddings = max_position_embeddings
 
         self.hidden_ratio = hidden_ratio

@@ -17,6 +17,7 @@ from fla.ops.attnres import fused_attnres
 from torch.nn import functional as F
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 from fla_mesa.layers.mesa_net import MesaNet, init_gate_bias, rms_norm_torch, use_fla_kernels
@@ -340,7 +341,7 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
             next_sequence_length = len(cache_position)
         if logits_to_keep is not None:
             kwargs['logits_to_keep'] = logits_to_keep
-        return GenerationMixin.prepare_inputs_for_generation(
+        model_inputs = GenerationMixin.prepare_inputs_for_generation(
             self,
             input_ids=input_ids,
             next_sequence_length=next_sequence_length,
@@ -351,13 +352,59 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
             use_cache=use_cache,
             **kwargs,
         )
+        # after the prefill every new token is generate()'s own, unmasked: without attention layers the mask has
+        # nothing left to do, and the layers would unpad by it every step (an index sync and two copies a layer)
+        # (transformers < 5.24 names the cache `past_key_values`)
+        cache = cache if cache is not None else kwargs.get('past_key_values')
+        if not is_first_iteration and self.config.attn is None and cache is not None and cache.get_seq_length() > 0:
+            model_inputs['attention_mask'] = None
+        return model_inputs
 
-    def forward(self, *args, cache=None, **kwargs):
+    def forward(self, *args, cache=None, logits_to_keep: int | torch.Tensor | None = 0, decode_graph: bool = True,
+                **kwargs):
         # transformers >= 5.24 hands the generation cache over as `cache`, its new name for `past_key_values`;
         # fla's forward would take it as an unknown keyword and decode every new token from an empty state
         if cache is not None:
             if kwargs.get('past_key_values') is not None:
                 raise TypeError("pass the recurrent cache as `cache` or as `past_key_values`, not both")
             kwargs['past_key_values'] = cache
+        # `logits_to_keep` named in the signature: generate() then asks for the last position's logits only (its
+        # prefill would otherwise compute [B, T, vocab] logits to use one row)
+        kwargs['logits_to_keep'] = logits_to_keep
+        if decode_graph and self.config.decode_cuda_graph and not args:
+            out = self._graph_decode(**kwargs)
+            if out is not None:
+                return out
         with _fla_cache_names():
             return super().forward(*args, **kwargs)
+
+    def _graph_decode(self, input_ids=None, past_key_values=None, use_cache=None, return_dict=None,
+                      logits_to_keep=0, **kwargs):
+        """
+        The decode step as a replayed CUDA graph (`config.decode_cuda_graph`), where it applies: one new token per
+        sequence from a cache, no gradient, no mask, nothing else asked; `None` elsewhere (eager). Off CUDA the
+        same step runs eagerly on the static buffers (no gain: what the CPU tests check).
+        """
+        if (input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1
+                or past_key_values is None or use_cache is False or return_dict is False
+                or logits_to_keep not in (0, 1, None)
+                # positions mean nothing to a recurrent model: anything else asked for decodes eagerly
+                or any(v is not None and v is not False
+                       for k, v in kwargs.items() if k not in ('cache_position', 'position_ids'))
+                or self.training or torch.is_grad_enabled()
+                or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+                or self.config.attn is not None or self.config.warn_unconverged
+                or len(past_key_values) != self.config.num_hidden_layers or past_key_values.get_seq_length() == 0):
+            return None
+        from fla_mesa.models.mesa_net.decode_graph import MesaDecodeGraph
+        graphs = self.__dict__.setdefault('_decode_graphs', {})
+        B = input_ids.shape[0]
+        if B not in graphs:
+            graphs[B] = MesaDecodeGraph(self, past_key_values)
+        logits = graphs[B].step(input_ids, past_key_values)
+        with _fla_cache_names():
+            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+    def reset_decode_graphs(self):
+        """Frees the CUDA graphs and buffers of `config.decode_cuda_graph` (kept per batch size)."""
+        self.__dict__.pop('_decode_graphs', None)
