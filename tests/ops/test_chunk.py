@@ -15,7 +15,7 @@ import torch
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
 from fla_mesa.ops.mesa import chunk as chunk_module
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_fwd_torch
-from tests.utils import bf16_floor, fp32_bound, make_inputs, on_cuda, rel_err, run_with_grads
+from tests.utils import bf16_floor, fp32_bound, make_inputs, on_cuda, rel_err, run_with_grads, torch_chunk_path
 
 BACKENDS = ['torch']
 if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
@@ -28,7 +28,8 @@ _chunk_mesa = chunk_mesa
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv('FLA_MESA_BACKEND', 'torch' if request.param == 'torch' else 'auto')
+    if request.param == 'torch':
+        torch_chunk_path(monkeypatch)
     if request.param == 'cuda':
         monkeypatch.setitem(globals(), 'chunk_mesa', on_cuda(_chunk_mesa))
     return request.param
@@ -84,7 +85,7 @@ def test_chunk_gradients_scale_invariant(backend, scale):
 
 @pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
 def test_chunk_plain_directions(backend, monkeypatch, scale):
-    # FLA_MESA_CG_ROUND_DIRECTIONS=0: the forward's and the adjoint's CG with unrounded directions (the other tests
+    # CG_ROUND_DIRECTIONS = False: the forward's and the adjoint's CG with unrounded directions (the other tests
     # run the default, rounded ones), fp32 level as above
     if backend == 'torch':
         pytest.skip('an option of the Triton CG kernel')
