@@ -98,6 +98,23 @@ def test_chunk_plain_directions(backend, monkeypatch, scale):
         assert err <= fp32_bound(base, backend == 'cuda'), f"{name}: {err:.2e} vs fp32 exact reference {base:.2e}"
 
 
+def test_chunk_qk_l2norm_in_kernel(backend):
+    # q and k normalised inside the op (fla's public L2Norm on the Triton path), every gradient through it; q, k not
+    # unit-norm, so a skipped or doubled normalisation fails
+    inputs = make_inputs(1, 40, 2, 16, 8, gate=(3.0, 1.0), initial_state=True)
+    inputs[0], inputs[1] = inputs[0] * 3.0, inputs[1] * 0.5
+    do, dht = upstream(1, 40, 2, 8, 16, 1.0)
+    norm = dict(use_qk_l2norm_in_kernel=True)
+    ref = run_with_grads(naive_exact_mesa, inputs, do, dht, **norm)
+    inputs32 = [x.float() if torch.is_tensor(x) else tuple(h.float() for h in x) for x in inputs]
+    base = run_with_grads(naive_exact_mesa, inputs32, do, dht, **norm)
+    out = run_with_grads(chunk_mesa, inputs32, do, dht, cg_max_steps=48, cg_tol=1e-7, chunk_size=16, **norm)
+    for name in ['o'] + list(ref[2]):
+        pick = (lambda r: r[0]) if name == 'o' else (lambda r, n=name: r[2][n])
+        err, floor = rel_err(pick(out), pick(ref)), rel_err(pick(base), pick(ref))
+        assert err <= fp32_bound(floor, backend == 'cuda'), f"{name}: {err:.2e} vs fp32 exact reference {floor:.2e}"
+
+
 @pytest.mark.parametrize('precondition', [False, True])
 def test_chunk_cg_tol(backend, precondition):
     inputs = make_inputs(1, 64, 2, 32, 16, gate=(5.0, 1.0))
