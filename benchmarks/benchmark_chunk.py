@@ -89,7 +89,7 @@ def make_inputs(B, T, H, D, device=None, gate_mu=4.0, seed=0, dtype=torch.bfloat
 def row_precision(name):
     """
     A row named '..., bf16 CG' runs (forward and backward) with the CG kernel's products in single bf16; one named
-    '..., plain p' with unrounded CG directions (`FLA_MESA_CG_ROUND_DIRECTIONS=0`; rounded is the default).
+    '..., plain p' with unrounded CG directions (`chunk_cg.CG_ROUND_DIRECTIONS = False`; rounded is the default).
     """
     from fla_mesa.ops.mesa import chunk_cg
     setting = {'bf16 CG': ('CG_DOT_PRECISION', 'bf16'), 'plain p': ('CG_ROUND_DIRECTIONS', False)}
@@ -113,7 +113,7 @@ def op_table(only=None):
         for name, tol in (('30 steps', None), ('tol 1e-4', 1e-4)):
             ops[f'fla-mesa {name}'] = (lambda tol: lambda q, k, v, g, b, l: chunk_mesa(
                 q, k, v, g, b, l, cg_max_steps=30, cg_tol=tol, check_values=False)[0])(tol)
-        # the trade-off row: single bf16 products in the CG and readout (FLA_MESA_CG_PRECISION=bf16), fla's count
+        # the trade-off row: single bf16 products in the CG and readout (chunk_cg.CG_DOT_PRECISION = 'bf16'), fla's count
         ops['fla-mesa 30 steps, bf16 CG'] = ops['fla-mesa 30 steps']
         # rounded CG directions: 5 products a step instead of 7, the same accuracy (op README)
         ops['fla-mesa 30 steps, plain p'] = ops['fla-mesa 30 steps']
@@ -529,7 +529,7 @@ def main():
     if DEVICE == 'cuda' and not torch.cuda.is_available():
         sys.exit("benchmark_chunk.py needs a CUDA GPU")
     if DEVICE != 'cuda':
-        from fla_mesa.utils import interpret_compat
+        from tests.interpret import interpret_compat
         interpret_compat()
     log("# " + header())
     if args.study:

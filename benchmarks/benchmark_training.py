@@ -176,7 +176,8 @@ def build(name, config, device, capturable=False):
     with torch.device(device):
         model = model_class(name)(config)
     if device != 'cuda':
-        from fla_mesa.utils import interpret_compat
+        sys.path.insert(0, ROOT)
+        from tests.interpret import interpret_compat
         interpret_compat()
     model = model.to(torch.bfloat16).train()
     if name == 'llama' and getattr(model.config, '_attn_implementation', 'sdpa') != 'sdpa':

@@ -153,7 +153,6 @@ def apply(mutant: Mutant, dest: str):
 
 def run_tests(dest: str, tests: list[str], select: str | None) -> tuple[bool, float, str]:
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([dest, os.environ.get('PYTHONPATH', '')]))
-    env.pop('FLA_MESA_BACKEND', None)
     # the copy must be what gets imported, not the installed (editable) checkout
     probe = 'import fla_mesa, tests.utils; print(fla_mesa.__file__, tests.utils.__file__)'
     where = subprocess.run([sys.executable, '-c', probe],

@@ -1,6 +1,7 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 
 import inspect
+import os
 import warnings
 
 import pytest
@@ -44,6 +45,17 @@ def _nan_new_empty(self, *args, **kwargs):
 
 
 @pytest.fixture(autouse=True)
+def no_environment_switches(monkeypatch):
+    """
+    fla_mesa reads no `FLA_MESA_*` variable: a test that sets one would test one path believing it tests another.
+    Checked before `monkeypatch` (set up first, so torn down last) undoes the test's `setenv`.
+    """
+    yield
+    stale = sorted(name for name in os.environ if name.startswith('FLA_MESA_'))
+    assert not stale, f"{stale} set: fla_mesa reads no such switch (the PyTorch chunk path: tests.utils.torch_chunk_path)"
+
+
+@pytest.fixture(autouse=True)
 def nan_poison_empty(monkeypatch):
     """Every tensor that fla_mesa/fla allocates with `empty` starts as NaN, so an unwritten output fails."""
     monkeypatch.setattr(torch, 'empty', _nan_empty)
@@ -53,6 +65,9 @@ def nan_poison_empty(monkeypatch):
 
 
 if is_interpreting():
+    # fla's kernels made runnable in the interpreter, once for the session (tests/interpret.py)
+    from tests.interpret import interpret_compat
+    interpret_compat()
     # every kernel's loads and stores checked against the tensors it was given (tests/bounds.py)
     from tests import bounds
     bounds.install()

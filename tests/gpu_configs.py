@@ -69,6 +69,8 @@ def config_errors(kernel, index, dtype, K, V, T=130, device=None, others=0):
     device = device or ('cpu' if is_interpreting() else 'cuda')
     if is_interpreting():
         from tests import bounds
+        from tests.interpret import interpret_compat
+        interpret_compat()
         bounds.install()
     for name, (tuner, configs) in gpu_configs().items():
         pin(tuner, configs[(index if name == kernel else others) % len(configs)])

@@ -134,9 +134,18 @@ def naive_gla(q, k, v, g, beta, lamb, initial_state=None, output_final_state=Tru
     return o, ((h_kk, h_kv) if output_final_state else None)
 
 
+def torch_chunk_path(monkeypatch):
+    """
+    `chunk_mesa` on its PyTorch path whatever its inputs (the op picks its path by them: Triton for CUDA tensors and
+    under the interpreter), so that one process tests both paths.
+    """
+    from fla_mesa.ops.mesa import chunk as chunk_module
+    monkeypatch.setattr(chunk_module, '_use_triton_path', lambda *args, **kwargs: False)
+
+
 def on_torch_paths(monkeypatch, fn):
     """`fn()` on the PyTorch paths (the float32 baseline of FlashAttention's rule for the Triton paths)."""
     with monkeypatch.context() as m:
         m.setenv('TRITON_INTERPRET', '0')
-        m.setenv('FLA_MESA_BACKEND', 'torch')
+        torch_chunk_path(m)
         return fn()

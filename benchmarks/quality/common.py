@@ -99,7 +99,7 @@ def build_model(name, *, vocab_size, hidden_size, num_layers, head_dim, intermed
     cls, config = _config(name, vocab_size, hidden_size, num_layers, head_dim, intermediate_size, max_len, on_gpu,
                           cg_max_steps, cg_tol)
     # under TRITON_INTERPRET=1 (CPU smoke tests) fla's kernels need this; it does nothing otherwise
-    from fla_mesa.utils import interpret_compat
+    from tests.interpret import interpret_compat
     interpret_compat()
     if name == 'transformer':
         return cls._from_config(config, attn_implementation='sdpa')

@@ -2,7 +2,7 @@
 """
 The CG kernel compiled for sm_90 on any machine (no GPU needed: Triton's own ptxas and cuobjdump), counted: the
 instructions of one CG step (the loop body, per warp), its tensor-core instructions (HMMA) and local-memory spills,
-per autotune config, with rounded directions off and on (`FLA_MESA_CG_ROUND_DIRECTIONS`). The benchmark's shape:
+per autotune config, with rounded directions off and on (the kernel's `ROUND_P`). The benchmark's shape:
 K = V = 128, chunk 64, bf16 q/k/v, bf16x3 products, Jacobi preconditioning, fused readout.
 
     python benchmarks/tools/cg_sass_stats.py

@@ -15,10 +15,9 @@ from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
 from fla_mesa.ops.mesa.utils import use_triton
-from fla_mesa.utils import interpret_compat, is_interpreting
 
 if TYPE_CHECKING:
-    from fla.models.cache_utils import Cache
+    from fla.models.utils import Cache
     from transformers.processing_utils import Unpack
 
 # γ of the write gate at initialisation is drawn so that 1 - γ is log-uniform in this range: memories that last
@@ -27,16 +26,8 @@ GATE_INIT_DECAY_RANGE = (1e-3, 1e-1)
 
 
 def use_fla_kernels(x: torch.Tensor) -> bool:
-    """
-    fla's Triton modules (short conv, norms) run on GPUs and under `TRITON_INTERPRET=1`; elsewhere PyTorch does.
-    Under the interpreter, fla's kernels are first made runnable there (`interpret_compat`), whichever module calls
-    them first.
-    """
-    if not use_triton(x):
-        return False
-    if is_interpreting():
-        interpret_compat()
-    return True
+    """fla's Triton modules (short conv, norms) run on GPUs and under `TRITON_INTERPRET=1`; elsewhere PyTorch does."""
+    return use_triton(x)
 
 
 def short_conv_torch(

@@ -23,7 +23,6 @@ pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') != '1',
 
 @pytest.fixture(autouse=True)
 def triton_paths(monkeypatch):
-    monkeypatch.delenv('FLA_MESA_BACKEND', raising=False)
     warnings.filterwarnings('ignore', message='ShortConvolution is crucial')
 
 

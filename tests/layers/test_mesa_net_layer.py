@@ -12,7 +12,7 @@ from fla.models.utils import Cache
 from fla_mesa.layers import MesaNet
 from fla_mesa.layers import mesa_net as mesa_net_module
 from fla_mesa.ops.mesa import naive_exact_mesa
-from tests.utils import ON_GPU, assert_rel, fp32_bound, rel_err
+from tests.utils import ON_GPU, assert_rel, fp32_bound, rel_err, torch_chunk_path
 
 device = 'cpu'
 INTERPRETING = os.environ.get('TRITON_INTERPRET', '0') == '1'
@@ -306,7 +306,7 @@ def test_fla_modules_match_torch_fallbacks(monkeypatch):
 
     def run(interpret):
         monkeypatch.setenv('TRITON_INTERPRET', interpret)
-        monkeypatch.setenv('FLA_MESA_BACKEND', 'torch')
+        torch_chunk_path(monkeypatch)
         layer.eval()
         with torch.no_grad():
             o_full, _, _ = layer(x)

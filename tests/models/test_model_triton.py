@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from fla_mesa.layers import MesaNet
-from fla_mesa.utils import interpret_compat
 from tests.models.test_modeling_mesa import make_config, make_model, tokens
-from tests.utils import FP32_FLOOR, fp32_bound, on_torch_paths, rel_err
+from tests.utils import FP32_FLOOR, fp32_bound, on_torch_paths, rel_err, torch_chunk_path
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') != '1',
                                 reason='the Triton path on the CPU: needs TRITON_INTERPRET=1 at start-up')
@@ -27,14 +26,14 @@ pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') != '1',
 
 @pytest.fixture(autouse=True)
 def triton_paths(monkeypatch):
-    monkeypatch.delenv('FLA_MESA_BACKEND', raising=False)
     warnings.filterwarnings('ignore', message='.*attention mask.*')
-    # the model's first fla kernel (its fused RMSNorm) runs before any MesaNet layer has prepared fla's kernels for
-    # the interpreter: test_model_first_call_in_fresh_process
-    interpret_compat()
 
 
+# tests/interpret.py called first thing in a fresh process: it must cover the fla modules imported after it (the
+# model's first fla kernel, its fused RMSNorm, runs before any Mesa kernel)
 _FIRST_CALL = """
+from tests.interpret import interpret_compat
+interpret_compat()
 import torch
 from tests.models.test_modeling_mesa import make_model, tokens
 model = make_model()
@@ -47,7 +46,6 @@ def test_model_first_call_in_fresh_process():
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-    env.pop('FLA_MESA_BACKEND', None)
     result = subprocess.run([sys.executable, '-c', _FIRST_CALL], capture_output=True, text=True, env=env, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -137,7 +135,7 @@ def test_hybrid_with_sdpa_attention(monkeypatch):
             outs.append(out.logits)
         # fla's rotary embedding has neither a PyTorch nor a float64 path under the interpreter: the reference is the
         # same float32 model with the Mesa op on its PyTorch path (float64-checked above and in test_chunk.py)
-        monkeypatch.setenv('FLA_MESA_BACKEND', 'torch')
+        torch_chunk_path(monkeypatch)
         ref = model(input_ids=x, attention_mask=mask).logits
     m = mask.bool()
     # float32 against float32: each path within 2x the float32 floor of the truth, so at most 4x apart

@@ -15,7 +15,7 @@ import torch
 from fla_mesa.ops.mesa import chunk as chunk_module
 from fla_mesa.ops.mesa import chunk_mesa
 from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
-from tests.utils import ON_GPU, fp32_bound, make_inputs, on_cuda, rel_err
+from tests.utils import ON_GPU, fp32_bound, make_inputs, on_cuda, rel_err, torch_chunk_path
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 BACKENDS = ['torch']
@@ -76,13 +76,15 @@ def test_chunk_fixed_steps(monkeypatch, steps, precondition):
     # FlashAttention's rule against the textbook CG run in float32
     bound = fp32_bound(rel_err(textbook_cg(*f32(inputs), steps, precondition), ref), ON_GPU)
     for backend in BACKENDS:
-        monkeypatch.setenv('FLA_MESA_BACKEND', 'torch' if backend == 'torch' else 'auto')
-        if backend == 'triton':
-            # the plain directions: the rounded ones (the default) change the iterates by design
-            from fla_mesa.ops.mesa import chunk_cg
-            monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', False)
-        fn = on_cuda(chunk_mesa) if backend == 'triton' and ON_GPU else chunk_mesa
-        o, _ = fn(*f32(inputs), cg_max_steps=steps, cg_tol=None, precondition=precondition, chunk_size=16)
+        with monkeypatch.context() as m:
+            if backend == 'torch':
+                torch_chunk_path(m)
+            else:
+                # the plain directions: the rounded ones (the default) change the iterates by design
+                from fla_mesa.ops.mesa import chunk_cg
+                m.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', False)
+            fn = on_cuda(chunk_mesa) if backend == 'triton' and ON_GPU else chunk_mesa
+            o, _ = fn(*f32(inputs), cg_max_steps=steps, cg_tol=None, precondition=precondition, chunk_size=16)
         assert rel_err(o, ref) <= bound, f"{backend}: {rel_err(o, ref):.2e} > {bound:.2e}"
 
 

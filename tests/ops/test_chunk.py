@@ -15,7 +15,7 @@ import torch
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
 from fla_mesa.ops.mesa import chunk as chunk_module
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_fwd_torch
-from tests.utils import bf16_floor, fp32_bound, make_inputs, on_cuda, rel_err, run_with_grads
+from tests.utils import bf16_floor, fp32_bound, make_inputs, on_cuda, rel_err, run_with_grads, torch_chunk_path
 
 BACKENDS = ['torch']
 if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
@@ -28,7 +28,8 @@ _chunk_mesa = chunk_mesa
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv('FLA_MESA_BACKEND', 'torch' if request.param == 'torch' else 'auto')
+    if request.param == 'torch':
+        torch_chunk_path(monkeypatch)
     if request.param == 'cuda':
         monkeypatch.setitem(globals(), 'chunk_mesa', on_cuda(_chunk_mesa))
     return request.param
@@ -84,7 +85,7 @@ def test_chunk_gradients_scale_invariant(backend, scale):
 
 @pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
 def test_chunk_plain_directions(backend, monkeypatch, scale):
-    # FLA_MESA_CG_ROUND_DIRECTIONS=0: the forward's and the adjoint's CG with unrounded directions (the other tests
+    # CG_ROUND_DIRECTIONS = False: the forward's and the adjoint's CG with unrounded directions (the other tests
     # run the default, rounded ones), fp32 level as above
     if backend == 'torch':
         pytest.skip('an option of the Triton CG kernel')
@@ -95,6 +96,23 @@ def test_chunk_plain_directions(backend, monkeypatch, scale):
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=32)
     for name, (err, base) in compare(inputs, do, dht, kw).items():
         assert err <= fp32_bound(base, backend == 'cuda'), f"{name}: {err:.2e} vs fp32 exact reference {base:.2e}"
+
+
+def test_chunk_qk_l2norm_in_kernel(backend):
+    # q and k normalised inside the op (fla's public L2Norm on the Triton path), every gradient through it; q, k not
+    # unit-norm, so a skipped or doubled normalisation fails
+    inputs = make_inputs(1, 40, 2, 16, 8, gate=(3.0, 1.0), initial_state=True)
+    inputs[0], inputs[1] = inputs[0] * 3.0, inputs[1] * 0.5
+    do, dht = upstream(1, 40, 2, 8, 16, 1.0)
+    norm = dict(use_qk_l2norm_in_kernel=True)
+    ref = run_with_grads(naive_exact_mesa, inputs, do, dht, **norm)
+    inputs32 = [x.float() if torch.is_tensor(x) else tuple(h.float() for h in x) for x in inputs]
+    base = run_with_grads(naive_exact_mesa, inputs32, do, dht, **norm)
+    out = run_with_grads(chunk_mesa, inputs32, do, dht, cg_max_steps=48, cg_tol=1e-7, chunk_size=16, **norm)
+    for name in ['o'] + list(ref[2]):
+        pick = (lambda r: r[0]) if name == 'o' else (lambda r, n=name: r[2][n])
+        err, floor = rel_err(pick(out), pick(ref)), rel_err(pick(base), pick(ref))
+        assert err <= fp32_bound(floor, backend == 'cuda'), f"{name}: {err:.2e} vs fp32 exact reference {floor:.2e}"
 
 
 @pytest.mark.parametrize('precondition', [False, True])

@@ -20,7 +20,7 @@ from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
 from fla_mesa.ops.mesa.naive import ChunkPieces, pad_varlen, unpad_varlen
 from fla_mesa.ops.mesa.solver import cg_solve
-from fla_mesa.utils import interpret_compat, is_interpreting
+from fla_mesa.utils import is_interpreting
 from tests.utils import assert_rel, make_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -66,7 +66,6 @@ def reference(k, v, g, beta, lamb, q, h0, cu_seqlens, chunk_size):
 
 
 def run_kernels(q, k, v, g, beta, lamb, h0, cu_seqlens, chunk_size, cg_max_steps, cg_tol, precondition, **kw):
-    interpret_compat()
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
     g_cum = chunk_local_cumsum(g, chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     h_kk, h_kv, final = chunk_mesa_fwd_h(
@@ -235,7 +234,6 @@ def test_rounded_directions(precision, kv_bf16, cg_tol):
     q, k, v, g, beta, lamb, h0 = make(1, 130, 2, 32, 16, (6.0, 1.0), True, seed=6)
     if kv_bf16:
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    interpret_compat()
     g_cum = chunk_local_cumsum(g, 64, scale=RCP_LN2)
     h_kk, h_kv, _ = chunk_mesa_fwd_h(k, v, g_cum, beta, initial_state=h0, chunk_size=64)
     _, _, _, r_x, r_o = reference(k, v, g, beta, lamb, q, h0, None, 64)
@@ -255,7 +253,6 @@ def test_auto_precision():
     solve stays within 5e-5 of float64 on the same rounded inputs (1.6e-5 here): 20x under a bf16 output's rounding.
     """
     q, k, v, g, beta, lamb, h0 = make(1, 63, 2, 32, 16, (6.0, 1.0), True, seed=6)
-    interpret_compat()
     g_cum = chunk_local_cumsum(g, 64, scale=RCP_LN2)
     for dtype, same in ((torch.float32, 'tf32x3'), (torch.bfloat16, 'bf16x3')):
         q_, k_, v_ = (t.to(dtype) for t in (q, k, v))
@@ -289,7 +286,6 @@ def test_gpu_configs_every_chunk_size(monkeypatch, BT):
 
 def test_bad_arguments():
     q, k, v, g, beta, lamb, _ = make(1, 16, 1, 16, 16)
-    interpret_compat()
     g_cum = chunk_local_cumsum(g, 16, scale=RCP_LN2)
     h_kk = torch.zeros(1, 1, 1, 16, 16, device=DEVICE)
     with pytest.raises(ValueError, match='precision'):

@@ -14,7 +14,7 @@ import torch
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa, naive_chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
 from fla_mesa.ops.mesa import chunk as chunk_module
-from tests.utils import fp32_bound, make_inputs, rel_err, run_with_grads
+from tests.utils import fp32_bound, make_inputs, rel_err, run_with_grads, torch_chunk_path
 
 BACKENDS = ['torch']
 if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
@@ -32,7 +32,8 @@ def triton_clamps_g() -> bool:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv('FLA_MESA_BACKEND', 'torch' if request.param == 'torch' else 'auto')
+    if request.param == 'torch':
+        torch_chunk_path(monkeypatch)
     if request.param == 'triton' and not triton_clamps_g():
         request.applymarker(pytest.mark.xfail(strict=True, reason="chunk_triton._prepare does not clamp g yet"))
     return request.param

@@ -14,7 +14,9 @@ import torch
 from fla_mesa.ops.mesa import chunk as chunk_module
 from fla_mesa.ops.mesa import chunk_mesa
 from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
-from tests.utils import BF16X3_BOUND, ON_GPU, bf16_floor, fp32_bound, make_inputs, naive_gla, on_cuda, rel_err, run_with_grads
+from tests.utils import (
+    BF16X3_BOUND, ON_GPU, bf16_floor, fp32_bound, make_inputs, naive_gla, on_cuda, rel_err, run_with_grads, torch_chunk_path,
+)
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 BACKENDS = ['torch']
@@ -27,7 +29,8 @@ NAMES = ['o', 'h_kk', 'h_kv', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb', 'dh0_kk'
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv('FLA_MESA_BACKEND', 'torch' if request.param == 'torch' else 'auto')
+    if request.param == 'torch':
+        torch_chunk_path(monkeypatch)
     return request.param
 
 

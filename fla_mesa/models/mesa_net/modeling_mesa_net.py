@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
 from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel, get_attention
+from fla.models.utils import FLAUnsupportedCacheGenerationMixin
 from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss, GatedMLP, RMSNorm
 from fla.modules.l2warp import l2_warp
 from fla.ops.attnres import fused_attnres
@@ -24,7 +24,7 @@ from fla_mesa.layers.mesa_net import MesaNet, init_gate_bias, rms_norm_torch, us
 from fla_mesa.models.mesa_net.configuration_mesa_net import MesaConfig
 
 if TYPE_CHECKING:
-    from fla.models.cache_utils import Cache
+    from fla.models.utils import Cache
     from transformers.processing_utils import Unpack
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
@@ -13,10 +11,9 @@ from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, op_outp
 
 
 def _use_triton_path(q: torch.Tensor) -> bool:
-    # FLA_MESA_BACKEND=torch forces the PyTorch path (tests use it to check both paths in one process);
-    # K > 128 runs it too: the CG kernel's K x K tile overflows shared memory on an H100 there (measured)
-    backend = os.environ.get('FLA_MESA_BACKEND', 'auto')
-    return (backend != 'torch' and use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
+    # by the inputs alone, as fla picks its paths; K > 128 runs the PyTorch path: the CG kernel's K x K tile
+    # overflows shared memory on an H100 there (measured)
+    return (use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
             and _triton_chunk is not None)
 
 
@@ -169,8 +166,8 @@ def chunk_mesa(
         raise ValueError(f"`precondition` must be True (Jacobi), False (plain CG) or 'chunk', got {precondition!r}")
     if use_qk_l2norm_in_kernel:
         if _use_triton_path(q):
-            from fla.modules.l2norm import l2norm as l2norm_triton
-            q, k = l2norm_triton(q), l2norm_triton(k)
+            from fla.modules import L2Norm
+            q, k = L2Norm()(q), L2Norm()(k)
         else:
             q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state

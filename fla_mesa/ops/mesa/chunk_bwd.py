@@ -25,8 +25,6 @@ their relative accuracy. The products' operand precision (`BWD_DOT_PRECISION`, d
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +38,7 @@ from fla_mesa.utils import is_interpreting
 
 # operand precision of every product in the backward; 'auto': tf32x3 (tensor cores, ~fp32) for fp32 inputs, bf16x3
 # for 16-bit ones
-BWD_DOT_PRECISION = os.environ.get('FLA_MESA_BWD_PRECISION', 'auto')
+BWD_DOT_PRECISION = 'auto'
 
 
 def _configs():

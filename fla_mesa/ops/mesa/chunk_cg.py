@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -21,11 +19,11 @@ from fla_mesa.utils import is_interpreting
 
 # operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
 # (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, 2.5x faster and ~2e-6 off float64, far under their rounding
-CG_DOT_PRECISION = os.environ.get('FLA_MESA_CG_PRECISION', 'auto')
+CG_DOT_PRECISION = 'auto'
 # rounded directions (README "Rounded CG directions"): with split products, each step's direction p is rounded to
 # the split's high part, so A p needs 5 products instead of 7 (H200: forward 11% and forward+backward 8% faster at
-# the same accuracy); FLA_MESA_CG_ROUND_DIRECTIONS=0 keeps the unrounded ones
-CG_ROUND_DIRECTIONS = os.environ.get('FLA_MESA_CG_ROUND_DIRECTIONS', '1') == '1'
+# the same accuracy); the kernel's `round_directions=False` keeps the unrounded ones
+CG_ROUND_DIRECTIONS = True
 
 
 @triton.jit

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +22,7 @@ from fla_mesa.utils import is_interpreting
 DOT_PRECISIONS = ('ieee', 'tf32x3', 'tf32', 'bf16', 'bf16x3')
 # every kernel's default is 'auto' (`resolve_precision`): tf32x3 (fp32 level) for fp32 inputs, bf16x3 for 16-bit
 # inputs, whose own rounding (~1e-3) stays 100x above what bf16x3 adds (README: "Solver precision")
-STATE_DOT_PRECISION = os.environ.get('FLA_MESA_STATE_PRECISION', 'auto')
+STATE_DOT_PRECISION = 'auto'
 
 
 def resolve_precision(precision: str | None, default: str, ref: torch.Tensor, name: str = 'precision') -> str:

@@ -13,7 +13,6 @@ from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.naive import pad_varlen, unpad_varlen
 from fla_mesa.ops.mesa.utils import min_log_decay
-from fla_mesa.utils import interpret_compat
 
 try:
     from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
@@ -24,7 +23,6 @@ except ImportError:
 
 
 def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
-    interpret_compat()
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
     # in-chunk cumulative log-decay in log2 space: the kernels use exp2. g = -inf (γ = 0) clamped to a g whose
     # γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN

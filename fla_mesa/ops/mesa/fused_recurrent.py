@@ -13,7 +13,7 @@ from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
 from fla_mesa.ops.mesa.utils import (
     check_inputs, compute_dtype, l2norm, op_outputs, residual_floor2, use_triton,
 )
-from fla_mesa.utils import interpret_compat, is_interpreting
+from fla_mesa.utils import is_interpreting
 
 # H [K, K] stays in registers up to this padded K; larger heads stream H through the final-state buffer (L2)
 MAX_BK_IN_REGS = 128
@@ -479,9 +479,8 @@ def fused_recurrent_mesa(
                          "the chunk-start preconditioner ('chunk') is chunk_mesa's only (op README)")
     if use_qk_l2norm_in_kernel:
         if use_triton(q) and q.dtype != torch.float64:
-            interpret_compat()
-            from fla.modules.l2norm import l2norm_fwd
-            q, k = l2norm_fwd(q)[0], l2norm_fwd(k)[0]
+            from fla.modules import L2Norm
+            q, k = L2Norm()(q), L2Norm()(k)
         else:
             q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state

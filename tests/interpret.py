@@ -1,0 +1,54 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+Makes fla's Triton kernels (and fla-mesa's) runnable under `TRITON_INTERPRET=1`, for the tests (`conftest.py`) and the
+CPU smoke runs of the benchmarks. Not part of the package: it rebinds names inside fla's modules, which no library
+should do to its user's fla.
+"""
+
+import builtins
+import sys
+
+from fla_mesa.utils import is_interpreting
+
+
+class TensorRange:
+    """`range` whose items are 0-d Triton tensors, as in compiled kernels (where `i.to(...)` works)."""
+
+    def __init__(self, *args):
+        self.items = builtins.range(*args)
+
+    def __iter__(self):
+        import triton.language as tl
+        for i in self.items:
+            try:
+                yield tl.full([], i, tl.int32)
+            except Exception:
+                # outside a kernel there is no interpreter builder: plain ints
+                yield i
+
+
+def interpret_compat() -> None:
+    """
+    Two things break fla's kernels under the interpreter: kernel loop variables are Python ints there (fla calls
+    `i_t.to(tl.int64)` on them), so `range` in fla's kernel modules is rebound to yield 0-d tensors; and autotuning
+    needs a GPU driver, so every autotuned kernel of fla and fla-mesa keeps its first config. Every fla module is
+    imported first (`import fla` loads them all), so one call covers what runs later. Does nothing when compiling for
+    a GPU (the JIT must see the builtin `range`).
+    """
+    if not is_interpreting():
+        return
+    import fla  # noqa: F401
+    import fla_mesa.layers  # noqa: F401
+    import fla_mesa.models  # noqa: F401
+    import fla_mesa.ops.mesa  # noqa: F401
+    from triton.runtime.autotuner import Autotuner
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(('fla.ops', 'fla.modules', 'fla_mesa.ops')):
+            continue
+        if name.startswith('fla.ops') and getattr(module, 'range', None) is not TensorRange:
+            module.range = TensorRange
+        for obj in list(vars(module).values()):
+            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, 'fn'):
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                obj.configs = obj.configs[:1]
