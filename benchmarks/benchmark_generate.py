@@ -67,7 +67,7 @@ def build(name, args):
     with torch.device(args.device):
         model = model_class(peer)(config)
     if args.device != 'cuda':
-        from fla_mesa.utils import interpret_compat
+        from tests.interpret import interpret_compat
         interpret_compat()
     model = model.to(torch.bfloat16).eval()
     if name == 'fla-mesanet' and 'cache' not in inspect.signature(model.forward).parameters:

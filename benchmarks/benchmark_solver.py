@@ -207,7 +207,6 @@ def main():
     if gpu and not torch.cuda.is_available():
         sys.exit("no GPU: use --device cpu")
     # the GPU: the Triton kernels at the study's sizes; the CPU: the PyTorch path at small ones (a smoke run)
-    os.environ['FLA_MESA_BACKEND'] = 'auto' if gpu else 'torch'
     family_T, long_T = args.family_T, args.long_T
     args.family_T, args.family_H, args.family_K = (8192, 4, 128) if gpu else (1024, 1, 64)
     args.family_T = family_T or args.family_T

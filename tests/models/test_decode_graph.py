@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fla_mesa.models.mesa_net.decode_graph import MesaDecodeGraph
-from fla_mesa.utils import interpret_compat
+from tests.interpret import interpret_compat
 from tests.models.test_modeling_mesa import make_model, tokens
 from tests.utils import ON_GPU
 
@@ -34,7 +34,6 @@ def paths(request, monkeypatch):
     if path == 'torch':
         monkeypatch.setenv('TRITON_INTERPRET', '0')
     else:
-        monkeypatch.delenv('FLA_MESA_BACKEND', raising=False)
         interpret_compat()
     return path
 

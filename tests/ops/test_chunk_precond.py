@@ -15,7 +15,7 @@ import torch
 from fla_mesa.ops.mesa import chunk_cg, chunk_mesa, naive_exact_mesa
 from fla_mesa.ops.mesa import chunk as chunk_module
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
-from tests.utils import on_cuda, rel_err, run_with_grads
+from tests.utils import on_cuda, rel_err, run_with_grads, torch_chunk_path
 
 if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
     triton_chunk_mesa = chunk_mesa
@@ -26,8 +26,11 @@ else:
 
 
 def run(monkeypatch, backend, *args, **kwargs):
-    monkeypatch.setenv('FLA_MESA_BACKEND', backend)
-    return (chunk_mesa if backend == 'torch' else triton_chunk_mesa)(*args, **kwargs)
+    if backend != 'torch':
+        return triton_chunk_mesa(*args, **kwargs)
+    with monkeypatch.context() as m:
+        torch_chunk_path(m)
+        return chunk_mesa(*args, **kwargs)
 
 
 @pytest.mark.parametrize('family', ['8 directions', '1 direction, γ = 1'])
@@ -52,9 +55,9 @@ def grad_errors(monkeypatch, inputs, do, **kwargs):
     ref = run_with_grads(naive_exact_mesa, inputs, do, cu_seqlens=kwargs.get('cu_seqlens'))
     inputs32 = [x.float() if x is not None else None for x in inputs]
     base = run_with_grads(naive_exact_mesa, inputs32, do, cu_seqlens=kwargs.get('cu_seqlens'))
-    monkeypatch.setenv('FLA_MESA_BACKEND', 'torch')
-    torch_path = run_with_grads(chunk_mesa, inputs32, do, precondition='chunk', cg_tol=None, **kwargs)
-    monkeypatch.setenv('FLA_MESA_BACKEND', 'auto')
+    with monkeypatch.context() as m:
+        torch_chunk_path(m)
+        torch_path = run_with_grads(chunk_mesa, inputs32, do, precondition='chunk', cg_tol=None, **kwargs)
     out = run_with_grads(triton_chunk_mesa, inputs32, do, precondition='chunk', cg_tol=None, **kwargs)
     for name in ['o'] + list(ref[2]):
         pick = (lambda r: r[0]) if name == 'o' else (lambda r, n=name: r[2][n])
