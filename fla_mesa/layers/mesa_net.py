@@ -136,8 +136,10 @@ class MesaNet(nn.Module):
             The most CG steps per token in inference (eval mode). Default: 30.
         cg_tol_inference (float, Optional):
             The relative residual at which CG stops in inference; `None` runs all steps. Default: 1e-4.
-        precondition (bool, Optional):
-            Jacobi-preconditioned CG. Default: `True`.
+        precondition (bool or str, Optional):
+            `True`: Jacobi-preconditioned CG; `False`: the paper's plain CG; `'chunk'`: the chunk-start preconditioner
+            (op README) in the chunk mode, for long memories with keys on few directions, where Jacobi stalls; the
+            `fused_recurrent` mode (decoding) has no chunk start and runs Jacobi then. Default: `True`.
         chunk_size (int, Optional):
             The chunk size of `chunk_mesa`: 16, 32 or 64. Default: 64.
         warn_unconverged (bool, Optional):
@@ -170,7 +172,7 @@ class MesaNet(nn.Module):
         cg_tol_training: float | None = 1e-4,
         cg_max_steps_inference: int = 30,
         cg_tol_inference: float | None = 1e-4,
-        precondition: bool = True,
+        precondition: bool | str = True,
         chunk_size: int = 64,
         warn_unconverged: bool = False,
         max_cg_step_training: int | None = None,
@@ -209,6 +211,8 @@ class MesaNet(nn.Module):
             _check(name, value, value is None or (isinstance(value, (int, float)) and 0 <= value < 1),
                    'None or a float in [0, 1)')
         _check('chunk_size', chunk_size, chunk_size in (16, 32, 64), '16, 32 or 64')
+        _check('precondition', precondition, isinstance(precondition, bool) or precondition == 'chunk',
+               "True (Jacobi), False (plain CG) or 'chunk'")
         _check('warn_unconverged', warn_unconverged, isinstance(warn_unconverged, bool), 'a bool')
         _check('layer_idx', layer_idx, layer_idx is None or (is_int(layer_idx) and layer_idx >= 0), 'None or an int >= 0')
 
@@ -377,6 +381,8 @@ class MesaNet(nn.Module):
                 q, k, v, g, beta, lamb, chunk_size=self.chunk_size, **op_kwargs
             )
         elif mode == 'fused_recurrent':
+            # one token at a time has no chunk start to factor: Jacobi there
+            op_kwargs['precondition'] = op_kwargs['precondition'] is not False
             o, recurrent_state, cg_steps, unconverged = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
         else:
             raise NotImplementedError(f"Not supported mode `{mode}`.")

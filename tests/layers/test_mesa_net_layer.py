@@ -1,6 +1,7 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """The MesaNet layer on CPU through its PyTorch paths; one test compares them with fla's Triton modules (interpreter)."""
 
+import copy
 import os
 import warnings
 
@@ -248,6 +249,29 @@ def test_unconverged_tokens_flagged(mode):
     with torch.no_grad():
         layer(x)
     assert not layer.last_cg_unconverged.any()
+
+
+@pytest.mark.parametrize('training', [True, False], ids=['chunk', 'fused_recurrent'])
+def test_chunk_start_preconditioner(monkeypatch, training):
+    # 'chunk' reaches the chunk op as it is and the recurrent op (decoding: no chunk start) as Jacobi; both converge
+    # to the float64 layer's output (cg_tol None: to the float32 residual floor)
+    seen = []
+    for name in ('chunk_mesa', 'fused_recurrent_mesa'):
+        real = getattr(mesa_net_module, name)
+        monkeypatch.setattr(mesa_net_module, name, lambda *a, _real=real, _name=name, **kw: (
+            seen.append((_name, kw['precondition'])), _real(*a, **kw))[1])
+    layer = make_layer(precondition='chunk').train(training)
+    x = inputs(T=20)
+    with torch.set_grad_enabled(training):
+        o, _, _ = layer(x)
+    assert seen == [('chunk_mesa', 'chunk')] if training else [('fused_recurrent_mesa', True)]
+    assert_rel('o', o, reference(copy.deepcopy(layer), x), 1e-6)
+
+
+@pytest.mark.parametrize('value', [1, 'jacobi', None])
+def test_bad_precondition(value):
+    with pytest.raises(ValueError, match="`precondition`.*'chunk'"):
+        MesaNet(hidden_size=32, num_heads=2, head_dim=16, precondition=value)
 
 
 def test_train_and_eval_cg_settings(monkeypatch):

@@ -44,7 +44,7 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         cg_tol_training: float | None = 1e-4,
         cg_max_steps_inference: int = 30,
         cg_tol_inference: float | None = 1e-4,
-        precondition: bool = True,
+        precondition: bool | str = True,
         chunk_size: int = 64,
         warn_unconverged: bool = False,
         decode_cuda_graph: bool = False,
