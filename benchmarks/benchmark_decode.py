@@ -3,7 +3,7 @@
 Decoding with `fused_recurrent_mesa`: correctness on the GPU against float64, and the time of one token beside
 fla's `mesa_net_decoding_one_step` (H = 16, D = 128, float32 states, bf16 q/k/v), with the state-traffic floor.
 
-    python benchmarks/benchmark_decode.py --out benchmarks/results/decode_h100.md   # GPU
+    python benchmarks/benchmark_decode.py --out benchmarks/results/decode_h200.md   # GPU
     python benchmarks/benchmark_decode.py --warm-start-study                        # CPU, float64
 
 The warm-start study asks whether starting CG at the previous token's solution (instead of the Jacobi start
