@@ -60,7 +60,8 @@ def _chol_inv_block(b_s, o_b, BS: tl.constexpr):
         b_d = tl.sum(tl.where(sel, b_col, 0.), axis=0)
         good = (b_d > 0) & (b_d < float('inf'))
         bad = tl.maximum(bad, tl.where(good, 0, 1))
-        b_inv = 1. / tl.sqrt(tl.where(good, b_d, 1.))
+        # past a bad pivot the steps change nothing (no overflow): the caller overwrites W with the fallback
+        b_inv = tl.where(good, 1. / tl.sqrt(tl.where(good, b_d, 1.)), 0.)
         # L[:, c] (rows >= c) and the same values as a row vector: S stays exactly symmetric, so its row c is its column c
         b_l = tl.where(o_b >= c, b_col * b_inv, 0.)
         b_lr = tl.where(o_b >= c, b_row * b_inv, 0.)
