@@ -142,6 +142,8 @@ def chunk_start_factor_triton(
     dtype: torch.dtype,
     precision: str | None = None,
     block_size: int | None = None,
+    num_warps: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     r"""
     `precond.chunk_start_factor` by a Triton kernel: `W = L⁻ᵀ` for `L Lᵀ = M = a H + Λ`, so that `M⁻¹ = W Wᵀ`,
@@ -156,6 +158,8 @@ def chunk_start_factor_triton(
         precision (str, Optional): operand precision of the blocked products, one of `chunk_h.DOT_PRECISIONS`.
             Default: `FACTOR_DOT_PRECISION`.
         block_size (int, Optional): the tile width BS, 16 or 32. Default: 32 for K > 32, else 16.
+        num_warps (int, Optional): warps a program. Default: 4 for BS = 32, else 1.
+        maxnreg (int, Optional): a register cap a thread (Triton's launch option), for more programs an SM.
 
     Returns:
         W (torch.Tensor): `[..., K, K]`, upper triangular.
@@ -195,7 +199,8 @@ def chunk_start_factor_triton(
             BS=BS,
             NB=triton.cdiv(K, BS),
             PREC=precision,
-            num_warps=4,
+            num_warps=num_warps if num_warps is not None else (4 if BS == 32 else 1),
             num_stages=1,
+            **({} if maxnreg is None else {'maxnreg': maxnreg}),
         )
     return w.view(*a.shape, K, K).to(dtype)
