@@ -105,8 +105,8 @@ def main():
     log(f"# Chunk-start factor: Triton kernel against torch (issue 14)\n\n{header()}\n", args.out)
     log("`python benchmarks/tools/bench_factor.py`. H = 16, K = 128, chunk 64, the chunk path's float32 states; "
         "W in float32. Time: `triton.testing.do_bench` median (ms) on the random-key states. Accuracy: "
-        "‖W Wᵀ M − I‖_F per matrix for W rounded to float32 (every method), median / max over the 4096 matrices, and how many fell back to the diagonal (of those whose M is not diagonal).\n",
-        args.out)
+        "‖W Wᵀ M − I‖_F per matrix for W rounded to float32 (every method), median / max over the 4096 "
+        "matrices, and how many fell back to the diagonal (of those whose M is not diagonal).\n", args.out)
     data = {T: states(T, 'random keys (benchmark_chunk)') for T in (16384, 4096)}
     times = {}
     for name, fn in meths:
