@@ -118,7 +118,8 @@ def main():
         h, a, lamb = data[16384] if fam == families[0] else states(16384, fam)
         m = a.double()[..., None, None] * h.double()
         m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.double().expand(*a.shape, K))
-        ev = torch.linalg.eigvalsh(m)
+        # on every 8th chunk's matrices: a batched eigensolver over all 4096 would take longer than the rest
+        ev = torch.linalg.eigvalsh(m[:, ::8])
         kappa = ev[..., -1] / ev[..., 0]
         acc[fam, 'kappa'] = f"{kappa.median().item():.1e} / {kappa.max().item():.1e}"
         # a diagonal W is a fallback unless M is diagonal itself (the first chunk's: H = 0)
@@ -131,7 +132,7 @@ def main():
             acc[fam, name] = f"{r.median().item():.1e} / {r.max().item():.1e} / {fallback}"
     log("| method | ms, 4096 matrices | ms, 1024 matrices | " + " | ".join(families) + " |", args.out)
     log("|---|---|---|" + "---|" * len(families), args.out)
-    log("| cond(M) median / max | | | " + " | ".join(acc[f, 'kappa'] for f in families) + " |", args.out)
+    log("| cond(M) median / max (every 8th chunk) | | | " + " | ".join(acc[f, 'kappa'] for f in families) + " |", args.out)
     for name, _ in meths:
         log(f"| {name} | {times[name, 16384]:.3f} | {times[name, 4096]:.3f} | "
             + " | ".join(acc[f, name] for f in families) + " |", args.out)
