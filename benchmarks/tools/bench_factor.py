@@ -118,7 +118,7 @@ def main():
         h, a, lamb = data[16384] if fam == families[0] else states(16384, fam)
         m = a.double()[..., None, None] * h.double()
         m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.double().expand(*a.shape, K))
-        # on every 8th chunk from the second (the first has H = 0): a batched eigensolver over all 4096 would take longer than the rest
+        # every 8th chunk from the second (the first has H = 0): an eigensolver over all 4096 takes longer than the rest
         ev = torch.linalg.eigvalsh(m[:, 1::8])
         kappa = ev[..., -1] / ev[..., 0]
         acc[fam, 'kappa'] = f"{kappa.median().item():.1e} / {kappa.max().item():.1e}"
