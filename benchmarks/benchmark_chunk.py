@@ -359,7 +359,8 @@ def study(args):
 
     from fla_mesa.ops.mesa import naive_exact_mesa
     from fla_mesa.ops.mesa.chunk_cg import CG_DOT_PRECISION, chunk_mesa_cg
-    from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, STATE_DOT_PRECISION, chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.chunk_h import STATE_DOT_PRECISION, chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.kernel_utils import DOT_PRECISIONS
     log(f"defaults: CG precision {CG_DOT_PRECISION}, state/readout precision {STATE_DOT_PRECISION}")
 
     # 1. the kernels against float64 on assorted shapes (fp32 inputs: what the kernels add, not bf16 rounding)

@@ -7,11 +7,10 @@ import torch
 import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
-from fla.ops.utils.op import exp2
 
-from fla_mesa.ops.mesa.chunk_h import (
-    INTERPRETING, chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, round_tf32,
-    sum2,
+from fla_mesa.ops.mesa.kernel_utils import (
+    INTERPRETING, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
+    round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor
 from fla_mesa.ops.mesa.utils import residual_floor2

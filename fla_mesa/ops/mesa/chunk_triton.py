@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from fla.ops.common.chunk_o import chunk_fwd_o
 from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
-from fla.ops.utils.constant import RCP_LN2
 
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.naive import pad_varlen, unpad_varlen
 from fla_mesa.ops.mesa.utils import min_log_decay

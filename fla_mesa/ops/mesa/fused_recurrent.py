@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from fla.utils import input_guard
 
-from fla_mesa.ops.mesa.chunk_h import sum2
+from fla_mesa.ops.mesa.kernel_utils import sum2
 from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
 from fla_mesa.ops.mesa.utils import (
     check_inputs, compute_dtype, l2norm, op_outputs, residual_floor2, use_triton,
