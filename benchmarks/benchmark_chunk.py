@@ -173,9 +173,9 @@ def cg_flops_per_step(B, T, H, K, chunk=64):
 
 def ours_prepare(q, k, v, g, beta, lamb, chunk=64, **kw):
     from fla.ops.utils import chunk_local_cumsum
-    from fla.ops.utils.constant import RCP_LN2
 
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
     g_cum = chunk_local_cumsum(g.float(), chunk, scale=RCP_LN2)
     h_kk, h_kv, _ = chunk_mesa_fwd_h(k, v, g_cum, beta.float(), chunk_size=chunk, precision=kw.get('state_precision'))
     return g_cum, h_kk, h_kv
@@ -355,12 +355,11 @@ def accuracy_table(args):
 
 def study(args):
     from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
-    from fla.ops.utils.constant import RCP_LN2
 
     from fla_mesa.ops.mesa import naive_exact_mesa
     from fla_mesa.ops.mesa.chunk_cg import CG_DOT_PRECISION, chunk_mesa_cg
     from fla_mesa.ops.mesa.chunk_h import STATE_DOT_PRECISION, chunk_mesa_fwd_h
-    from fla_mesa.ops.mesa.kernel_utils import DOT_PRECISIONS
+    from fla_mesa.ops.mesa.kernel_utils import DOT_PRECISIONS, RCP_LN2
     log(f"defaults: CG precision {CG_DOT_PRECISION}, state/readout precision {STATE_DOT_PRECISION}")
 
     # 1. the kernels against float64 on assorted shapes (fp32 inputs: what the kernels add, not bf16 rounding)
