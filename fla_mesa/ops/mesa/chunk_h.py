@@ -21,32 +21,6 @@ STATE_DOT_PRECISION = 'auto'
 
 
 @triton.jit
-def _block_offsets(i_k, i_w, K: tl.constexpr, W: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr):
-    # rows and columns of one [BK, BW] state block, and their masks
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_w = i_w * BW + tl.arange(0, BW)
-    m_k = o_k < K
-    m_w = o_w < W
-    return o_k, o_w, m_k, m_w, m_k[:, None] & m_w[None, :]
-
-
-@triton.jit
-def _load_chunk(a, b, g, i_t, i_h, bos, T, o_k, m_k, o_w, m_w, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
-                BT: tl.constexpr):
-    # chunk i_t's `a` [BK, BT] (transposed) and `b` [BT, BW], its gates, and the gate of its last token
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    b_a = tl.load(a + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                  other=0.)
-    b_b = tl.load(b + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :], mask=m_t[:, None] & m_w[None, :],
-                  other=0.)
-    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
-    i_last = tl.minimum((i_t + 1) * BT, T) - 1
-    b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
-    return o_t, m_t, b_a, b_b, b_g, b_g_last
-
-
-@triton.jit
 def _chunk_mesa_fwd_h_block(
     k,
     w,
@@ -76,7 +50,11 @@ def _chunk_mesa_fwd_h_block(
 ):
     # one [BK, BW] block of the state Σ_j decay_j β_j k_j w_jᵀ (w = k for h_kk, w = v for h_kv), from the first chunk
     # to the last; h[c] holds the state before chunk c
-    o_k, o_w, m_k, m_w, m_kw = _block_offsets(i_k, i_w, K, W, BK, BW)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_w = i_w * BW + tl.arange(0, BW)
+    m_k = o_k < K
+    m_w = o_w < W
+    m_kw = m_k[:, None] & m_w[None, :]
     i_nh = i_n * H + i_h
 
     b_h = tl.zeros([BK, BW], dtype=tl.float32)
@@ -87,15 +65,26 @@ def _chunk_mesa_fwd_h_block(
     for i_s in range(0, NT):
         # interpreter loop variables are Python ints: tl.cast, not .to
         i_t = tl.cast(i_s, tl.int64)
+        # the state before chunk i_t
         p_h = h + ((boh + i_t) * H + i_h) * K * W + o_k[:, None] * W + o_w[None, :]
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_kw)
 
-        o_t, m_t, b_k, b_w, b_g, b_g_last = _load_chunk(k, w, g, i_t, i_h, bos, T, o_k, m_k, o_w, m_w, H, K, W, BT)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # [BK, BT]
+        p_k = k + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None]
+        b_k = tl.load(p_k, mask=m_k[:, None] & m_t[None, :], other=0.).to(tl.float32)
+        # [BT, BW]
+        p_w = w + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :]
+        b_w = tl.load(p_w, mask=m_t[:, None] & m_w[None, :], other=0.)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
         b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+        i_last = tl.minimum((i_t + 1) * BT, T) - 1
+        b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
 
         b_h *= exp2(b_g_last)
         # padded tokens have beta = 0 and k = 0: no contribution
-        b_kd = b_k.to(tl.float32) * (exp2(b_g_last - b_g) * b_beta)[None, :]
+        b_kd = b_k * (exp2(b_g_last - b_g) * b_beta)[None, :]
         b_h = mesa_dot(b_kd, b_w, b_h, PREC, W_IS_BF16)
 
     if STORE_FINAL_STATE:
@@ -133,7 +122,11 @@ def _chunk_mesa_bwd_dh_block(
 ):
     # one [BK, BW] block of D_c = e^{Γ_C} D_{c+1} + SIGN Σ_i e^{Γ_i} a_i b_iᵀ, from the last chunk back to the first;
     # dh[c] holds the gradient of the state after chunk c
-    o_k, o_w, m_k, m_w, m_kw = _block_offsets(i_k, i_w, K, W, BK, BW)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_w = i_w * BW + tl.arange(0, BW)
+    m_k = o_k < K
+    m_w = o_w < W
+    m_kw = m_k[:, None] & m_w[None, :]
     i_nh = i_n * H + i_h
 
     b_dh = tl.zeros([BK, BW], dtype=tl.float32)
@@ -144,7 +137,16 @@ def _chunk_mesa_bwd_dh_block(
         i_t = NT - 1 - tl.cast(i_s, tl.int64)
         tl.store(dh + ((boh + i_t) * H + i_h) * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
 
-        o_t, m_t, b_a, b_b, b_g, b_g_last = _load_chunk(a, b, g, i_t, i_h, bos, T, o_k, m_k, o_w, m_w, H, K, W, BT)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # [BK, BT]
+        b_a = tl.load(a + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        # [BT, BW]
+        b_b = tl.load(b + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :], mask=m_t[:, None] & m_w[None, :], other=0.)
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+        i_last = tl.minimum((i_t + 1) * BT, T) - 1
+        b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
+
         b_a = b_a.to(tl.float32) * (SIGN * exp2(b_g))[None, :]
         b_dh = mesa_dot(b_a, b_b, b_dh * exp2(b_g_last), PREC, B_IS_BF16)
 
