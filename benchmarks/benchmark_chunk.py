@@ -368,10 +368,10 @@ def study(args):
     log("|---|---|---|---|---|---|---|")
     import triton
 
-    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg_fwd_kernel
+    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_fwd_kernel_cg
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_kernel_h
     # one config each: these checks are about correctness, and every autotuning config would compile
-    restore = [pin(chunk_mesa_cg_fwd_kernel, triton.Config({'NR': 2}, num_warps=4, num_stages=1)),
+    restore = [pin(chunk_mesa_fwd_kernel_cg, triton.Config({'NR': 2}, num_warps=4, num_stages=1)),
                pin(chunk_mesa_fwd_kernel_h, triton.Config({'BK': 64, 'BW': 64}, num_warps=4, num_stages=2))]
     cases = [(2, 63, 2, 128, 128, None), (1, 130, 2, 64, 128, None), (1, 200, 2, 128, 64, [0, 7, 100, 200]),
              (3, 100, 1, 16, 16, None), (1, 130, 1, 256, 256, None), (1, 65, 1, 200, 48, None)]
