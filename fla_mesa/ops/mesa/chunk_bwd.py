@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
+from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_bwd_dh
 from fla_mesa.ops.mesa.kernel_utils import chunk_program, dx_products, exp2, mesa_dot, resolve_precision, round_bf16
@@ -65,7 +66,7 @@ def _grads_configs():
 
 
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
+@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_bwd_kernel_dx(
     do,
@@ -114,7 +115,7 @@ def chunk_mesa_bwd_kernel_dx(
 
 
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_grads_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
+@triton.autotune(configs=_grads_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T', 'NTOK'])
 def chunk_mesa_bwd_kernel_grads(
     x,

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
+from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.kernel_utils import (
     INTERPRETING, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
@@ -89,6 +90,11 @@ def _cg_configs():
     if is_interpreting():
         return [triton.Config({'NR': 1}, num_warps=4, num_stages=1)]
     return [triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1) for NR, num_warps in [(2, 8), (4, 4), (4, 8)]]
+
+
+# what changes the best config: the sizes, and the work of a CG step (its products' precision, the preconditioner's
+# products, rounded directions); the autotuner adds every tensor argument's dtype (k, v, o, do, the factor) itself
+CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P']
 
 
 def _prune_cg_configs(configs, named_args, **kwargs):
@@ -298,9 +304,9 @@ def _chunk_mesa_cg(
 })
 @triton.autotune(
     configs=_cg_configs(),
-    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'ROUND_P', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT',
-         'O_IS_BF16', 'FLAG_UNCONVERGED', 'F_IS_BF16'],
+    key=CG_KEY,
     prune_configs_by={'early_config_prune': _prune_cg_configs},
+    **autotune_cache_kwargs,
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_fwd_kernel_cg(
@@ -325,9 +331,9 @@ def chunk_mesa_fwd_kernel_cg(
 })
 @triton.autotune(
     configs=_cg_configs(),
-    key=['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'DO_IS_BF16',
-         'FLAG_UNCONVERGED', 'F_IS_BF16'],
+    key=CG_KEY,
     prune_configs_by={'early_config_prune': _prune_cg_configs},
+    **autotune_cache_kwargs,
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_offsets
+from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.kernel_utils import exp2, mesa_dot, resolve_precision
 from fla_mesa.utils import is_interpreting
@@ -206,7 +207,7 @@ def state_configs():
     'STORE_FINAL_STATE': lambda args: args['ht_kk'] is not None,
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16'])
+@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_fwd_kernel_h(
     k,
@@ -332,7 +333,7 @@ def chunk_mesa_fwd_h(
     'STORE_DH0': lambda args: args['dh0_kk'] is not None,
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC', 'DO_IS_BF16'])
+@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_bwd_kernel_dh(
     x,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fla.utils import input_guard
+from fla.utils import autotune_cache_kwargs, input_guard
 
 from fla_mesa.ops.mesa.kernel_utils import sum2
 from fla_mesa.ops.mesa.recurrent_torch import recurrent_mesa_torch
@@ -89,6 +89,7 @@ def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.con
     # TRITON_CACHE_AUTOTUNING (not JSON-serialisable)
     key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION'],
     prune_configs_by={'early_config_prune': _prune_configs},
+    **autotune_cache_kwargs,
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'NH'])
 def fused_recurrent_mesa_fwd_kernel(
