@@ -173,9 +173,9 @@ def cg_flops_per_step(B, T, H, K, chunk=64):
 
 def ours_prepare(q, k, v, g, beta, lamb, chunk=64, **kw):
     from fla.ops.utils import chunk_local_cumsum
-    from fla.ops.utils.constant import RCP_LN2
 
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
     g_cum = chunk_local_cumsum(g.float(), chunk, scale=RCP_LN2)
     h_kk, h_kv, _ = chunk_mesa_fwd_h(k, v, g_cum, beta.float(), chunk_size=chunk, precision=kw.get('state_precision'))
     return g_cum, h_kk, h_kv
@@ -355,11 +355,11 @@ def accuracy_table(args):
 
 def study(args):
     from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
-    from fla.ops.utils.constant import RCP_LN2
 
     from fla_mesa.ops.mesa import naive_exact_mesa
     from fla_mesa.ops.mesa.chunk_cg import CG_DOT_PRECISION, chunk_mesa_cg
-    from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, STATE_DOT_PRECISION, chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.chunk_h import STATE_DOT_PRECISION, chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.kernel_utils import DOT_PRECISIONS, RCP_LN2
     log(f"defaults: CG precision {CG_DOT_PRECISION}, state/readout precision {STATE_DOT_PRECISION}")
 
     # 1. the kernels against float64 on assorted shapes (fp32 inputs: what the kernels add, not bf16 rounding)
@@ -368,10 +368,10 @@ def study(args):
     log("|---|---|---|---|---|---|---|")
     import triton
 
-    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg_fwd_kernel
+    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_fwd_kernel_cg
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_kernel_h
     # one config each: these checks are about correctness, and every autotuning config would compile
-    restore = [pin(chunk_mesa_cg_fwd_kernel, triton.Config({'NR': 2}, num_warps=4, num_stages=1)),
+    restore = [pin(chunk_mesa_fwd_kernel_cg, triton.Config({'NR': 2}, num_warps=4, num_stages=1)),
                pin(chunk_mesa_fwd_kernel_h, triton.Config({'BK': 64, 'BW': 64}, num_warps=4, num_stages=2))]
     cases = [(2, 63, 2, 128, 128, None), (1, 130, 2, 64, 128, None), (1, 200, 2, 128, 64, [0, 7, 100, 200]),
              (3, 100, 1, 16, 16, None), (1, 130, 1, 256, 256, None), (1, 65, 1, 200, 48, None)]

@@ -45,7 +45,7 @@ class Mutant:
 
 MUTANTS = [
     Mutant('dq sign flipped in the Triton backward without a solve (cg_max_steps=0)',
-           'fla_mesa/ops/mesa/chunk_triton.py',
+           'fla_mesa/ops/mesa/chunk.py',
            'dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)',
            'dq = -chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)',
            ['tests/ops/test_no_solve.py'], 'triton and fp32 and 40'),
@@ -95,17 +95,17 @@ MUTANTS = [
            'prev = (x.new_zeros(W, D) if i == 0 else xs[-W:]) if cache is None else',
            ['tests/layers/test_mesa_net_layer.py'], 'varlen_matches_float64'),
     Mutant('PyTorch path: implicit backward with the adjoint term sign flipped',
-           'fla_mesa/ops/mesa/naive.py',
+           'fla_mesa/ops/mesa/chunk_torch.py',
            'loss = loss - (pieces.matvec(xc) * e).sum()',
            'loss = loss + (pieces.matvec(xc) * e).sum()',
            ['tests/ops/test_chunk.py'], 'fp32_matches and torch and B2-T63'),
     Mutant('PyTorch path: Jacobi diagonal without the in-chunk sum',
-           'fla_mesa/ops/mesa/naive.py',
+           'fla_mesa/ops/mesa/chunk_torch.py',
            '+ self.M @ k.pow(2) + self.lamb',
            '+ self.lamb',
            ['tests/ops/test_cg_fixed_steps.py'], 'chunk'),
     Mutant('PyTorch path: chunk state taken after the chunk (off by one chunk)',
-           'fla_mesa/ops/mesa/naive.py',
+           'fla_mesa/ops/mesa/chunk_torch.py',
            '            Hs.append(h_kk)\n            Ss.append(h_kv)\n'
            '            d = gc[:, :, i, -1, None, None].exp()\n'
            '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'

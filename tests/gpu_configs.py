@@ -31,9 +31,10 @@ def gpu_configs():
             module.is_interpreting = interpreting
 
     return {
-        'cg': (autotuner(chunk_cg.chunk_mesa_cg_fwd_kernel), gpu_list(chunk_cg, chunk_cg._cg_configs)),
+        'cg': (autotuner(chunk_cg.chunk_mesa_fwd_kernel_cg), gpu_list(chunk_cg, chunk_cg._cg_configs)),
+        'cg_bwd': (autotuner(chunk_cg.chunk_mesa_bwd_kernel_cg), gpu_list(chunk_cg, chunk_cg._cg_configs)),
         'states': (autotuner(chunk_h.chunk_mesa_fwd_kernel_h), gpu_list(chunk_h, chunk_h.state_configs)),
-        'dh': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_dh), gpu_list(chunk_h, chunk_h.state_configs)),
+        'dh': (autotuner(chunk_h.chunk_mesa_bwd_kernel_dh), gpu_list(chunk_h, chunk_h.state_configs)),
         'dx': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_dx), gpu_list(chunk_bwd, chunk_bwd._configs)),
         'grads': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_grads), gpu_list(chunk_bwd, chunk_bwd._grads_configs)),
     }

@@ -24,7 +24,8 @@ sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
 from fla.ops.utils import prepare_chunk_indices  # noqa: E402
 
 from fla_mesa.ops.mesa import chunk_bwd  # noqa: E402
-from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dh, chunk_mesa_bwd_dx, chunk_mesa_bwd_grads  # noqa: E402
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads  # noqa: E402
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_bwd_dh  # noqa: E402
 # the float64 reference the tests check the kernels against (computed on the CPU)
 from tests.ops.test_chunk_bwd_kernels import g_cumsum, reference  # noqa: E402
 

@@ -30,8 +30,8 @@ def sass(round_p, NR, num_warps, prec='bf16x3'):
                  x='*fp32', steps='*i32', o='*bf16', max_steps='i32', tol2='fp32', T='i32')
     consts = dict(H=16, K=128, V=128, BT=64, NR=NR, BK=128, BV=64, PREC=prec, O_PREC=prec, PRECONDITION=True,
                   ROUND_P=round_p, K_IS_BF16=True, V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, READOUT=True,
-                  O_IS_BF16=True, RHS_DX=False, DO_IS_BF16=False)
-    kernel = compile_sm90(chunk_cg.chunk_mesa_cg_fwd_kernel, types, consts, num_warps=num_warps, num_stages=1)
+                  O_IS_BF16=True)
+    kernel = compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, types, consts, num_warps=num_warps, num_stages=1)
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(kernel.asm['cubin'])
         f.flush()

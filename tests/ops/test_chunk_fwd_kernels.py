@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
-from fla.ops.utils.constant import RCP_LN2
 
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
-from fla_mesa.ops.mesa.naive import ChunkPieces, pad_varlen, unpad_varlen
+from fla_mesa.ops.mesa.chunk_torch import ChunkPieces
+from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.solver import cg_solve
+from fla_mesa.ops.mesa.utils import pad_varlen, unpad_varlen
 from fla_mesa.utils import is_interpreting
 from tests.utils import assert_rel, make_inputs, rel_err
 

@@ -17,7 +17,7 @@ from fla_mesa.ops.mesa import chunk as chunk_module
 from tests.utils import fp32_bound, make_inputs, rel_err, run_with_grads, torch_chunk_path
 
 BACKENDS = ['torch']
-if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
+if os.environ.get('TRITON_INTERPRET') == '1':
     BACKENDS.append('triton')
 
 B, T, H, K, V, C = 1, 40, 2, 8, 4, 16
@@ -25,17 +25,10 @@ B, T, H, K, V, C = 1, 40, 2, 8, 4, 16
 ZERO_DECAY = [(0, 1), (5, 0), (16, 0), (16, 1), (21, 0), (21, 1), (31, 1), (39, 0)]
 
 
-def triton_clamps_g() -> bool:
-    # the Triton path's cumulative sum is formed in chunk_triton._prepare (issue 14: the clamp is one line there)
-    return chunk_module._triton_chunk is not None and 'min_log_decay' in inspect.getsource(chunk_module._triton_chunk._prepare)
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     if request.param == 'torch':
         torch_chunk_path(monkeypatch)
-    if request.param == 'triton' and not triton_clamps_g():
-        request.applymarker(pytest.mark.xfail(strict=True, reason="chunk_triton._prepare does not clamp g yet"))
     return request.param
 
 
@@ -124,7 +117,7 @@ def test_recurrent_nan_stays_at_its_token():
 
 def _solve_paths():
     paths = ['fused_recurrent', 'chunk_torch']
-    if os.environ.get('TRITON_INTERPRET') == '1' and chunk_module._triton_chunk is not None:
+    if os.environ.get('TRITON_INTERPRET') == '1':
         paths.append('chunk_triton')
     return paths
 
@@ -143,7 +136,7 @@ def run_flagged(path, q, k, v, g, beta, lamb, cg_max_steps=30, cg_tol=1e-4, flag
         o, x, steps, _ = chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, None, cg_max_steps, cg_tol, True, None, C, flag)
     else:
         from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
-        _, g_cum, beta32, h_kk, h_kv, _ = chunk_module._triton_chunk._prepare(k, v, g, beta, None, None, C)
+        _, g_cum, beta32, h_kk, h_kv, _ = chunk_module._prepare(k, v, g, beta, None, None, C)
         x, steps, o = chunk_mesa_cg(q, k, g_cum, beta32, lamb, h_kk, cg_max_steps, cg_tol, True, chunk_size=C, v=v,
                                     h_kv=h_kv, flag_unconverged=flag)
     return (o, x) + split_cg_steps(steps)

@@ -3,24 +3,79 @@
 from __future__ import annotations
 
 import torch
+from fla.ops.common.chunk_o import chunk_fwd_o
+from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
+from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
+from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
-from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, op_outputs, use_triton
+from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, min_log_decay, op_outputs, use_triton
+
+
+def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
+    chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
+    # in-chunk cumulative log-decay in log2 space: the kernels use exp2. g = -inf (γ = 0) clamped to a g whose
+    # γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN
+    g_cum = chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    beta = beta.float()
+    h_kk, h_kv, final_state = chunk_mesa_fwd_h(
+        k, v, g_cum, beta, initial_state=initial_state, output_final_state=True,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size,
+    )
+    return chunk_indices, g_cum, beta, h_kk, h_kv, final_state
+
+
+def chunk_mesa_fwd(
+    q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
+):
+    """The Triton forward: `(o, x, steps, final_state)`, as `chunk_mesa_fwd_torch`."""
+    if cg_max_steps == 0 and q.dtype == torch.float32:
+        # fla's chunk_fwd_o multiplies float32 in tf32 on a GPU (1e-3 off); under bf16 inputs' rounding that is
+        # harmless, for float32 inputs the PyTorch path keeps o exact
+        return chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, initial_state, 0, cg_tol, precondition, cu_seqlens, chunk_size)
+    chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    if cg_max_steps == 0:
+        # no solve: x = q, and o is gated linear attention with β folded into v
+        x = q.float()
+        steps = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
+        o = chunk_fwd_o(x, k.float(), v.float() * beta[..., None], h_kv, g=g_cum, scale=1.0,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+        return o, x, steps, final_state
+    x, steps, o = chunk_mesa_cg(
+        q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv, o_dtype=v.dtype,
+        flag_unconverged=flag_unconverged,
+    )
+    return o, x, steps, final_state
+
+
+def chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
+    """The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0)`, as `chunk_mesa_bwd_torch`."""
+    chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    if cg_max_steps == 0:
+        # x = q: dq is dx itself and there is no solve to differentiate (e = 0 in the surrogate)
+        dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
+        e = torch.zeros_like(dq)
+    else:
+        # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed inside the CG kernel
+        dq, _, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition, **kw,
+                                 v=v, h_kv=h_kv, do=do)
+        e = dq
+    dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
+        x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
+    )
+    return dq, dk, dv, dg, dbeta, dlamb, dh0
 
 
 def _use_triton_path(q: torch.Tensor) -> bool:
     # by the inputs alone, as fla picks its paths; K > 128 runs the PyTorch path: the CG kernel's K x K tile
     # overflows shared memory on an H100 there (measured)
-    return (use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
-            and _triton_chunk is not None)
-
-
-try:
-    from fla_mesa.ops.mesa import chunk_triton as _triton_chunk
-except ImportError:
-    _triton_chunk = None
+    return use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
 
 
 class ChunkMesaFunction(torch.autograd.Function):
@@ -35,7 +90,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         args = (cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size)
         triton = _use_triton_path(q)
-        fwd = _triton_chunk.chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
+        fwd = chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
         o, x, steps, (ht_kk, ht_kv) = fwd(q, k, v, g, beta, lamb, initial_state, *args, flag_unconverged=flag_unconverged)
         ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens)
         ctx.args, ctx.triton, ctx.q_dtype = args, triton, q.dtype
@@ -52,7 +107,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         cg_max_steps, cg_tol, precondition, _, chunk_size = ctx.args
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
-        bwd = _triton_chunk.chunk_mesa_bwd if ctx.triton and _triton_chunk.HAS_BWD else chunk_mesa_bwd_torch
+        bwd = chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
         dq, dk, dv, dg, dbeta, dlamb, dh0 = bwd(
             x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
         )

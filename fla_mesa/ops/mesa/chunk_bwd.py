@@ -4,8 +4,9 @@ Backward kernels of the Mesa chunk path (README "Backward: implicit differentiat
 
 `chunk_mesa_bwd_dx` gives `dx_t = S_t do_t`, the right-hand side of the adjoint solve. With the forward solution x and
 the adjoint solution e held fixed, `chunk_mesa_bwd_grads` takes the gradients of the surrogate
-`L̃ = Σ_t [do_tᵀ S_tᵀ x_t − e_tᵀ (H_t + Λ) x_t] + <dH_T, H_T> + <dS_T, S_T>`: a reverse-time kernel carries the state
-gradients from chunk to chunk, then one program per (chunk, head) forms dk, dv, dg, dβ and dλ from them.
+`L̃ = Σ_t [do_tᵀ S_tᵀ x_t − e_tᵀ (H_t + Λ) x_t] + <dH_T, H_T> + <dS_T, S_T>`: the reverse state pass
+(`chunk_h.chunk_mesa_bwd_dh`) carries the state gradients from chunk to chunk, then one program per (chunk, head)
+forms dk, dv, dg, dβ and dλ from them.
 
 Notation inside a chunk (rows i are "query" positions, columns j "key" positions, Γ the in-chunk cumulative
 log-decay): `A_ij = e^{Γ_i − Γ_j}` for j <= i, `dS'`, `dH'` the gradients of the state after the chunk.
@@ -28,12 +29,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
-from fla.ops.utils.op import exp2
+from fla.ops.utils import prepare_chunk_indices
+from fla.utils import autotune_cache_kwargs
 
-from fla_mesa.ops.mesa.chunk_h import (
-    chunk_program, dx_products, mesa_dot, resolve_precision, round_bf16, state_configs, state_program,
-)
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_bwd_dh
+from fla_mesa.ops.mesa.kernel_utils import chunk_program, dx_products, exp2, mesa_dot, resolve_precision, round_bf16
 from fla_mesa.utils import is_interpreting
 
 # operand precision of every product in the backward; 'auto': tf32x3 (tensor cores, ~fp32) for fp32 inputs, bf16x3
@@ -66,7 +66,7 @@ def _grads_configs():
 
 
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
+@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T'])
 def chunk_mesa_bwd_kernel_dx(
     do,
@@ -114,127 +114,8 @@ def chunk_mesa_bwd_kernel_dx(
     tl.store(dx + (bos * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dx, mask=m_t[:, None] & m_k[None, :])
 
 
-@triton.jit
-def _chunk_mesa_bwd_dh_block(
-    a,
-    b,
-    g,
-    dh,
-    dht,
-    dh0,
-    i_k,
-    i_w,
-    i_n,
-    i_h,
-    bos,
-    T,
-    NT,
-    boh,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    W: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BW: tl.constexpr,
-    PREC: tl.constexpr,
-    SIGN: tl.constexpr,
-    B_IS_BF16: tl.constexpr,
-    USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
-):
-    # one [BK, BW] block of D_c = e^{Γ_C} D_{c+1} + SIGN Σ_i e^{Γ_i} a_i b_iᵀ, from the last chunk back to the first;
-    # dh[c] holds the gradient of the state after chunk c
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_w = i_w * BW + tl.arange(0, BW)
-    m_k = o_k < K
-    m_w = o_w < W
-    m_kw = m_k[:, None] & m_w[None, :]
-    i_nh = i_n * H + i_h
-
-    b_dh = tl.zeros([BK, BW], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dh += tl.load(dht + i_nh * K * W + o_k[:, None] * W + o_w[None, :], mask=m_kw, other=0.).to(tl.float32)
-
-    for i_s in range(0, NT):
-        i_t = NT - 1 - tl.cast(i_s, tl.int64)
-        tl.store(dh + ((boh + i_t) * H + i_h) * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
-
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        # [BK, BT]
-        b_a = tl.load(a + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-        # [BT, BW]
-        b_b = tl.load(b + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :], mask=m_t[:, None] & m_w[None, :], other=0.)
-        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
-        i_last = tl.minimum((i_t + 1) * BT, T) - 1
-        b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
-
-        b_a = b_a.to(tl.float32) * (SIGN * exp2(b_g))[None, :]
-        b_dh = mesa_dot(b_a, b_b, b_dh * exp2(b_g_last), PREC, B_IS_BF16)
-
-    if STORE_INITIAL_STATE_GRADIENT:
-        tl.store(dh0 + i_nh * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
-
-
-@triton.heuristics({
-    'USE_DHT_KK': lambda args: args['dht_kk'] is not None,
-    'USE_DHT_KV': lambda args: args['dht_kv'] is not None,
-    'STORE_DH0': lambda args: args['dh0_kk'] is not None,
-    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
-})
-@triton.autotune(configs=state_configs(), key=['K', 'V', 'BT', 'PREC', 'DO_IS_BF16'])
-@triton.jit(do_not_specialize=['T'])
-def chunk_mesa_bwd_kernel_dh(
-    x,
-    e,
-    do,
-    g,
-    dh_kk,
-    dh_kv,
-    dht_kk,
-    dht_kv,
-    dh0_kk,
-    dh0_kv,
-    cu_seqlens,
-    chunk_offsets,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BW: tl.constexpr,
-    PREC: tl.constexpr,
-    DO_IS_BF16: tl.constexpr,
-    USE_DHT_KK: tl.constexpr,
-    USE_DHT_KV: tl.constexpr,
-    STORE_DH0: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    # program axis 0 walks the column blocks of [dH | dS] times the row blocks, as the forward's state kernel
-    i_kw, i_nh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    NK = tl.cdiv(K, BK)
-    NWK = tl.cdiv(K, BW)
-    i_k, i_w = i_kw % NK, i_kw // NK
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, T, NT, boh = state_program(i_n, chunk_offsets, cu_seqlens, T, BT, IS_VARLEN)
-
-    if i_w < NWK:
-        # dH_t = −e_t x_tᵀ (unsymmetrised: A_t x_t uses H_t x_t)
-        _chunk_mesa_bwd_dh_block(
-            e, x, g, dh_kk, dht_kk, dh0_kk, i_k, i_w, i_n, i_h, bos, T, NT, boh,
-            H, K, K, BT, BK, BW, PREC, -1.0, False, USE_DHT_KK, STORE_DH0,
-        )
-    else:
-        # dS_t = x_t do_tᵀ
-        _chunk_mesa_bwd_dh_block(
-            x, do, g, dh_kv, dht_kv, dh0_kv, i_k, i_w - NWK, i_n, i_h, bos, T, NT, boh,
-            H, K, V, BT, BK, BW, PREC, 1.0, DO_IS_BF16, USE_DHT_KV, STORE_DH0,
-        )
-
-
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_grads_configs(), key=['K', 'V', 'BT', 'PREC', 'K_IS_BF16', 'V_IS_BF16', 'DO_IS_BF16', 'IS_VARLEN'])
+@triton.autotune(configs=_grads_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T', 'NTOK'])
 def chunk_mesa_bwd_kernel_grads(
     x,
@@ -490,54 +371,6 @@ def chunk_mesa_bwd_dx(
         K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
     )
     return dx
-
-
-def chunk_mesa_bwd_dh(
-    x: torch.Tensor,
-    e: torch.Tensor,
-    do: torch.Tensor,
-    g_cum: torch.Tensor,
-    dht: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
-    output_dh0: bool = False,
-    cu_seqlens: torch.LongTensor | None = None,
-    chunk_indices: torch.LongTensor | None = None,
-    chunk_size: int = 64,
-    precision: str | None = None,
-):
-    r"""
-    The gradients of the surrogate with respect to the state after every chunk, `dh_kk [B, NT, H, K, K]` (of H, from
-    `−e_t x_tᵀ`) and `dh_kv [B, NT, H, K, V]` (of S, from `x_t do_tᵀ`), float32, plus the initial-state gradients
-    `(dh0_kk, dh0_kv)` when `output_dh0` (else `None`).
-    """
-    B, T, H, K = x.shape
-    V = do.shape[-1]
-    BT = chunk_size
-    precision = _check_precision(precision, do)
-    if cu_seqlens is None:
-        N, NT, chunk_offsets = B, triton.cdiv(T, BT), None
-    else:
-        chunk_offsets = prepare_chunk_offsets(cu_seqlens, BT)
-        N = len(cu_seqlens) - 1
-        NT = len(chunk_indices) if chunk_indices is not None else int(chunk_offsets[-1].item())
-    x, e, do, g_cum = (t.contiguous() for t in (x, e, do, g_cum))
-    dht_kk, dht_kv = (None, None) if dht is None else dht
-    dht_kk = None if dht_kk is None else dht_kk.contiguous()
-    dht_kv = None if dht_kv is None else dht_kv.contiguous()
-    dh_kk = x.new_empty(B, NT, H, K, K, dtype=torch.float32)
-    dh_kv = x.new_empty(B, NT, H, K, V, dtype=torch.float32)
-    dh0_kk = x.new_empty(N, H, K, K, dtype=torch.float32) if output_dh0 else None
-    dh0_kv = x.new_empty(N, H, K, V, dtype=torch.float32) if output_dh0 else None
-
-    def grid(meta):
-        nk = triton.cdiv(K, meta['BK'])
-        return (nk * (triton.cdiv(K, meta['BW']) + triton.cdiv(V, meta['BW'])), N * H)
-
-    chunk_mesa_bwd_kernel_dh[grid](
-        x=x, e=e, do=do, g=g_cum, dh_kk=dh_kk, dh_kv=dh_kv, dht_kk=dht_kk, dht_kv=dht_kv,
-        dh0_kk=dh0_kk, dh0_kv=dh0_kv, cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
-        T=T, H=H, K=K, V=V, BT=BT, PREC=precision, DO_IS_BF16=do.dtype == torch.bfloat16,
-    )
-    return dh_kk, dh_kv, ((dh0_kk, dh0_kv) if output_dh0 else None)
 
 
 def chunk_mesa_bwd_grads(

@@ -7,11 +7,11 @@ import torch
 import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
-from fla.ops.utils.op import exp2
+from fla.utils import autotune_cache_kwargs
 
-from fla_mesa.ops.mesa.chunk_h import (
-    INTERPRETING, chunk_program, dx_products, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16, round_tf32,
-    sum2,
+from fla_mesa.ops.mesa.kernel_utils import (
+    INTERPRETING, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
+    round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor
 from fla_mesa.ops.mesa.utils import residual_floor2
@@ -92,6 +92,11 @@ def _cg_configs():
     return [triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1) for NR, num_warps in [(2, 8), (4, 4), (4, 8)]]
 
 
+# what changes the best config: the sizes, and the work of a CG step (its products' precision, the preconditioner's
+# products, rounded directions); the autotuner adds every tensor argument's dtype (k, v, o, do, the factor) itself
+CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P']
+
+
 def _prune_cg_configs(configs, named_args, **kwargs):
     # at least 16 rows per program (the smallest tl.dot); a 16-token chunk gets one 16-row program (below 64 rows
     # Triton does not use wgmma, so 4 warps are safe there)
@@ -99,22 +104,8 @@ def _prune_cg_configs(configs, named_args, **kwargs):
     return kept or [triton.Config({'NR': max(kwargs['BT'] // 16, 1)}, num_warps=4, num_stages=1)]
 
 
-@triton.heuristics({
-    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
-    'READOUT': lambda args: args['o'] is not None,
-    'O_IS_BF16': lambda args: args['o'] is not None and args['o'].dtype == torch.bfloat16,
-    'RHS_DX': lambda args: args['do'] is not None,
-    'DO_IS_BF16': lambda args: args['do'] is not None and args['do'].dtype == torch.bfloat16,
-    'F_IS_BF16': lambda args: args['factor'] is not None and args['factor'].dtype == torch.bfloat16,
-})
-@triton.autotune(
-    configs=_cg_configs(),
-    key=['K', 'V', 'BT', 'PREC', 'O_PREC', 'PRECONDITION', 'ROUND_P', 'K_IS_BF16', 'V_IS_BF16', 'IS_VARLEN', 'READOUT',
-         'O_IS_BF16', 'RHS_DX', 'DO_IS_BF16', 'FLAG_UNCONVERGED', 'F_IS_BF16'],
-    prune_configs_by={'early_config_prune': _prune_cg_configs},
-)
-@triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
-def chunk_mesa_cg_fwd_kernel(
+@triton.jit
+def _chunk_mesa_cg(
     b,
     k,
     g,
@@ -155,7 +146,9 @@ def chunk_mesa_cg_fwd_kernel(
     FLAG_UNCONVERGED: tl.constexpr,
     F_IS_BF16: tl.constexpr,
 ):
-    # one program per (BR rows of a chunk, head); the rows interact only through the chunk's keys
+    # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
+    # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
+    # two kernels over this body, so that profiles and autotuning tell them apart
     i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     BR: tl.constexpr = BT // NR
     i_t, i_r = i_tr // NR, i_tr % NR
@@ -303,6 +296,61 @@ def chunk_mesa_cg_fwd_kernel(
             tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
 
 
+@triton.heuristics({
+    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
+    'READOUT': lambda args: args['o'] is not None,
+    'O_IS_BF16': lambda args: args['o'] is not None and args['o'].dtype == torch.bfloat16,
+    'F_IS_BF16': lambda args: args['factor'] is not None and args['factor'].dtype == torch.bfloat16,
+})
+@triton.autotune(
+    configs=_cg_configs(),
+    key=CG_KEY,
+    prune_configs_by={'early_config_prune': _prune_cg_configs},
+    **autotune_cache_kwargs,
+)
+@triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
+def chunk_mesa_fwd_kernel_cg(
+    b, k, g, beta, lamb, h_kk, factor, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
+    K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
+):
+    # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
+    _chunk_mesa_cg(
+        b, k, g, beta, lamb, h_kk, factor, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
+        H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
+        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16,
+    )
+
+
+@triton.heuristics({
+    'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
+    'DO_IS_BF16': lambda args: args['do'].dtype == torch.bfloat16,
+    'F_IS_BF16': lambda args: args['factor'] is not None and args['factor'].dtype == torch.bfloat16,
+})
+@triton.autotune(
+    configs=_cg_configs(),
+    key=CG_KEY,
+    prune_configs_by={'early_config_prune': _prune_cg_configs},
+    **autotune_cache_kwargs,
+)
+@triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
+def chunk_mesa_bwd_kernel_cg(
+    k, g, beta, lamb, h_kk, factor, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
+    V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
+):
+    # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
+    _chunk_mesa_cg(
+        None, k, g, beta, lamb, h_kk, factor, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
+        H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
+        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16,
+    )
+
+
 def chunk_mesa_cg(
     b: torch.Tensor | None,
     k: torch.Tensor,
@@ -412,38 +460,18 @@ def chunk_mesa_cg(
     def grid(meta):
         return (NT * meta['NR'], B * H)
 
-    chunk_mesa_cg_fwd_kernel[grid](
-        b=b,
-        k=k,
-        g=g_cum,
-        beta=beta,
-        lamb=lamb,
-        h_kk=h_kk,
-        factor=factor,
-        v=v,
-        h_kv=h_kv,
-        do=do,
-        x=x,
-        steps=steps,
-        o=o,
-        cu_seqlens=cu_seqlens,
-        chunk_indices=chunk_indices,
-        max_steps=int(cg_max_steps),
-        tol2=tol2,
-        T=T,
-        H=H,
-        K=K,
-        V=V,
-        BT=BT,
-        BK=BK,
-        BV=BV,
-        PREC=precision,
-        O_PREC=readout_precision,
-        PRECONDITION=2 if precondition == 'chunk' else int(bool(precondition)),
+    kw = dict(
+        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, v=v, h_kv=h_kv, x=x, steps=steps,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps), tol2=tol2, T=T, H=H, K=K, V=V,
+        BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if precondition == 'chunk' else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
         H_IN_LOOP=BK > 128,
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
     )
+    if do is None:
+        chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)
+    else:
+        chunk_mesa_bwd_kernel_cg[grid](do=do, **kw)
     return x, steps, o

@@ -1,38 +1,161 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""The PyTorch chunk path (CPU tensors, float64, and the fallback for kernels not available): dtype and varlen glue."""
+"""
+The PyTorch chunk path (CPU tensors, float64, and K > 128): the chunkwise form of one call in torch ops, the forward
+solve and readout, and the implicit backward by autograd of its surrogate (README "Backward: implicit
+differentiation").
+"""
 
 from __future__ import annotations
 
-from fla_mesa.ops.mesa.naive import naive_chunk_mesa_bwd, naive_chunk_mesa_fwd, pad_varlen, unpad_varlen
-from fla_mesa.ops.mesa.utils import compute_dtype
+import torch
+import torch.nn.functional as F
+
+from fla_mesa.ops.mesa.precond import apply_factor, chunk_start_factor
+from fla_mesa.ops.mesa.solver import cg_solve
+from fla_mesa.ops.mesa.utils import compute_dtype, min_log_decay, pad_varlen, unpad_varlen, zero_state
+
+
+class ChunkPieces:
+    r"""
+    The chunkwise form of one Mesa call, in the layout `[B, H, NT, C, ...]` (README.md, "Chunkwise form").
+    Built from differentiable torch ops, so autograd through it gives the implicit backward's sums.
+    """
+
+    def __init__(self, k, v, g, beta, lamb, initial_state, chunk_size):
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        C = chunk_size
+        NT = -(-T // C)
+        pad = NT * C - T
+
+        def chunk(x):
+            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
+            return x.reshape(B, NT, C, *x.shape[2:]).movedim(3, 1)
+
+        self.T, self.pad, self.chunk = T, pad, chunk
+        k, v = chunk(k), chunk(v)
+        # padded tokens have g = beta = 0: they leave the states unchanged. g = -inf clamped to a finite g whose
+        # γ is 0 all the same (else the differences of the cumulative sums after it are NaN); autograd through the
+        # clamp gives such a token dg = 0, γ's own derivative there
+        gc = chunk(g.clamp_min(min_log_decay(g.dtype))).cumsum(-1)
+        beta = chunk(beta)
+        self.k, self.v, self.lamb = k, v, lamb[None, :, None, None, :]
+        self.decay = gc.exp()[..., None]
+        causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+        diff = (gc[..., :, None] - gc[..., None, :]).masked_fill(~causal, float('-inf'))
+        self.M = diff.exp() * beta[..., None, :]
+
+        if initial_state is None:
+            h_kk, h_kv = zero_state(B, H, K, V, k.dtype, k.device)
+        else:
+            h_kk, h_kv = (h.to(k.dtype) for h in initial_state)
+        w = (gc[..., -1:] - gc).exp() * beta
+        kw = k * w[..., None]
+        Hs, Ss = [], []
+        for i in range(NT):
+            Hs.append(h_kk)
+            Ss.append(h_kv)
+            d = gc[:, :, i, -1, None, None].exp()
+            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]
+            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]
+        self.H, self.S = torch.stack(Hs, 2), torch.stack(Ss, 2)
+        self.final_state = (h_kk, h_kv)
+        self.diag = self.decay * torch.diagonal(self.H, dim1=-2, dim2=-1)[..., None, :] + self.M @ k.pow(2) + self.lamb
+
+    def chunk_start_preconditioner(self):
+        """
+        `z = M_c⁻¹ r` for every token of chunk c, `M_c = a_c H_c + Λ` with `a_c` the decay from the chunk's start to
+        its middle token (op README, "Chunk-start preconditioner"), as `(r W) Wᵀ` with the factor `W` of
+        `precond.chunk_start_factor` that the Triton path uses too. Rounding in `W` changes step counts, never what CG
+        converges to.
+        """
+        C = self.decay.shape[-2]
+        w = chunk_start_factor(self.H.detach(), self.decay[..., C // 2, 0].detach(), self.lamb[:, :, 0].detach(),
+                               self.k.dtype)
+        return lambda r: apply_factor(r, w)
+
+    def preconditioner(self, precondition):
+        """What `cg_solve` takes for the op's `precondition`: `True`, `False`, or 'chunk'."""
+        if precondition == 'chunk':
+            return self.chunk_start_preconditioner()
+        return bool(precondition)
+
+    def matvec(self, p):
+        """`A_t p_t` for every token: `p [B, H, NT, C, K]`."""
+        # H p, not pᵀ H: equal for a symmetric H, but the gradient of a given (maybe asymmetric) h_kk is −e xᵀ
+        return self.decay * (p @ self.H.transpose(-1, -2)) + ((p @ self.k.transpose(-1, -2)) * self.M) @ self.k + self.lamb * p
+
+    def readout(self, x):
+        """`o_t = S_tᵀ x_t`: gated linear attention with the query x."""
+        return self.decay * (x @ self.S) + ((x @ self.k.transpose(-1, -2)) * self.M) @ self.v
+
+    def readout_t(self, do):
+        """`S_t do_t`, the gradient of `Σ do·readout(x)` with respect to x."""
+        return self.decay * (do @ self.S.transpose(-1, -2)) + ((do @ self.v.transpose(-1, -2)) * self.M) @ self.k
+
+    def unchunk(self, x):
+        """`[B, H, NT, C, ...]` back to `[B, T, H, ...]`."""
+        x = x.movedim(1, 3)
+        return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :self.T]
 
 
 def chunk_mesa_fwd_torch(
     q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
 ):
+    """
+    The chunkwise forward in the compute dtype (`utils.compute_dtype`): `(o, x, steps, final_state)`, steps `~n` where
+    a token did not reach `cg_tol`, with `flag_unconverged`.
+    """
     dtype = compute_dtype(q)
     q, k, v, g, beta, lamb = (x.to(dtype) for x in (q, k, v, g, beta, lamb))
     if cu_seqlens is not None:
         q, k, v, g, beta = (pad_varlen(x, cu_seqlens) for x in (q, k, v, g, beta))
-    o, x, steps, final = naive_chunk_mesa_fwd(
-        q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size, flag_unconverged
-    )
+    pieces = ChunkPieces(k, v, g, beta, lamb, initial_state, chunk_size)
+    b = pieces.chunk(q)
+    if cg_max_steps == 0:
+        x, steps = b, torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
+    else:
+        x, steps = cg_solve(pieces.matvec, b, pieces.diag, cg_max_steps, cg_tol, pieces.preconditioner(precondition),
+                            flag_unconverged=flag_unconverged)
+    o, x, steps = pieces.unchunk(pieces.readout(x)), pieces.unchunk(x), pieces.unchunk(steps)
     if cu_seqlens is not None:
         o, x, steps = (unpad_varlen(t, cu_seqlens) for t in (o, x, steps))
-    return o, x, steps, final
+    return o, x, steps, pieces.final_state
 
 
 def chunk_mesa_bwd_torch(
-    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, solve=None
+    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
 ):
+    r"""
+    The implicit backward, chunkwise: the adjoint solve `e_t = A_t⁻¹ S_t do_t` with the forward's solver, then
+    autograd of the surrogate `L̃ = Σ do·o − Σ e·A x + <dht, final_state>` with x and e held fixed.
+    Returns `(dq, dk, dv, dg, dbeta, dlamb, dh0)`.
+    """
     dtype = x.dtype
     k, v, g, beta, lamb, do = (t.to(dtype) for t in (k, v, g, beta, lamb, do))
     if cu_seqlens is not None:
         x, do, k, v, g, beta = (pad_varlen(t, cu_seqlens) for t in (x, do, k, v, g, beta))
-    grads = naive_chunk_mesa_bwd(
-        x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, chunk_size, solve
-    )
-    dq, dk, dv, dg, dbeta, dlamb, dh0 = grads
+    leaves = [t.detach().requires_grad_() for t in (k, v, g, beta, lamb)]
+    h0 = None if initial_state is None else [h.detach().requires_grad_() for h in initial_state]
+    with torch.enable_grad():
+        pieces = ChunkPieces(*leaves, h0, chunk_size)
+        xc, doc = pieces.chunk(x), pieces.chunk(do)
+        with torch.no_grad():
+            dx = pieces.readout_t(doc)
+            if cg_max_steps == 0:
+                e = dx
+            else:
+                e, _ = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol, pieces.preconditioner(precondition))
+        loss = (pieces.readout(xc) * doc).sum()
+        if cg_max_steps > 0:
+            loss = loss - (pieces.matvec(xc) * e).sum()
+        if dht is not None:
+            loss = loss + sum((h * dh).sum() for h, dh in zip(pieces.final_state, dht) if dh is not None)
+        inputs = leaves + (h0 or [])
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+    dk, dv, dg, dbeta, dlamb = grads[:5]
+    dh0 = tuple(grads[5:]) if h0 is not None else None
+    dq = pieces.unchunk(e)
     if cu_seqlens is not None:
         dq, dk, dv, dg, dbeta = (unpad_varlen(t, cu_seqlens) for t in (dq, dk, dv, dg, dbeta))
     return dq, dk, dv, dg, dbeta, dlamb, dh0

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fla.utils import input_guard
+from fla.utils import autotune_cache_kwargs, input_guard
 
-from fla_mesa.ops.mesa.chunk_h import sum2
-from fla_mesa.ops.mesa.naive import naive_recurrent_mesa
+from fla_mesa.ops.mesa.kernel_utils import sum2
+from fla_mesa.ops.mesa.recurrent_torch import recurrent_mesa_torch
 from fla_mesa.ops.mesa.utils import (
     check_inputs, compute_dtype, l2norm, op_outputs, residual_floor2, use_triton,
 )
@@ -89,6 +89,7 @@ def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.con
     # TRITON_CACHE_AUTOTUNING (not JSON-serialisable)
     key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION'],
     prune_configs_by={'early_config_prune': _prune_configs},
+    **autotune_cache_kwargs,
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'NH'])
 def fused_recurrent_mesa_fwd_kernel(
@@ -357,7 +358,7 @@ def _forward(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precond
             flag_unconverged=flag_unconverged,
         )
     else:
-        o, (ht_kk, ht_kv), steps = naive_recurrent_mesa(
+        o, (ht_kk, ht_kv), steps = recurrent_mesa_torch(
             q, k, v, g, beta, lamb, initial_state, output_final_state=True, cg_max_steps=cg_max_steps,
             cg_tol=cg_tol, precondition=precondition, cu_seqlens=cu_seqlens, return_cg_steps=True,
             flag_unconverged=flag_unconverged,

@@ -234,3 +234,24 @@ def check_inputs(
             if h.device != q.device:
                 raise ValueError(f"`initial_state` {name} must be on {q.device}, got {h.device}")
     return N
+
+
+def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """`[1, T, ...]` packed sequences to a zero-padded batch `[N, T_max, ...]`."""
+    lens = cu_seqlens.diff()
+    pos = torch.arange(int(lens.max()), device=x.device)
+    mask = pos < lens[:, None]
+    idx = (cu_seqlens[:-1, None] + pos).clamp_max(x.shape[1] - 1)
+    mask = mask.view(*mask.shape, *([1] * (x.dim() - 2)))
+    return x[0][idx] * mask
+
+
+def unpad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pad_varlen`: `[N, T_max, ...]` back to `[1, T, ...]`."""
+    lens = cu_seqlens.diff()
+    mask = torch.arange(x.shape[1], device=x.device) < lens[:, None]
+    return x[mask].unsqueeze(0)
+
+
+def zero_state(B, H, K, V, dtype, device):
+    return (torch.zeros(B, H, K, K, dtype=dtype, device=device), torch.zeros(B, H, K, V, dtype=dtype, device=device))
