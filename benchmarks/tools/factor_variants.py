@@ -8,7 +8,7 @@ The H200 study (benchmarks/results/solver_h200.md) found the float64 factorisati
 """
 import sys, torch
 sys.path.insert(0, '.')
-from fla_mesa.ops.mesa import naive, chunk_mesa
+from fla_mesa.ops.mesa import chunk_mesa, chunk_torch
 from fla_mesa.ops.mesa import precond
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
 from tests.utils import rel_err
@@ -47,11 +47,11 @@ for name, kw in fams.items():
     floor = rel_err(last_outputs(*x), ref)
     row = []
     for vname, fn in variants:
-        naive.chunk_start_factor = fn
+        chunk_torch.chunk_start_factor = fn
         o, _, s = chunk_mesa(*x, precondition='chunk', return_cg_steps=True, check_values=False)
         s = s.float()
         row.append(f"{vname}: {s.mean():.2f}/{(s >= 30).float().mean() * 100:.0f}%/{rel_err(o[:, -4:], ref):.1e}")
-    naive.chunk_start_factor = orig
+    chunk_torch.chunk_start_factor = orig
     o, _, s = chunk_mesa(*x, precondition=True, return_cg_steps=True, check_values=False)
     s = s.float()
     row.append(f"jacobi: {s.mean():.2f}/{(s >= 30).float().mean() * 100:.0f}%/{rel_err(o[:, -4:], ref):.1e}")

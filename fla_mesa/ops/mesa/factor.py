@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.mesa.chunk_h import DOT_PRECISIONS, mesa_dot
+from fla_mesa.ops.mesa.kernel_utils import DOT_PRECISIONS, mesa_dot
 
 # the operand precision of the blocked products: only step counts depend on W's accuracy (op README), and tf32x3
 # keeps the float32 factorisation's, which keeps float64's (benchmarks/results/factor_variants_cpu.md)
