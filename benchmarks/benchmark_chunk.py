@@ -174,10 +174,10 @@ def cg_flops_per_step(B, T, H, K, chunk=64):
 def ours_prepare(q, k, v, g, beta, lamb, chunk=64, **kw):
     from fla.ops.utils import chunk_local_cumsum
 
-    from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
     from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
     g_cum = chunk_local_cumsum(g.float(), chunk, scale=RCP_LN2)
-    h_kk, h_kv, _ = chunk_mesa_fwd_h(k, v, g_cum, beta.float(), chunk_size=chunk, precision=kw.get('state_precision'))
+    h_kk, h_kv, _ = chunk_mesa_fwd_states(k, v, g_cum, beta.float(), chunk_size=chunk, precision=kw.get('state_precision'))
     return g_cum, h_kk, h_kv
 
 
@@ -209,12 +209,12 @@ def ours_cg_time(q, k, v, g, beta, lamb, steps, tol, precondition=True, chunk=64
 
 def fla_cg_time(q, k, v, g, beta, lamb, steps, chunk=64):
     from fla.ops.mesa_net.chunk_cg_solver_fwd import chunk_mesa_cg_fwd
-    from fla.ops.mesa_net.chunk_h_fwd import chunk_mesa_fwd_h
+    from fla.ops.mesa_net.chunk_h_fwd import chunk_mesa_fwd_states
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
     q16, k16 = q.half(), k.half()
     g_cum = chunk_local_cumsum(g, chunk, scale=RCP_LN2)
-    h, h_kv, _, _ = chunk_mesa_fwd_h(k=k16, v=v, g=g_cum, beta=beta, h_init=None, h_kv_init=None,
+    h, h_kv, _, _ = chunk_mesa_fwd_states(k=k16, v=v, g=g_cum, beta=beta, h_init=None, h_kv_init=None,
                                      output_final_state=False, states_in_fp32=False, chunk_size=chunk)
     return bench(lambda: chunk_mesa_cg_fwd(q=q16, k=k16, h=h, h_kv=h_kv, v=v, g_local_cumsum=g_cum, beta=beta,
                                            lamb=lamb, chunk_size=chunk, max_CG_iteration=steps))
@@ -358,7 +358,7 @@ def study(args):
 
     from fla_mesa.ops.mesa import naive_exact_mesa
     from fla_mesa.ops.mesa.chunk_cg import CG_DOT_PRECISION, chunk_mesa_cg
-    from fla_mesa.ops.mesa.chunk_h import STATE_DOT_PRECISION, chunk_mesa_fwd_h
+    from fla_mesa.ops.mesa.chunk_h import STATE_DOT_PRECISION, chunk_mesa_fwd_states
     from fla_mesa.ops.mesa.kernel_utils import DOT_PRECISIONS, RCP_LN2
     log(f"defaults: CG precision {CG_DOT_PRECISION}, state/readout precision {STATE_DOT_PRECISION}")
 
@@ -387,7 +387,7 @@ def study(args):
             ci = None if cu is None else prepare_chunk_indices(cu_t, 64)
             t0 = time.time()
             g_cum = chunk_local_cumsum(g, 64, scale=RCP_LN2, cu_seqlens=cu_t, chunk_indices=ci)
-            h_kk, h_kv, fin = chunk_mesa_fwd_h(k, v, g_cum, beta, h0, True, cu_seqlens=cu_t, chunk_indices=ci)
+            h_kk, h_kv, fin = chunk_mesa_fwd_states(k, v, g_cum, beta, h0, True, cu_seqlens=cu_t, chunk_indices=ci)
             x, n, o = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, 60, None, True, cu_seqlens=cu_t,
                                     chunk_indices=ci, v=v, h_kv=h_kv)
             sync()
@@ -456,7 +456,7 @@ def study(args):
     except Exception as e:
         log(f"| fla chunk_mesa_net | n/a: {short(e)} |")
 
-    # 3. state precision: error of the last chunk-start state and time of chunk_mesa_fwd_h
+    # 3. state precision: error of the last chunk-start state and time of chunk_mesa_fwd_states
     log("\n## State kernel precision (h_kk, h_kv at the benchmark shape; error vs float64 at B=1 T=256 H=4 D=128)\n")
     log("| state precision | h_kk err | h_kv err | o err (30 steps) | fwd_h ms |")
     log("|---|---|---|---|---|")
@@ -465,11 +465,11 @@ def study(args):
             inp = acc_inputs[8.0]
             c64 = [t.double().cpu() for t in inp]
             g_cum = chunk_local_cumsum(inp[3], 64, scale=RCP_LN2)
-            h_kk, h_kv, fin = chunk_mesa_fwd_h(inp[1], inp[2], g_cum, inp[4], None, True, precision=prec)
+            h_kk, h_kv, fin = chunk_mesa_fwd_states(inp[1], inp[2], g_cum, inp[4], None, True, precision=prec)
             _, rf = naive_exact_mesa(*c64, None, True)
             o30 = ours_fwd(*inp, 30, None, state_precision=prec, readout_precision=prec)[0]
             g_big = chunk_local_cumsum(big[3], 64, scale=RCP_LN2)
-            ms = bench(lambda: chunk_mesa_fwd_h(big[1], big[2], g_big, big[4], precision=prec))
+            ms = bench(lambda: chunk_mesa_fwd_states(big[1], big[2], g_big, big[4], precision=prec))
             log(f"| {prec} | {rel(fin[0], rf[0]):.1e} | {rel(fin[1], rf[1]):.1e} | {rel(o30, refs[8.0]):.2e} | {ms:.3f} |")
         except Exception as e:
             log(f"| {prec} | n/a: {short(e)} |")

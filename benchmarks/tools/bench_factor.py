@@ -3,7 +3,7 @@
 The chunk-start factor on a GPU (issue 14): the Triton kernel (`factor.chunk_start_factor_triton`, a few launch
 configurations) against `precond.chunk_start_factor` (torch, float64) and the same in float32, timed at 4096 and
 1024 matrices of 128×128 (B·T = 16384 and 4096, H = 16, chunk 64), and ‖W Wᵀ M − I‖_F of each on the chunk path's
-own states (`chunk_mesa_fwd_h`) for three key families. Prints a markdown table; about a minute with compiles.
+own states (`chunk_mesa_fwd_states`) for three key families. Prints a markdown table; about a minute with compiles.
 
     python benchmarks/tools/bench_factor.py [--out FILE] [--configs 0,1,...]
 """
@@ -24,7 +24,7 @@ sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
 from fla.ops.utils import chunk_local_cumsum  # noqa: E402
 from fla.ops.utils.constant import RCP_LN2  # noqa: E402
 
-from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h  # noqa: E402
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states  # noqa: E402
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton  # noqa: E402
 from fla_mesa.ops.mesa.precond import chunk_middle_scale, chunk_start_factor  # noqa: E402
 from tests.ops.test_hard_states import hard_inputs  # noqa: E402
@@ -71,7 +71,7 @@ def states(T, family):
         _, k, v, g, beta, lamb = (x.cuda() for x in hard_inputs(T, H=H, K=K, V=K, **kw))
         k, v = k.bfloat16(), v.bfloat16()
     g_cum = chunk_local_cumsum(g.float(), BT, scale=RCP_LN2)
-    h_kk, _, _ = chunk_mesa_fwd_h(k, v, g_cum, beta.float(), chunk_size=BT)
+    h_kk, _, _ = chunk_mesa_fwd_states(k, v, g_cum, beta.float(), chunk_size=BT)
     a = chunk_middle_scale(g_cum, BT).view(*h_kk.shape[:3])
     return h_kk, a, lamb.float()
 

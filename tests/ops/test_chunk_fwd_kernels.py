@@ -1,6 +1,6 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
-The chunk path's forward kernels (`chunk_mesa_fwd_h`, `chunk_mesa_cg`) against float64 references.
+The chunk path's forward kernels (`chunk_mesa_fwd_states`, `chunk_mesa_cg`) against float64 references.
 
 Tolerances: under TRITON_INTERPRET=1 every product is an fp32 numpy matmul, so the states are fp32 sums of
 at most a few hundred terms (relative error ~1e-7; we allow 2e-6), and a converged fp32 CG solve of a system with
@@ -16,7 +16,7 @@ import torch
 from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
 
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
-from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
 from fla_mesa.ops.mesa.chunk_torch import ChunkPieces
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.solver import cg_solve
@@ -69,7 +69,7 @@ def reference(k, v, g, beta, lamb, q, h0, cu_seqlens, chunk_size):
 def run_kernels(q, k, v, g, beta, lamb, h0, cu_seqlens, chunk_size, cg_max_steps, cg_tol, precondition, **kw):
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
     g_cum = chunk_local_cumsum(g, chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    h_kk, h_kv, final = chunk_mesa_fwd_h(
+    h_kk, h_kv, final = chunk_mesa_fwd_states(
         k, v, g_cum, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
         chunk_indices=chunk_indices, chunk_size=chunk_size, precision=kw.get('state_precision', 'ieee'),
     )
@@ -236,7 +236,7 @@ def test_rounded_directions(precision, kv_bf16, cg_tol):
     if kv_bf16:
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     g_cum = chunk_local_cumsum(g, 64, scale=RCP_LN2)
-    h_kk, h_kv, _ = chunk_mesa_fwd_h(k, v, g_cum, beta, initial_state=h0, chunk_size=64)
+    h_kk, h_kv, _ = chunk_mesa_fwd_states(k, v, g_cum, beta, initial_state=h0, chunk_size=64)
     _, _, _, r_x, r_o = reference(k, v, g, beta, lamb, q, h0, None, 64)
     x, steps, o = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, 60, cg_tol, True, v=v, h_kv=h_kv, precision=precision,
                                 round_directions=False)
@@ -257,7 +257,7 @@ def test_auto_precision():
     g_cum = chunk_local_cumsum(g, 64, scale=RCP_LN2)
     for dtype, same in ((torch.float32, 'tf32x3'), (torch.bfloat16, 'bf16x3')):
         q_, k_, v_ = (t.to(dtype) for t in (q, k, v))
-        h_kk, h_kv, _ = chunk_mesa_fwd_h(k_, v_, g_cum, beta, initial_state=h0, chunk_size=64)
+        h_kk, h_kv, _ = chunk_mesa_fwd_states(k_, v_, g_cum, beta, initial_state=h0, chunk_size=64)
         auto = chunk_mesa_cg(q_, k_, g_cum, beta, lamb, h_kk, 40, None, True, v=v_, h_kv=h_kv)
         fixed = chunk_mesa_cg(q_, k_, g_cum, beta, lamb, h_kk, 40, None, True, v=v_, h_kv=h_kv, precision=same)
         assert all(torch.equal(a, b) for a, b in zip(auto, fixed)), dtype

@@ -227,3 +227,23 @@ def test_layer_and_config_take_flas_names():
     # fla's saved config loads as this package's, under this package's model type
     loaded = MesaConfig.from_dict(MesaNetConfig(max_cg_step_training=5).to_dict())
     assert loaded.cg_max_steps_training == 5 and loaded.model_type == 'mesa' and loaded.to_dict()['model_type'] == 'mesa'
+
+
+def test_no_name_clashes_with_fla_mesa_net():
+    # the only names fla-mesa's op modules share with fla's mesa_net modules are the two fla-compatible entry points
+    # (same signature and meaning); any other shared name would be one symbol with two meanings
+    import importlib
+    import pkgutil
+
+    import fla.ops.mesa_net as fla_pkg
+
+    import fla_mesa.ops.mesa as ours_pkg
+
+    def names(pkg):
+        out = set()
+        for info in pkgutil.iter_modules(pkg.__path__):
+            module = importlib.import_module(f'{pkg.__name__}.{info.name}')
+            out |= {n for n, obj in vars(module).items()
+                    if not n.startswith('_') and getattr(obj, '__module__', None) == module.__name__}
+        return out
+    assert names(ours_pkg) & names(fla_pkg) == {'chunk_mesa_net', 'mesa_net_decoding_one_step'}

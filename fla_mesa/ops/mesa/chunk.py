@@ -9,7 +9,7 @@ from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
 from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
-from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_h
+from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
@@ -22,7 +22,7 @@ def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
     # γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN
     g_cum = chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     beta = beta.float()
-    h_kk, h_kv, final_state = chunk_mesa_fwd_h(
+    h_kk, h_kv, final_state = chunk_mesa_fwd_states(
         k, v, g_cum, beta, initial_state=initial_state, output_final_state=True,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size,
     )

@@ -386,7 +386,7 @@ def chunk_mesa_cg(
         g_cum (torch.Tensor): in-chunk cumulative log-decay in log2 space `[B, T, H]`, float32.
         beta (torch.Tensor): `[B, T, H]`.
         lamb (torch.Tensor): `[H, K]`, positive.
-        h_kk (torch.Tensor): chunk-start states `[B, NT, H, K, K]` from `chunk_mesa_fwd_h`.
+        h_kk (torch.Tensor): chunk-start states `[B, NT, H, K, K]` from `chunk_mesa_fwd_states`.
         cg_max_steps (int): at most this many iterations.
         cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps` (or to the
             residual floor, `residual_floor2`).

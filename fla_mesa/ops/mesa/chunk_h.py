@@ -250,7 +250,7 @@ def chunk_mesa_fwd_kernel_h(
         )
 
 
-def chunk_mesa_fwd_h(
+def chunk_mesa_fwd_states(
     k: torch.Tensor,
     v: torch.Tensor,
     g_cum: torch.Tensor,
@@ -393,7 +393,7 @@ def chunk_mesa_bwd_dh(
     r"""
     The gradients of the surrogate with respect to the state after every chunk, `dh_kk [B, NT, H, K, K]` (of H, from
     `−e_t x_tᵀ`) and `dh_kv [B, NT, H, K, V]` (of S, from `x_t do_tᵀ`), float32, plus the initial-state gradients
-    `(dh0_kk, dh0_kv)` when `output_dh0` (else `None`). Arguments as for `chunk_mesa_fwd_h`; `precision` defaults to
+    `(dh0_kk, dh0_kv)` when `output_dh0` (else `None`). Arguments as for `chunk_mesa_fwd_states`; `precision` defaults to
     `STATE_DOT_PRECISION` ('auto'), and `chunk_mesa_bwd_grads` passes the backward's.
     """
     B, T, H, K = x.shape

@@ -51,7 +51,7 @@ def chunk_middle_scale(g_cum: torch.Tensor, chunk_size: int, cu_seqlens: torch.L
     r"""
     `a_c = 2^{Γ_mid}`, the decay from each chunk's start to its middle token `C // 2` (its last token when the chunk
     is shorter), from the Triton path's in-chunk cumulative log2-decay `g_cum [B, T, H]`. Returns `[B, NT, H]`, the
-    chunk layout of `chunk_mesa_fwd_h`'s states (`NT` over every sequence's chunks when varlen). No host sync.
+    chunk layout of `chunk_mesa_fwd_states`'s states (`NT` over every sequence's chunks when varlen). No host sync.
     """
     B, T, H = g_cum.shape
     if cu_seqlens is None:
