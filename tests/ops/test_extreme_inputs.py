@@ -223,3 +223,29 @@ def test_chunk_mesa_flags(backend):
     assert torch.equal(steps, steps0)
     o, _, unconverged = chunk_mesa(q, k, v, g, beta, lamb, chunk_size=C, return_cg_unconverged=True)
     assert not unconverged.any()
+
+
+def test_chunk_mesa_backward_warns(backend):
+    # the adjoint solve has the forward's matrices and stopping rule: with warn_unconverged it warns too (one step
+    # cannot reach a relative residual of 1e-6 here; 40 can, K = 16), and the gradients are those without the flag
+    import warnings
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 24, 2, 16, 8, dtype=torch.float32)
+    do = torch.randn_like(v)
+
+    def grads(steps, warn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o = chunk_mesa(*leaves, g, beta, lamb, chunk_size=C, cg_max_steps=steps, cg_tol=1e-6, warn_unconverged=warn)[0]
+        (o * do).sum().backward()
+        return [t.grad for t in leaves]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        flagged = grads(1, True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any(m.startswith('chunk_mesa: 48 of 48 token-heads') for m in messages), messages
+    assert any(m.startswith('chunk_mesa backward (adjoint solve): 48 of 48 token-heads') for m in messages), messages
+    for a, b in zip(flagged, grads(1, False)):
+        assert torch.equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        grads(40, True)

@@ -13,7 +13,9 @@ from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
-from fla_mesa.ops.mesa.utils import check_inputs, compute_dtype, l2norm, min_log_decay, op_outputs, use_triton
+from fla_mesa.ops.mesa.utils import (
+    check_inputs, compute_dtype, l2norm, min_log_decay, op_outputs, split_cg_steps, use_triton, warn_if_unconverged,
+)
 
 
 def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
@@ -53,23 +55,27 @@ def chunk_mesa_fwd(
     return o, x, steps, final_state
 
 
-def chunk_mesa_bwd(x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size):
-    """The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0)`, as `chunk_mesa_bwd_torch`."""
+def chunk_mesa_bwd(
+    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
+    flag_unconverged=False
+):
+    """The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`, as `chunk_mesa_bwd_torch`."""
     chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    steps = None
     if cg_max_steps == 0:
         # x = q: dq is dx itself and there is no solve to differentiate (e = 0 in the surrogate)
         dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
         e = torch.zeros_like(dq)
     else:
         # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed inside the CG kernel
-        dq, _, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition, **kw,
-                                 v=v, h_kv=h_kv, do=do)
+        dq, steps, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
+                                     **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged)
         e = dq
     dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
     )
-    return dq, dk, dv, dg, dbeta, dlamb, dh0
+    return dq, dk, dv, dg, dbeta, dlamb, dh0, steps
 
 
 def _use_triton_path(q: torch.Tensor) -> bool:
@@ -85,7 +91,7 @@ class ChunkMesaFunction(torch.autograd.Function):
     @autocast_custom_fwd
     def forward(
         ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
-        chunk_size, flag_unconverged,
+        chunk_size, flag_unconverged, warn_adjoint,
     ):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         args = (cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size)
@@ -93,7 +99,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         fwd = chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
         o, x, steps, (ht_kk, ht_kv) = fwd(q, k, v, g, beta, lamb, initial_state, *args, flag_unconverged=flag_unconverged)
         ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens)
-        ctx.args, ctx.triton, ctx.q_dtype = args, triton, q.dtype
+        ctx.args, ctx.triton, ctx.q_dtype, ctx.warn_adjoint = args, triton, q.dtype, warn_adjoint
         ctx.mark_non_differentiable(steps)
         if not output_final_state:
             ht_kk = ht_kv = None
@@ -108,13 +114,19 @@ class ChunkMesaFunction(torch.autograd.Function):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
         bwd = chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
-        dq, dk, dv, dg, dbeta, dlamb, dh0 = bwd(
-            x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
+        dq, dk, dv, dg, dbeta, dlamb, dh0, steps = bwd(
+            x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
+            flag_unconverged=ctx.warn_adjoint,
         )
+        if ctx.warn_adjoint:
+            # the adjoint solve has the forward's matrices and stopping rule, not its right-hand sides: it can stall
+            # where the forward did not
+            warn_if_unconverged('chunk_mesa backward (adjoint solve)', split_cg_steps(steps)[1], cg_max_steps, cg_tol,
+                                stacklevel=2)
         dh0_kk, dh0_kv = (None, None) if dh0 is None else (dh0[0].to(h0_kk), dh0[1].to(h0_kv))
         return (
             dq.to(ctx.q_dtype), dk.to(k), dv.to(v), dg.to(g), dbeta.to(beta),
-            dlamb.to(lamb), dh0_kk, dh0_kv, None, None, None, None, None, None, None,
+            dlamb.to(lamb), dh0_kk, dh0_kv, None, None, None, None, None, None, None, None,
         )
 
 
@@ -192,7 +204,8 @@ def chunk_mesa(
             (at `cg_max_steps`, or at a breakdown), whose outputs may be far off; no host sync. All `False` with
             `cg_tol=None`. Default: `False`.
         warn_unconverged (bool, Optional):
-            warn (`RuntimeWarning`, one host sync) when any token stopped without reaching `cg_tol`. Default: `False`.
+            warn (`RuntimeWarning`, one host sync) when any token stopped without reaching `cg_tol`; the backward's
+            adjoint solve then warns the same way (another host sync). Default: `False`.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
@@ -229,7 +242,7 @@ def chunk_mesa(
     flag = (return_cg_unconverged or warn_unconverged) and cg_tol is not None and cg_max_steps > 0
     o, ht_kk, ht_kv, steps = ChunkMesaFunction.apply(
         q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
-        chunk_size, flag,
+        chunk_size, flag, warn_unconverged and flag,
     )
     final_state = (ht_kk, ht_kv) if output_final_state else None
     return op_outputs('chunk_mesa', o, final_state, steps, flag, cg_max_steps, cg_tol, return_cg_steps, return_cg_unconverged,

@@ -124,12 +124,14 @@ def chunk_mesa_fwd_torch(
 
 
 def chunk_mesa_bwd_torch(
-    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size
+    x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
+    flag_unconverged=False
 ):
     r"""
     The implicit backward, chunkwise: the adjoint solve `e_t = A_t⁻¹ S_t do_t` with the forward's solver, then
     autograd of the surrogate `L̃ = Σ do·o − Σ e·A x + <dht, final_state>` with x and e held fixed.
-    Returns `(dq, dk, dv, dg, dbeta, dlamb, dh0)`.
+    Returns `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`: `steps [B, T, H]` of the adjoint solve (`~n` where a token
+    did not reach `cg_tol`, with `flag_unconverged`), `None` without a solve.
     """
     dtype = x.dtype
     k, v, g, beta, lamb, do = (t.to(dtype) for t in (k, v, g, beta, lamb, do))
@@ -140,12 +142,15 @@ def chunk_mesa_bwd_torch(
     with torch.enable_grad():
         pieces = ChunkPieces(*leaves, h0, chunk_size)
         xc, doc = pieces.chunk(x), pieces.chunk(do)
+        steps = None
         with torch.no_grad():
             dx = pieces.readout_t(doc)
             if cg_max_steps == 0:
                 e = dx
             else:
-                e, _ = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol, pieces.preconditioner(precondition))
+                e, steps = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol,
+                                    pieces.preconditioner(precondition), flag_unconverged=flag_unconverged)
+                steps = pieces.unchunk(steps)
         loss = (pieces.readout(xc) * doc).sum()
         if cg_max_steps > 0:
             loss = loss - (pieces.matvec(xc) * e).sum()
@@ -158,4 +163,5 @@ def chunk_mesa_bwd_torch(
     dq = pieces.unchunk(e)
     if cu_seqlens is not None:
         dq, dk, dv, dg, dbeta = (unpad_varlen(t, cu_seqlens) for t in (dq, dk, dv, dg, dbeta))
-    return dq, dk, dv, dg, dbeta, dlamb, dh0
+        steps = None if steps is None else unpad_varlen(steps, cu_seqlens)
+    return dq, dk, dv, dg, dbeta, dlamb, dh0, steps
