@@ -20,8 +20,8 @@ log-decay): `A_ij = e^{Γ_i − Γ_j}` for j <= i, `dS'`, `dH'` the gradients of
 
 Every quantity is linear in (do, dH_T, dS_T) at fixed x and e, with no absolute epsilon: gradients of any scale keep
 their relative accuracy. The products' operand precision (`BWD_DOT_PRECISION`, default 'auto'): with fp32 inputs
-'tf32x3' and 'ieee' both gave every gradient within 1.2e-6 of float64 on an H100 (triton 3.6), tf32x3 3x faster, so
-'auto' takes tf32x3 there, and bf16x3 for 16-bit inputs (benchmarks/results/chunk_bwd_kernels_h100.md).
+'tf32x3' was as accurate as 'ieee' and faster, so 'auto' takes tf32x3 there, and bf16x3 for 16-bit inputs
+(benchmarks/results/chunk_bwd_kernels_h100.md).
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_st
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
 
-# operand precision of the products inside the CG loop (README: "Solver precision" has the study). 'auto': tf32x3
-# (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, 2.5x faster and ~2e-6 off float64, far under their rounding
+# operand precision of the products inside the CG loop (op README, "Solver precision", has the study). 'auto':
+# tf32x3 (fp32 level) for fp32 keys; bf16x3 for 16-bit keys, faster and far under their own rounding
 CG_DOT_PRECISION = 'auto'
-# rounded directions (README "Rounded CG directions"): with split products, each step's direction p is rounded to
-# the split's high part, so A p needs 5 products instead of 7 (H200: forward 11% and forward+backward 8% faster at
-# the same accuracy); the kernel's `round_directions=False` keeps the unrounded ones
+# rounded directions (op README, "Rounded CG directions"): with split products, each step's direction p is rounded to
+# the split's high part, so A p needs 5 products instead of 7 at the same accuracy; `chunk_mesa_cg`'s
+# `round_directions=False` keeps the unrounded ones
 CG_ROUND_DIRECTIONS = True
 
 
@@ -83,10 +83,9 @@ def _round_hi(a, PREC: tl.constexpr):
 
 
 def _cg_configs():
-    # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure (the fastest
-    # of six on an H100, benchmarks/results/cg_kernel_study_h100.md). Not NR = 1 at 4 warps: with bf16 keys Triton
-    # 3.6 miscompiles it on Hopper (measured on an H200 at K = 32-64, V = 16-32: out-of-range shared-memory
-    # accesses, or outputs 100% off without a fault); at K = V = 128 it was never the fastest
+    # NR programs per chunk, BT // NR rows each: fewer rows per program, less register pressure (the study:
+    # benchmarks/results/cg_kernel_study_h100.md). Not NR = 1 at 4 warps: with bf16 keys Triton 3.6 miscompiles it
+    # on Hopper (benchmarks/results/gpu_tests_h200.md), and at K = V = 128 it was never the fastest
     if is_interpreting():
         return [triton.Config({'NR': 1}, num_warps=4, num_stages=1)]
     return [triton.Config({'NR': NR}, num_warps=num_warps, num_stages=1) for NR, num_warps in [(2, 8), (4, 4), (4, 8)]]
@@ -423,7 +422,7 @@ def chunk_mesa_cg(
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
     if K > 256 or (K > 128 and k.is_cuda):
-        # measured on an H100: above K = 128 the K x K tile and its split need 262-332 KB of shared memory
+        # above K = 128 the K x K tile and its split overflow a Hopper SM's shared memory
         limit = 128 if k.is_cuda else 256
         raise ValueError(f"the Triton chunk CG supports head dims K <= {limit} on {k.device.type}, got K = {K} "
                          "(chunk_mesa runs the PyTorch path above 128 on a GPU)")

@@ -18,8 +18,8 @@ from fla_mesa.utils import is_interpreting
 # H [K, K] stays in registers up to this padded K; larger heads stream H through the final-state buffer (L2)
 MAX_BK_IN_REGS = 128
 # one program per (sequence, head) holds all of H: more warps spread its registers thinner (K = 128: 64 KB of
-# fp32 H over 4 warps is 128 registers a thread), fewer keep more programs resident; tuned (on an H100, 4 warps
-# won at every batch size, 8 and 16 warps were 1.6x and 2.2x slower at B·H = 1024)
+# fp32 H over 4 warps is 128 registers a thread), fewer keep more programs resident; the autotuner picks
+# (benchmarks/results/decode_h200.md lists its timings)
 NUM_WARPS = [2, 4, 8, 16]
 # no fused multiply-adds in this kernel. Each warp holds its own copy of the CG vectors and decides alone when to
 # leave the loop, which is sound only if the copies agree to the bit. With fusion the sm_90 code of a cross-lane sum

@@ -94,7 +94,7 @@ def mesa_dot_split(a_hi, a_lo, b_hi, b_lo, acc, PREC: tl.constexpr, A_EXACT: tl.
     """`acc + a @ b` from split operands; `A_EXACT`/`B_EXACT`: that operand's lo part is zero (bf16 values)."""
     if PREC == 'bf16x3' or PREC == 'tf32x3':
         # the small terms summed from zero, apart from acc: added into a large accumulator inside the tensor
-        # cores they lost bits (measured: 3-4x the error of Triton's own tf32x3 on an H100)
+        # cores they lost bits (more error than Triton's own tf32x3)
         small = tl.zeros(acc.shape, dtype=tl.float32)
         if not B_EXACT:
             small = _dot_part(a_hi, b_lo, small, PREC)
