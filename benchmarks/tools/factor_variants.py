@@ -6,53 +6,55 @@ The H200 study (benchmarks/results/solver_h200.md) found the float64 factorisati
 
     python benchmarks/tools/factor_variants.py [T]        # T = 1024: about a minute of one core
 """
-import sys, torch
-sys.path.insert(0, '.')
-from fla_mesa.ops.mesa import chunk_mesa, chunk_torch
-from fla_mesa.ops.mesa import precond
-from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
-from tests.utils import rel_err
-import tests.utils as tu
-torch.set_num_threads(1)
-orig = precond.chunk_start_factor
 
-def shared(S, fp32=False):
-    def f(h, a, lamb, dtype):
-        NT = h.shape[-3]
-        hs, as_ = h[..., ::S, :, :], a[..., ::S]
-        if fp32:
-            with torch.no_grad():
-                K = h.shape[-1]
-                m = as_.float()[..., None, None] * hs.float()
-                m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.float().expand(*as_.shape, K))
-                L, info = torch.linalg.cholesky_ex(m)
-                d = torch.diagonal(m, dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
-                L = torch.where((info != 0)[..., None, None], torch.diag_embed(d), L)
-                eye = torch.eye(K, device=m.device).expand_as(L)
-                w = torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2).to(dtype)
-        else:
-            w = orig(hs, as_, lamb, dtype)
-        return w.repeat_interleave(S, dim=-3)[..., :NT, :, :]
-    return f
+import os
+import sys
 
-fams = dict(FAMILIES)
-fams['benign: random keys, γ = 0.98, Λ = 1'] = dict(dirs=0, gamma=0.98)
-T, K = int(sys.argv[1]) if len(sys.argv) > 1 else 1024, 64
-variants = [('S=1', shared(1)), ('S=1 fp32', shared(1, True)), ('S=2', shared(2)), ('S=4', shared(4)), ('S=8', shared(8)), ('S=16', shared(16))]
-print(f"T = {T}, K = V = {K}, H = 1, float32, defaults; mean steps / at cap / o error (floor)")
-for name, kw in fams.items():
-    x64 = hard_inputs(T, H=1, K=K, V=K, **kw)
-    ref = last_outputs(*x64)
-    x = [t.float() for t in x64]
-    floor = rel_err(last_outputs(*x), ref)
-    row = []
-    for vname, fn in variants:
-        chunk_torch.chunk_start_factor = fn
-        o, _, s = chunk_mesa(*x, precondition='chunk', return_cg_steps=True, check_values=False)
-        s = s.float()
-        row.append(f"{vname}: {s.mean():.2f}/{(s >= 30).float().mean() * 100:.0f}%/{rel_err(o[:, -4:], ref):.1e}")
-    chunk_torch.chunk_start_factor = orig
-    o, _, s = chunk_mesa(*x, precondition=True, return_cg_steps=True, check_values=False)
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from fla_mesa.ops.mesa import chunk_mesa, chunk_torch  # noqa: E402
+from fla_mesa.ops.mesa.precond import chunk_start_factor  # noqa: E402
+from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs  # noqa: E402
+from tests.utils import rel_err  # noqa: E402
+
+
+def shared(S, compute_dtype=torch.float64):
+    """`chunk_start_factor` of every S-th chunk, repeated over the next S - 1."""
+    def factor(h, a, lamb, dtype):
+        w = chunk_start_factor(h[..., ::S, :, :], a[..., ::S], lamb, dtype, compute_dtype=compute_dtype)
+        return w.repeat_interleave(S, dim=-3)[..., :h.shape[-3], :, :]
+    return factor
+
+
+def cell(name, x, ref, precondition):
+    o, _, s = chunk_mesa(*x, precondition=precondition, return_cg_steps=True, check_values=False)
     s = s.float()
-    row.append(f"jacobi: {s.mean():.2f}/{(s >= 30).float().mean() * 100:.0f}%/{rel_err(o[:, -4:], ref):.1e}")
-    print(f"{name} (floor {floor:.1e}):\n   " + "  ".join(row), flush=True)
+    return f"{name}: {s.mean():.2f}/{(s >= 30).float().mean() * 100:.0f}%/{rel_err(o[:, -4:], ref):.1e}"
+
+
+def main():
+    torch.set_num_threads(1)
+    T, K = int(sys.argv[1]) if len(sys.argv) > 1 else 1024, 64
+    families = dict(FAMILIES)
+    families['benign: random keys, γ = 0.98, Λ = 1'] = dict(dirs=0, gamma=0.98)
+    variants = [('S=1', shared(1)), ('S=1 fp32', shared(1, torch.float32))]
+    variants += [(f'S={s}', shared(s)) for s in (2, 4, 8, 16)]
+    print(f"T = {T}, K = V = {K}, H = 1, float32, defaults; mean steps / at cap / o error (floor)")
+    for name, kw in families.items():
+        x64 = hard_inputs(T, H=1, K=K, V=K, **kw)
+        ref = last_outputs(*x64)
+        x = [t.float() for t in x64]
+        row = []
+        for label, factor in variants:
+            chunk_torch.chunk_start_factor = factor
+            try:
+                row.append(cell(label, x, ref, 'chunk'))
+            finally:
+                chunk_torch.chunk_start_factor = chunk_start_factor
+        row.append(cell('jacobi', x, ref, True))
+        print(f"{name} (floor {rel_err(last_outputs(*x), ref):.1e}):\n   " + "  ".join(row), flush=True)
+
+
+if __name__ == '__main__':
+    main()

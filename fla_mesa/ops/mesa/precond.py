@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import torch
 
-# chunk_mesa's default `precondition`: Jacobi until the H200 study (benchmarks/benchmark_solver.py) says otherwise;
-# 'chunk' here switches it (fused_recurrent_mesa keeps Jacobi: op README, "Chunk-start preconditioner")
+# chunk_mesa's default `precondition`: Jacobi, since 'chunk' costs more than the steps it saves at training sizes
+# (benchmarks/results/solver_h200.md); 'chunk' here switches it (fused_recurrent_mesa keeps Jacobi: op README,
+# "Chunk-start preconditioner")
 DEFAULT_PRECONDITION: bool | str = True
 # the dtype the Triton path stores `W` in: float32 keeps the PyTorch path's step counts; bfloat16 halves the memory
 # and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
 FACTOR_DTYPE = torch.float32
 
 
-def chunk_start_factor(h_kk: torch.Tensor, a: torch.Tensor, lamb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def chunk_start_factor(
+    h_kk: torch.Tensor, a: torch.Tensor, lamb: torch.Tensor, dtype: torch.dtype, compute_dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     r"""
     `W = L⁻ᵀ` for the Cholesky factor `L Lᵀ = M = a H + Λ`, so that `M⁻¹ = W Wᵀ`: symmetric whatever `W`'s rounding,
     so CG with it stays preconditioned CG and converges to CG's own answer (rounding changes step counts only).
@@ -26,18 +29,19 @@ def chunk_start_factor(h_kk: torch.Tensor, a: torch.Tensor, lamb: torch.Tensor, 
         a (torch.Tensor): the decay from each chunk's start to its middle token, `[...]`.
         lamb (torch.Tensor): the ridge, broadcastable to `[..., K]`.
         dtype (torch.dtype): the dtype of `W`.
+        compute_dtype (torch.dtype): the dtype of the factorisation. Default: float64.
 
     Returns:
         W (torch.Tensor): `[..., K, K]`, upper triangular.
     """
     with torch.no_grad():
         K = h_kk.shape[-1]
-        m = a.double()[..., None, None] * h_kk.double()
-        m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.double().expand(*a.shape, K))
+        m = a.to(compute_dtype)[..., None, None] * h_kk.to(compute_dtype)
+        m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.to(compute_dtype).expand(*a.shape, K))
         L, info = torch.linalg.cholesky_ex(m)
-        d = torch.diagonal(m, dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        d = torch.diagonal(m, dim1=-2, dim2=-1).clamp_min(torch.finfo(compute_dtype).tiny).sqrt()
         L = torch.where((info != 0)[..., None, None], torch.diag_embed(d), L)
-        eye = torch.eye(K, dtype=torch.float64, device=m.device).expand_as(L)
+        eye = torch.eye(K, dtype=compute_dtype, device=m.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2).to(dtype)
 
 
