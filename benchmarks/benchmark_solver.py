@@ -207,10 +207,9 @@ def main():
     if gpu and not torch.cuda.is_available():
         sys.exit("no GPU: use --device cpu")
     # the GPU: the Triton kernels at the study's sizes; the CPU: the PyTorch path at small ones (a smoke run)
-    family_T, long_T = args.family_T, args.long_T
-    args.family_T, args.family_H, args.family_K = (8192, 4, 128) if gpu else (1024, 1, 64)
-    args.family_T = family_T or args.family_T
-    args.long_T = long_T or (32768 if gpu else 2048)
+    args.family_H, args.family_K = (4, 128) if gpu else (1, 64)
+    args.family_T = args.family_T or (8192 if gpu else 1024)
+    args.long_T = args.long_T or (32768 if gpu else 2048)
     args.Ts = args.Ts or ([2048, 8192] if gpu else [128, 256])
     args.tokens = args.tokens or (16384 if gpu else 256)
     args.D = 128 if gpu else 32

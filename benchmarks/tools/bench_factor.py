@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

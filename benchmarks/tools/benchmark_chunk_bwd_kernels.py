@@ -69,7 +69,8 @@ def make(B, T, H, K, V, cu=None, scale=1.0, seed=0, gate=(3.0, 1.0)):
     h0 = (a @ a.transpose(-1, -2) / K, randn(N, H, K, V))
     do = randn(B, T, H, V) * scale
     dht = (randn(N, H, K, K) * scale, randn(N, H, K, V) * scale)
-    return [t.to(DEV) for t in (q, k, v, g, beta, lamb)], tuple(t.to(DEV) for t in h0), do.to(DEV), tuple(t.to(DEV) for t in dht)
+    inputs = [t.to(DEV) for t in (q, k, v, g, beta, lamb)]
+    return inputs, tuple(t.to(DEV) for t in h0), do.to(DEV), tuple(t.to(DEV) for t in dht)
 
 
 def run(k, v, g, beta, h0, do, dht, x, e, h_kk, h_kv, cu, C, precision, io_dtype=torch.float32):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
-from tests.utils import make_inputs, rel_err, run_with_grads, torch_chunk_path
+from tests.utils import rel_err, run_with_grads, torch_chunk_path
 
 
 def hard_inputs(T, H=1, K=64, V=32, dirs=8, noise=0.0, gamma=0.9999, beta=0.99, softplus_lamb=False,

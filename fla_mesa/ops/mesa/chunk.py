@@ -22,7 +22,8 @@ def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
     # in-chunk cumulative log-decay in log2 space: the kernels use exp2. g = -inf (γ = 0) clamped to a g whose
     # γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN
-    g_cum = chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    g_cum = chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2,
+                               cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     beta = beta.float()
     h_kk, h_kv, final_state = chunk_mesa_fwd_states(
         k, v, g_cum, beta, initial_state=initial_state, output_final_state=True,
@@ -80,7 +81,7 @@ def chunk_mesa_bwd(
 
 def _use_triton_path(q: torch.Tensor) -> bool:
     # by the inputs alone, as fla picks its paths; K > 128 runs the PyTorch path: the CG kernel's K x K tile
-    # overflows shared memory on an H100 there (measured)
+    # overflows a Hopper SM's shared memory there
     return use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
 
 

@@ -17,7 +17,7 @@ from fla_mesa.ops.mesa.kernel_utils import exp2, mesa_dot, resolve_precision
 from fla_mesa.utils import is_interpreting
 
 # every kernel's default is 'auto' (`resolve_precision`): tf32x3 (fp32 level) for fp32 inputs, bf16x3 for 16-bit
-# inputs, whose own rounding (~1e-3) stays 100x above what bf16x3 adds (README: "Solver precision")
+# inputs, whose own rounding stays far above what bf16x3 adds (op README: "Solver precision")
 STATE_DOT_PRECISION = 'auto'
 
 
@@ -141,9 +141,11 @@ def _chunk_mesa_bwd_dh_block(
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         # [BK, BT]
-        b_a = tl.load(a + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_a = tl.load(a + (bos * H + i_h) * K + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                      other=0.)
         # [BT, BW]
-        b_b = tl.load(b + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :], mask=m_t[:, None] & m_w[None, :], other=0.)
+        b_b = tl.load(b + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :], mask=m_t[:, None] & m_w[None, :],
+                      other=0.)
         b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
         i_last = tl.minimum((i_t + 1) * BT, T) - 1
         b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
