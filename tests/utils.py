@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +69,22 @@ def on_cuda(fn):
     def wrapped(*args, **kwargs):
         return to_device(fn(*to_device(args, 'cuda'), **to_device(kwargs, 'cuda')), 'cpu')
     return wrapped
+
+
+def on_triton(fn):
+    """
+    `fn` where its Triton kernels run: as it is under TRITON_INTERPRET=1, on the GPU (`on_cuda`) where there is one,
+    else `None` (the test module then skips: `pytestmark = NEEDS_TRITON`).
+    """
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        return fn
+    return on_cuda(fn) if torch.cuda.is_available() else None
+
+
+NEEDS_TRITON = pytest.mark.skipif(
+    os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
+    reason="the Triton kernels need TRITON_INTERPRET=1 or a GPU",
+)
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float64, gate=(3.0, 1.0), initial_state=False, seed=42, device='cpu'):

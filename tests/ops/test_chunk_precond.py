@@ -7,21 +7,15 @@ floor for the output, and for every gradient twice the larger of the float32 ref
 path's with the same preconditioner.
 """
 
-import os
-
 import pytest
 import torch
 
 from fla_mesa.ops.mesa import chunk_cg, chunk_mesa, naive_exact_mesa
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
-from tests.utils import on_cuda, rel_err, run_with_grads, torch_chunk_path
+from tests.utils import NEEDS_TRITON, on_triton, rel_err, run_with_grads, torch_chunk_path
 
-if os.environ.get('TRITON_INTERPRET') == '1':
-    triton_chunk_mesa = chunk_mesa
-elif torch.cuda.is_available():
-    triton_chunk_mesa = on_cuda(chunk_mesa)
-else:
-    pytestmark = pytest.mark.skip(reason="the Triton kernels need TRITON_INTERPRET=1 or a GPU")
+triton_chunk_mesa = on_triton(chunk_mesa)
+pytestmark = NEEDS_TRITON
 
 
 def run(monkeypatch, backend, *args, **kwargs):

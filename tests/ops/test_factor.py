@@ -8,21 +8,15 @@ Bounds, from float32 Cholesky's backward error (u = 2^-24, κ = cond(M)): measur
 and u κ.
 """
 
-import os
-
 import pytest
 import torch
 
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
 from fla_mesa.ops.mesa.precond import chunk_start_factor
-from tests.utils import on_cuda
+from tests.utils import NEEDS_TRITON, on_triton
 
-if os.environ.get('TRITON_INTERPRET') == '1':
-    factor = chunk_start_factor_triton
-elif torch.cuda.is_available():
-    factor = on_cuda(chunk_start_factor_triton)
-else:
-    pytestmark = pytest.mark.skip(reason="the Triton kernels need TRITON_INTERPRET=1 or a GPU")
+factor = on_triton(chunk_start_factor_triton)
+pytestmark = NEEDS_TRITON
 
 U32 = 2.0 ** -24
 
