@@ -2,6 +2,7 @@
 """The chunk kernels pinned to their GPU autotune configs (tests/gpu_configs.py), in the interpreter, against float64."""
 
 import pytest
+import torch
 
 from fla_mesa.utils import is_interpreting
 from tests.gpu_configs import config_errors, gpu_configs
@@ -40,4 +41,22 @@ def test_every_kernel_on_one_config_index(table):
     # what benchmark_chunk.py --pin-config I compiles: every chunk kernel on its config I mod its count
     errs = config_errors('cg', 4, 'fp32', 16, 16, T=16, others=4)
     assert all(t.configs == [c[4 % len(c)]] for t, c in table.values())
+    assert max(errs.values()) < 3 * FP32_FLOOR, errs
+
+
+def test_grads_slices_of_a_wider_config(table, monkeypatch):
+    # a config whose slices are wider than the narrowest one launches fewer slices than the host made room for: the
+    # kernel zeroes the other shares of dg, dβ. Every buffer the op leaves uninitialised starts as NaN here, so a share
+    # nobody wrote shows in dg and dβ.
+    from fla_mesa.ops.mesa.chunk_bwd import GRADS_MIN_BLOCK
+    _, configs = table['grads']
+    assert all(min(c.kwargs['BK'], c.kwargs['BV']) >= GRADS_MIN_BLOCK for c in configs)
+    wide = next(i for i, c in enumerate(configs) if c.kwargs['BK'] > GRADS_MIN_BLOCK and c.kwargs['BV'] > GRADS_MIN_BLOCK)
+    new_empty = torch.Tensor.new_empty
+
+    def poisoned(self, *size, **kwargs):
+        out = new_empty(self, *size, **kwargs)
+        return out.fill_(float('nan')) if out.is_floating_point() else out
+    monkeypatch.setattr(torch.Tensor, 'new_empty', poisoned)
+    errs = config_errors('grads', wide, 'fp32', 40, 36, T=20)
     assert max(errs.values()) < 3 * FP32_FLOOR, errs

@@ -65,6 +65,10 @@ def _grads_configs():
     ]
 
 
+# the narrowest slice (BK, BV) of any grads config: the host allocates room for the dg, dβ shares of that many slices
+GRADS_MIN_BLOCK = 32
+
+
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
 @triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
 @triton.jit(do_not_specialize=['T'])
@@ -145,6 +149,7 @@ def chunk_mesa_bwd_kernel_grads(
     BK: tl.constexpr,
     BV: tl.constexpr,
     BC: tl.constexpr,
+    NS: tl.constexpr,
     PREC: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr,
@@ -311,6 +316,11 @@ def chunk_mesa_bwd_kernel_grads(
     # this slice's shares, summed on the host
     tl.store(dg + i_s * NTOK * H + (bos + o_t) * H + i_h, b_dg, mask=m_t)
     tl.store(dbeta + i_s * NTOK * H + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
+    # the host sums all NS shares it allocated, whichever config ran: the last slice zeroes those past this config's
+    if i_s == tl.maximum(NK, NV) - 1:
+        for i_z in range(tl.maximum(NK, NV), NS):
+            tl.store(dg + i_z * NTOK * H + (bos + o_t) * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_t)
+            tl.store(dbeta + i_z * NTOK * H + (bos + o_t) * H + i_h, tl.zeros([BT], dtype=tl.float32), mask=m_t)
 
 
 def _check_precision(precision, ref):
@@ -421,24 +431,20 @@ def chunk_mesa_bwd_grads(
     # dk, dv in the dtypes of k, v: no cast pass after the kernel
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    # the shares of dg and dβ of every slice (K/V column block), room for as many as the smallest configured block
+    # the shares of dg and dβ of every slice (K/V column block), room for as many as the narrowest configured slice
     # gives, and per-chunk partial sums of dλ, all reduced below (no atomics)
-    NS = max(max(triton.cdiv(K, c.kwargs['BK']), triton.cdiv(V, c.kwargs['BV'])) for c in _grads_configs())
+    NS = max(triton.cdiv(K, GRADS_MIN_BLOCK), triton.cdiv(V, GRADS_MIN_BLOCK))
     dg = k.new_empty(NS, B, T, H, dtype=torch.float32)
     dbeta = k.new_empty(NS, B, T, H, dtype=torch.float32)
     dlamb = k.new_empty(B * NT, H, K, dtype=torch.float32)
-    # the slices of the launched config: the launch calls grid last, with that config (autotuning calls it before)
-    launched = {}
 
     def grid(meta):
-        launched['NS'] = max(triton.cdiv(K, meta['BK']), triton.cdiv(V, meta['BV']))
-        return (launched['NS'], NT, B * H)
+        return (max(triton.cdiv(K, meta['BK']), triton.cdiv(V, meta['BV'])), NT, B * H)
 
     chunk_mesa_bwd_kernel_grads[grid](
         x=x, e=e, do=do, k=k, v=v, g=g_cum, beta=beta, h_kk=h_kk, h_kv=h_kv, dh_kk=dh_kk, dh_kv=dh_kv,
         dk=dk, dv=dv, dg=dg, dbeta=dbeta, dlamb=dlamb, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-        T=T, NTOK=B * T, H=H, K=K, V=V, BT=BT, PREC=precision,
+        T=T, NTOK=B * T, H=H, K=K, V=V, NS=NS, BT=BT, PREC=precision,
         K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
     )
-    ns = launched['NS']
-    return dk, dv, dg[:ns].sum(0), dbeta[:ns].sum(0), dlamb.sum(0), dh0
+    return dk, dv, dg.sum(0), dbeta.sum(0), dlamb.sum(0), dh0
