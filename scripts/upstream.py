@@ -158,35 +158,43 @@ def run_tests(fla: Path, pytest_args: list[str], report: Path | None) -> int:
                            cwd=fla, env=env, capture_output=True, text=True)
     if where.returncode != 0 or not where.stdout.startswith(str(fla.resolve())):
         raise SystemExit(f"importing fla from {fla} failed or found another fla:\n{where.stdout}{where.stderr}")
-    cmd = [sys.executable, '-m', 'pytest', *TESTS, '-q', '-rA', '-p', 'no:cacheprovider', *pytest_args]
-    print('$', ' '.join(cmd), f'(in {fla})', flush=True)
-    proc = subprocess.Popen(cmd, cwd=fla, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        lines.append(line)
-    rc = proc.wait()
+    # one process per file: fla's test_mesa.py sets torch's default device to CUDA in a test and leaves it so, which
+    # breaks the model tests' weight initialisation when they run after it in the same process
+    cmds, lines, rc = [], [], 0
+    for test in TESTS:
+        cmd = [sys.executable, '-m', 'pytest', test, '-q', '-rA', '-p', 'no:cacheprovider', *pytest_args]
+        print('$', ' '.join(cmd), f'(in {fla})', flush=True)
+        proc = subprocess.Popen(cmd, cwd=fla, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+        rc = rc or proc.wait()
+        cmds.append(cmd)
     if report is not None:
-        write_report(fla, report, cmd, lines, rc)
+        write_report(fla, report, cmds, lines, rc)
     return rc
 
 
-def write_report(fla: Path, report: Path, cmd: list[str], lines: list[str], rc: int):
+def write_report(fla: Path, report: Path, cmds: list[list[str]], lines: list[str], rc: int):
     import torch
     import triton
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f'none (CPU: {platform.processor() or "?"})'
     summary = [line.rstrip() for line in lines if re.match(r'^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b', line)]
-    totals = [line.strip() for line in lines if re.search(r'\b(passed|failed|errors?|collected|deselected)\b', line)]
-    final = totals[-1] if totals else 'no summary line'
+    totals = [line.strip(' =\n') for line in lines if re.match(r'^=* ?\d+ (passed|failed|errors?)\b', line)]
+    final = '; '.join(totals) if totals else 'no summary line'
+    # COMMIT=...: where the files were copied to the GPU machine without their git history
+    commit = os.environ.get('COMMIT') or git(ROOT, 'rev-parse', 'HEAD')
+    dirty = not os.environ.get('COMMIT') and git(ROOT, 'status', '--porcelain')
     header = [
         "# fla's MesaNet tests on fla-mesa's op, layer and model",
         '',
-        f"Written by `scripts/upstream.py` on {datetime.date.today()}: fla-mesa commit {git(ROOT, 'rev-parse', 'HEAD')}"
-        f"{' (with uncommitted changes)' if git(ROOT, 'status', '--porcelain') else ''}, written into an fla checkout "
+        f"Written by `scripts/upstream.py` on {datetime.date.today()}: fla-mesa commit {commit}"
+        f"{' (with uncommitted changes)' if dirty else ''}, written into an fla checkout "
         f"of version {fla_version(fla)}, git {git(fla, 'describe', '--tags', '--always')} ({git(fla, 'rev-parse', 'HEAD')}).",
         f"GPU: {gpu}; torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}.",
         '',
-        f"Command (in the checkout, `PYTHONPATH` set to it): `python {shlex.join(cmd[1:])}`",
+        "Commands (in the checkout, `PYTHONPATH` set to it), one process per test file:",
+        *[f"`python {shlex.join(cmd[1:])}`" for cmd in cmds],
         f"Exit status {rc}; {final}",
         '',
         '```',
