@@ -13,6 +13,7 @@ from fla_mesa.ops.mesa.kernel_utils import (
     INTERPRETING, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
     round_tf32, sum2,
 )
+from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
 from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
@@ -441,7 +442,12 @@ def chunk_mesa_cg(
     b, do, v, h_kv = (None if t is None else t.contiguous() for t in (b, do, v, h_kv))
     if precondition == 'chunk' and factor is None:
         a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices)
-        factor = chunk_start_factor(h_kk, a.view(*h_kk.shape[:3]), lamb, FACTOR_DTYPE)
+        a = a.view(*h_kk.shape[:3])
+        # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
+        if K <= 128:
+            factor = chunk_start_factor_triton(h_kk, a, lamb, FACTOR_DTYPE)
+        else:
+            factor = chunk_start_factor(h_kk, a, lamb, FACTOR_DTYPE)
     if precondition == 'chunk':
         if factor.shape != h_kk.shape or factor.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"`factor` must be float32 or bfloat16 of h_kk's shape {tuple(h_kk.shape)}, got "

@@ -2,7 +2,7 @@
 """
 The chunk-start factor `W = L⁻ᵀ` (`L Lᵀ = M = a H + Λ`, `M⁻¹ = W Wᵀ`) of `precondition='chunk'` as one Triton
 program per matrix: a blocked inverse Cholesky factorisation in float32 whose bulk is `tl.dot` on BS×BS tiles
-(op README, "A Triton kernel for the chunk-start factor"). Not wired into the chunk path yet (issue 14).
+(op README, "A Triton kernel for the chunk-start factor"). The Triton chunk path's factor for K <= 128.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def chunk_start_factor_triton(
         dtype (torch.dtype): the dtype of `W`.
         precision (str, Optional): operand precision of the blocked products, one of `chunk_h.DOT_PRECISIONS`.
             Default: `FACTOR_DOT_PRECISION`.
-        block_size (int, Optional): the tile width BS, 16 or 32. Default: 32 for K > 32, else 16.
+        block_size (int, Optional): the tile width BS, 16 or 32. Default: 16, the fastest on an H200
+            (benchmarks/results/factor_h200.md).
         num_warps (int, Optional): warps a program. Default: 4 for BS = 32, else 1.
         maxnreg (int, Optional): a register cap a thread (Triton's launch option), for more programs an SM.
 
@@ -183,7 +184,7 @@ def chunk_start_factor_triton(
     precision = FACTOR_DOT_PRECISION if precision is None else precision
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"`precision` must be one of {DOT_PRECISIONS}, got {precision!r}")
-    BS = block_size if block_size is not None else (32 if K > 32 else 16)
+    BS = 16 if block_size is None else block_size
     if BS not in (16, 32):
         raise ValueError(f"`block_size` must be 16 or 32, got {block_size}")
 
