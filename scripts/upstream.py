@@ -132,6 +132,21 @@ def write_layer_and_model(fla: Path):
         (target / path.name).write_text(rewrite(path.read_text(), rename_classes=True))
 
 
+def enable_varlen_tests(fla: Path) -> bool:
+    """Takes MesaNetConfig off fla's `MODELING_UNSUPPORTED_VARLEN` (fla-mesa's model takes `cu_seqlens`), as the pull
+    request would; fla's model tests skip their varlen and backward checks for the configs listed there."""
+    path = fla / 'tests/models/test_modeling_utils.py'
+    if not path.exists():
+        return False
+    text = path.read_text()
+    found = re.search(r'MODELING_UNSUPPORTED_VARLEN\s*=\s*\[(.*?)\]', text, re.S)
+    if found is None or '"MesaNetConfig"' not in found.group(1):
+        return False
+    body = re.sub(r'"MesaNetConfig",\s*', '', found.group(1))
+    path.write_text(text[:found.start(1)] + body + text[found.end(1):])
+    return True
+
+
 def check_no_plugin_names(fla: Path):
     written = list((fla / 'fla/ops/mesa_net').glob('*')) + list((fla / 'fla/models/mesa_net').glob('*.py'))
     written.append(fla / 'fla/layers/mesa_net.py')
@@ -223,6 +238,8 @@ def main():
     kept = write_ops(fla)
     write_layer_and_model(fla)
     check_no_plugin_names(fla)
+    if enable_varlen_tests(fla):
+        print("took MesaNetConfig off tests/models/test_modeling_utils.py's MODELING_UNSUPPORTED_VARLEN")
     print(f"wrote fla/ops/mesa_net/, fla/layers/mesa_net.py, fla/models/mesa_net/ in {fla}"
           + (f"; kept fla's references {kept} in naive.py" if kept else ''))
     if args.test:
