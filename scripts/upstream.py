@@ -10,7 +10,8 @@ Writes fla-mesa's op, layer and model into an fla source checkout as the replace
 What changes on the way in: imports (`fla_mesa.ops.mesa` -> `fla.ops.mesa_net`, ...), the model's class names and
 model type (`MesaConfig` -> `MesaNetConfig`, ..., `'mesa'` -> `'mesa_net'`), and fla's two test references
 (`naive_mesa_net_exact`, `naive_mesa_net_decoding_one_step`) carried over from fla's own `naive.py` into the new one,
-so fla's tests import what they import today. Nothing else: a file that still names `fla_mesa` stops the script.
+so fla's tests import what they import today; and in fla's tests, `MesaNetConfig` off `MODELING_UNSUPPORTED_VARLEN`.
+Nothing else: a file that still names `fla_mesa` stops the script.
 """
 
 from __future__ import annotations
