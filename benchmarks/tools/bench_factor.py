@@ -51,7 +51,7 @@ def log(s='', out=None):
 
 
 def torch_factor_fp32(h_kk, a, lamb, dtype):
-    # `chunk_start_factor` with the factorisation in float32 (benchmarks/tools/factor_variants.py's variant)
+    # `chunk_start_factor` with the factorisation in float32 (the float32 variant of factor_variants_cpu.md)
     m = a.float()[..., None, None] * h_kk.float()
     m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.float().expand(*a.shape, h_kk.shape[-1]))
     L, info = torch.linalg.cholesky_ex(m)
