@@ -8,7 +8,8 @@ The solver study of issue 14 (item 4): plain CG, Jacobi PCG and the chunk-start 
    `cg_max_steps=30, cg_tol=1e-4`; the float32 floor, a float32 direct solve, beside it), and the time of the forward
    and of forward+backward.
 2. The chunk table's shape (B·T = 16384, H = 16, D = 128, bf16, `benchmark_chunk.py`'s inputs) at T = 2048 and 8192:
-   Jacobi against 'chunk', forward and forward+backward, and the factorisation `precond.chunk_start_factor` alone.
+   Jacobi against 'chunk', forward and forward+backward, and the factorisation alone (the Triton path's kernel, and
+   torch's float64 `precond.chunk_start_factor`).
 3. Long states (T = 32768 on the GPU, γ = 1 or 0.9999, few key directions), float32 and bf16 q/k/v: steps, the last
    tokens' error against float64 beside the float32 floor, and whether the output and every gradient are finite.
 
@@ -161,10 +162,14 @@ def chunk_table(args, lines):
     h = torch.randn(1, NT, H, D, D, device=args.device) / D ** 0.5
     h = h @ h.transpose(-1, -2)
     a, lamb = torch.rand(1, NT, H, device=args.device), torch.full((H, D), 0.25, device=args.device)
-    for dtype in (torch.float32, torch.bfloat16):
-        t = timed(lambda: chunk_start_factor(h, a, lamb, dtype), args.device)
-        lines.append(f"\nchunk_start_factor alone ({NT * H} matrices {D}x{D}, float64 Cholesky and inverse, stored "
-                     f"{str(dtype)[6:]}): {t:.2f} ms")
+    # the Triton path's factor kernel (what 'chunk' runs on the GPU), and torch's float64 one it replaced there
+    factors = {'torch float64 Cholesky and inverse (precond.chunk_start_factor)': chunk_start_factor}
+    if args.device == 'cuda':
+        from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
+        factors = {'Triton kernel (factor.chunk_start_factor_triton)': chunk_start_factor_triton, **factors}
+    for name, fn in factors.items():
+        t = timed(lambda: fn(h, a, lamb, torch.float32), args.device)
+        lines.append(f"\nthe factorisation alone ({NT * H} matrices {D}x{D}, W in float32), {name}: {t:.2f} ms")
     lines.append("")
 
 
