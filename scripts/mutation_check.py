@@ -130,6 +130,16 @@ MUTANTS = [
            'elif q_len <= 64 and not self.training:',
            'elif q_len < 64 and not self.training:',
            ['tests/layers/test_layer_triton.py'], 'switch'),
+    Mutant("grads kernel: the shares past a wide config's slices left unwritten",
+           'fla_mesa/ops/mesa/chunk_bwd.py',
+           'for i_z in range(tl.maximum(NK, NV), NS):',
+           'for i_z in range(NS, NS):',
+           ['tests/test_gpu_configs.py'], 'wider_config'),
+    Mutant("chunk-start factor kernel: Λ left out of M's diagonal",
+           'fla_mesa/ops/mesa/factor.py',
+           'b_d = tl.where(m_i, b_lamb, 1.)',
+           'b_d = tl.where(m_i, 0. * b_lamb, 1.)',
+           ['tests/ops/test_chunk_precond.py'], 'forward_hard and 8'),
 ]
 
 
