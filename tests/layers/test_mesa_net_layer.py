@@ -156,6 +156,20 @@ def test_dense_equals_varlen():
         assert_rel(name, a, b, 1e-4)
 
 
+def test_cu_seqlens_wins_over_an_attention_mask():
+    # fla's layer contract (its tests/layers/test_attn_varlen_pack_layout.py): packed sequences given as cu_seqlens
+    # are what the layer runs, an all-ones mask passed beside them changes nothing
+    layer = make_layer()
+    x = inputs(B=1, T=30)
+    cu_seqlens = torch.tensor([0, 11, 30], dtype=torch.int32, device=device)
+    expected, _, _ = layer(x, cu_seqlens=cu_seqlens)
+    actual, _, _ = layer(x, attention_mask=torch.ones(1, 30, dtype=torch.long, device=device), cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    # and they are packed sequences, not one: the second starts from an empty state
+    first, _, _ = layer(x[:, 11:])
+    assert_rel('o', expected[:, 11:], first, 1e-6)
+
+
 @pytest.mark.parametrize('grad', [True, False], ids=['chunk', 'fused_recurrent'])
 def test_padding_mask_equals_per_sample(grad):
     layer = make_layer().train(grad)
