@@ -214,6 +214,8 @@ def parse_args(argv=None):
     p.add_argument('--val-windows', type=int, help='validation windows of seq-len bytes')
     p.add_argument('--parallel', type=int, help='training processes at once on the one device')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
+    p.add_argument('--autotune', action='store_true',
+                   help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--corpus', help='corpus folder (default: /tmp/fla_mesa_byte_corpus/<settings>, built if absent)')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'byte_lm'))
@@ -331,7 +333,7 @@ def main(argv=None):
             record = common.read_json(result)
             if record is not None and (record['status'] != 'failed' or not args.retry_failed):
                 continue
-            cell = dict(settings, model=model, seed=seed, corpus=args.corpus, result=result, threads=threads,
+            cell = dict(settings, autotune=args.autotune, model=model, seed=seed, corpus=args.corpus, result=result, threads=threads,
                         intermediate_size=sizes[model]['intermediate_size'], deadline=deadline,
                         checkpoint_seconds=args.checkpoint_seconds, checkpoint_dir=checkpoint_dir)
             jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),

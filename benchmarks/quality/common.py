@@ -269,9 +269,22 @@ def read_json(path):
         return None
 
 
+def pin_mesa_kernels():
+    """
+    fla-mesa's chunk kernels each pinned to their first GPU autotune config: a dozen workers compiling every config
+    of every kernel at once took minutes of a call; every config is checked against float64
+    (benchmarks/tools/check_configs.py), so the choice changes speed only. `--autotune` keeps the autotuners.
+    """
+    from tests.gpu_configs import gpu_configs, pin
+    for tuner, configs in gpu_configs().values():
+        pin(tuner, configs[0])
+
+
 def run_worker(cell_json, train):
     """A worker process's whole job: train the cell, record the result (or why it failed) in the cell's cache."""
     cell = json.loads(cell_json)
+    if cell['device'] == 'cuda' and cell['model'] in ('mesa', 'gla') and not cell.get('autotune'):
+        pin_mesa_kernels()
     try:
         record = train(cell)
     except Exception as exc:  # recorded in the cell's cache so the report says why (fla's refusal included)

@@ -162,6 +162,8 @@ def parse_args(argv=None):
     p.add_argument('--disagree', type=float, default=10.0,
                    help='points between two seeds that add a third seed for that model and width')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
+    p.add_argument('--autotune', action='store_true',
+                   help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'mqar'))
     p.add_argument('--tag', help='output name: benchmarks/results/mqar_<tag>.md/.png (default: the preset)')
@@ -201,7 +203,7 @@ def make_jobs(args, folder, settings, sizes, cells):
         record = common.read_json(result)
         if record is not None and (record['status'] != 'failed' or not args.retry_failed):
             continue
-        cell = dict(settings, model=model, width=width, lr=lr, seed=seed, threads=threads, result=result,
+        cell = dict(settings, autotune=args.autotune, model=model, width=width, lr=lr, seed=seed, threads=threads, result=result,
                     intermediate_size=sizes[width][model]['intermediate_size'])
         jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),
                          env=common.worker_env(model, args.device),
