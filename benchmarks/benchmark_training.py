@@ -21,8 +21,9 @@ is then left out). 'enqueue ms' is the host time from a step's start to the retu
 the synchronize: the host cost of a step when nothing in it waits for the GPU; a device-to-host copy inside the
 step makes it wait, and then it is close to the whole step.
 
-By default every Triton-using model is first run for one step of each of its rows in a process of its own, all at
-once (--warm-jobs), so that Triton's autotuners compile their configs in parallel into Triton's on-disk cache
+By default every Triton-using model is first run for one step of each of its rows in --warm-slices processes,
+each with every autotuned kernel (fla's and fla-mesa's) cut to its share of the configs, all at once
+(--warm-jobs), so that Triton's autotuners compile their configs in parallel into Triton's on-disk cache
 (TRITON_CACHE_DIR); the timed run, one process, then finds the binaries there. Autotuning choices are not cached
 in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes would be picked on noise.
 
@@ -454,10 +455,10 @@ def default_out(args, kind):
 
 def warm(args):
     """
-    Processes that each run one step of every T of one model, all at once: fla-mesa's chunk kernels are split
-    over one process per config index (each kernel pinned to its config I, as warm_cache.py does), every other
-    Triton-using model gets one process. Only the smallest size requested runs: the larger one has the same
-    layers, hence the same kernels and binaries, only more of them.
+    Processes that each run one step of every T of one model, all at once: each Triton-using model in
+    --warm-slices processes, process I with every autotuned kernel of fla and fla-mesa cut to its configs I,
+    I + N, ... (`slice_configs`). Only the smallest size requested runs: the larger one has the same layers, hence
+    the same kernels and binaries, only more of them.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
     env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')
@@ -466,11 +467,12 @@ def warm(args):
     if args.tiny:
         base.append('--tiny')
     cmds = []
+    # every Triton-using model (Llama runs none) in --warm-slices processes, each compiling its share of the configs
+    # of every autotuned kernel (fla's carry 30-48 each: one process compiling them all ran past its time limit)
+    n = args.warm_slices if args.device == 'cuda' else 1
     for m in args.models:
-        if m == 'fla-mesa' and args.device == 'cuda':
-            cmds += [base + ['--models', m, '--pin-config', str(i)] for i in range(mesa_config_count())]
-        elif m != 'llama':  # Llama runs no Triton
-            cmds.append(base + ['--models', m])
+        if m != 'llama':
+            cmds += [base + ['--models', m, '--config-slice', str(i), str(n)] for i in range(n)]
 
     def launch(cmd):
         t0 = time.time()
@@ -495,6 +497,33 @@ def mesa_config_count():
     sys.path.insert(0, ROOT)
     from tests.gpu_configs import gpu_configs
     return max(len(configs) for _, configs in gpu_configs().values())
+
+
+def slice_configs(i, n):
+    """
+    Every autotuned Triton kernel of fla and fla-mesa keeps its configs i, i + n, i + 2n, ... (its config i mod its
+    count where it has fewer than i + 1): the compile pass's n processes of a model split the compiling between them,
+    together covering every config. Returns the number of kernels sliced.
+    """
+    sys.path.insert(0, ROOT)
+    import fla  # noqa: F401  (imports every fla kernel module)
+    import fla_mesa.layers  # noqa: F401
+    import fla_mesa.models  # noqa: F401
+    import fla_mesa.ops.mesa  # noqa: F401
+    from triton.runtime.autotuner import Autotuner
+    seen = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(('fla.', 'fla_mesa.')):
+            continue
+        for obj in list(vars(module).values()):
+            # the autotuner under a kernel's heuristics wrappers
+            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, 'fn'):
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and id(obj) not in seen:
+                seen.add(id(obj))
+                obj.configs = obj.configs[i::n] or [obj.configs[i % len(obj.configs)]]
+                obj.cache.clear()
+    return len(seen)
 
 
 def pin_config(i):
@@ -563,6 +592,9 @@ def main(argv=None):
     p.add_argument('--warm-timeout', type=int, default=420, help='seconds per compile process')
     p.add_argument('--compile-only', action='store_true', help='(the compile pass) one step per row, no timing')
     p.add_argument('--pin-config', type=int, default=None, help='(the compile pass) fla-mesa kernels at config I')
+    p.add_argument('--config-slice', type=int, nargs=2, default=None, metavar=('I', 'N'),
+                   help="(the compile pass) every fla and fla-mesa kernel's configs I, I + N, ...")
+    p.add_argument('--warm-slices', type=int, default=5, help='compile processes per model in the compile pass')
     p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
     p.add_argument('--cuda-graph', action='store_true',
                    help='time the whole step captured in one CUDA graph (model rows say "graph")')
@@ -581,6 +613,8 @@ def main(argv=None):
     if args.compile_only:
         if args.pin_config is not None:
             pin_config(args.pin_config)
+        if args.config_slice is not None:
+            slice_configs(*args.config_slice)
         for size in args.sizes:
             for T in args.Ts:
                 for name in args.models:

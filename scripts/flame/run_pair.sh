@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a two-GPU machine, from the repo root, in one go (issue 17): Triton's compile pass for the model's kernels, in
-# parallel processes (benchmarks/benchmark_training.py's, the chunk kernels pinned one config per process; the
+# parallel processes (benchmarks/benchmark_training.py's, every autotuned kernel cut to its share of the configs; the
 # binaries land in TRITON_CACHE_DIR, and the Mesa kernels' binaries do not depend on the model's width), then
 # run_gpu.sh on one GPU and on two (FSDP2), the loss plot, and everything packed into $OUT: flame_logs.tgz (logs,
 # versions, HF checks, plot; packed again whenever the script ends, a time limit's kill included) and
@@ -28,7 +28,7 @@ python3 scripts/flame/make_corpus.py --out /tmp/mesa_corpus --docs ${DOCS:-20000
 n=$(python3 -c "import benchmarks.benchmark_training as b; print(b.mesa_config_count())")
 for i in $(seq 0 $((n - 1))); do
   TRITON_CACHE_AUTOTUNING=0 timeout 400 python3 benchmarks/benchmark_training.py --compile-only --no-warm \
-    --models fla-mesa --sizes small --Ts 2048 --pin-config $i > $LOGS/warm$i.log 2>&1 &
+    --models fla-mesa --sizes small --Ts 2048 --config-slice $i $n > $LOGS/warm$i.log 2>&1 &
 done
 wait
 echo "compile pass and corpus: $(( $(date +%s) - t0 )) s"; tail -n 2 $LOGS/warm*.log
