@@ -33,12 +33,12 @@ import torch.nn.functional as F
 
 # the repository root: the GPU config lists and pinning are the tests' (tests/gpu_configs.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.gpu_configs import gpu_configs, pin  # noqa: E402
+from tests.gpu_configs import gpu_configs, pin, slice_configs  # noqa: E402
 
 GRADS = ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb']
 # 'cpu' (with TRITON_INTERPRET=1 and tiny --tokens) only to smoke-test this script
 DEVICE = 'cuda'
-# --pin-config (warm_cache.py): run every op once to compile its kernels, time nothing
+# --pin-config, --config-slice (warm_cache.py): run every op once to compile its kernels, time nothing
 COMPILE_ONLY = False
 
 
@@ -518,6 +518,9 @@ def main():
     p.add_argument('--pin-config', type=int, default=None, metavar='I',
                    help="compile only (warm_cache.py): every fla-mesa chunk kernel pinned to its config I (mod its "
                         "count), every op run once, nothing timed")
+    p.add_argument('--config-slice', type=int, nargs=2, default=None, metavar=('I', 'N'),
+                   help="compile only (warm_cache.py): every autotuned kernel of fla and fla-mesa cut to its configs "
+                        "I, I + N, ..., every op run once, nothing timed")
     p.add_argument('--device', default='cuda', help=argparse.SUPPRESS)
     args = p.parse_args()
     global DEVICE, COMPILE_ONLY
@@ -526,6 +529,9 @@ def main():
         COMPILE_ONLY = True
         for tuner, configs in gpu_configs().values():
             pin(tuner, configs[args.pin_config % len(configs)])
+    if args.config_slice is not None:
+        COMPILE_ONLY = True
+        slice_configs(*args.config_slice)
     if DEVICE == 'cuda' and not torch.cuda.is_available():
         sys.exit("benchmark_chunk.py needs a CUDA GPU")
     if DEVICE != 'cuda':

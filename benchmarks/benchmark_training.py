@@ -457,7 +457,7 @@ def warm(args):
     """
     Processes that each run one step of every T of one model, all at once: each Triton-using model in
     --warm-slices processes, process I with every autotuned kernel of fla and fla-mesa cut to its configs I,
-    I + N, ... (`slice_configs`). Only the smallest size requested runs: the larger one has the same layers, hence
+    I + N, ... (`tests.gpu_configs.slice_configs`). Only the smallest size requested runs: the larger one has the same layers, hence
     the same kernels and binaries, only more of them.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -497,33 +497,6 @@ def mesa_config_count():
     sys.path.insert(0, ROOT)
     from tests.gpu_configs import gpu_configs
     return max(len(configs) for _, configs in gpu_configs().values())
-
-
-def slice_configs(i, n):
-    """
-    Every autotuned Triton kernel of fla and fla-mesa keeps its configs i, i + n, i + 2n, ... (its config i mod its
-    count where it has fewer than i + 1): the compile pass's n processes of a model split the compiling between them,
-    together covering every config. Returns the number of kernels sliced.
-    """
-    sys.path.insert(0, ROOT)
-    import fla  # noqa: F401  (imports every fla kernel module)
-    import fla_mesa.layers  # noqa: F401
-    import fla_mesa.models  # noqa: F401
-    import fla_mesa.ops.mesa  # noqa: F401
-    from triton.runtime.autotuner import Autotuner
-    seen = set()
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(('fla.', 'fla_mesa.')):
-            continue
-        for obj in list(vars(module).values()):
-            # the autotuner under a kernel's heuristics wrappers
-            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, 'fn'):
-                obj = obj.fn
-            if isinstance(obj, Autotuner) and id(obj) not in seen:
-                seen.add(id(obj))
-                obj.configs = obj.configs[i::n] or [obj.configs[i % len(obj.configs)]]
-                obj.cache.clear()
-    return len(seen)
 
 
 def pin_config(i):
@@ -614,6 +587,8 @@ def main(argv=None):
         if args.pin_config is not None:
             pin_config(args.pin_config)
         if args.config_slice is not None:
+            sys.path.insert(0, ROOT)
+            from tests.gpu_configs import slice_configs
             slice_configs(*args.config_slice)
         for size in args.sizes:
             for T in args.Ts:

@@ -4,11 +4,12 @@ Compiles ahead, in parallel, the Triton kernels benchmark_chunk.py autotunes, so
 timing.
 
 An autotuner compiles every config of its kernel at the first call, one after another in one process: at K = V = 128
-that took most of a 330 s benchmark run on an H200 (benchmarks/results/chunk_h200.md). Here one process per config
-index runs every fla-mesa row once with each chunk kernel pinned to that config (`benchmark_chunk.py --pin-config
-I`), and fla's rows run in processes of their own; the binaries land in Triton's cache (TRITON_CACHE_DIR) where the
-timed run finds them. Autotuning choices are not cached here (TRITON_CACHE_AUTOTUNING=0): configs timed beside
-other processes would be picked on noise.
+that took most of a 330 s benchmark run on an H200 (benchmarks/results/chunk_h200.md), and fla's kernels carry 30-48
+configs each. Here --jobs processes run every row once (fla-mesa's and fla's; `benchmark_chunk.py --config-slice I
+N`), process I with every autotuned kernel of fla and fla-mesa cut to its configs I, I + N, ...; together they
+compile every config, and the binaries land in Triton's cache (TRITON_CACHE_DIR) where the timed run finds them.
+Autotuning choices are not cached here (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes would be
+picked on noise.
 
     python benchmarks/warm_cache.py && python benchmarks/benchmark_chunk.py
     python benchmarks/warm_cache.py --jobs 8 -- --Ts 1024 8192        # arguments after -- go to benchmark_chunk.py
@@ -22,14 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# fla's rows, one process each (the two mesa_net rows share their kernels); torch's sdpa needs no compiling
-FLA_OPS = ['fla mesa_net', 'fla GLA', 'fla gated delta rule']
 
 
-def jobs(n_configs, extra):
+def jobs(n, extra):
     script = [sys.executable, os.path.join(HERE, 'benchmark_chunk.py')]
-    pinned = [script + ['--pin-config', str(i), '--ops', 'fla-mesa'] + extra for i in range(n_configs)]
-    return pinned + [script + ['--ops', op] + extra for op in FLA_OPS]
+    return [script + ['--config-slice', str(i), str(n)] + extra for i in range(n)]
 
 
 def main(argv=None):
@@ -39,9 +37,10 @@ def main(argv=None):
     parser.add_argument('extra', nargs=argparse.REMAINDER, help='-- then arguments for benchmark_chunk.py')
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ['--'] else args.extra
+    # at least one process per config of fla-mesa's chunk kernels, so that each compiles one of theirs
     sys.path.insert(0, os.path.dirname(HERE))
     from tests.gpu_configs import gpu_configs
-    n_configs = max(len(configs) for _, configs in gpu_configs().values())
+    n = max(args.jobs, max(len(configs) for _, configs in gpu_configs().values()))
     env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')
 
     def launch(cmd):
@@ -56,7 +55,7 @@ def main(argv=None):
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         # each line as its process ends: a run cut by a time limit still shows what finished
-        for future in as_completed([pool.submit(launch, cmd) for cmd in jobs(n_configs, extra)]):
+        for future in as_completed([pool.submit(launch, cmd) for cmd in jobs(n, extra)]):
             print(future.result(), flush=True)
     print(f"warm_cache: {time.time() - t0:.0f} s in all", flush=True)
 

@@ -1,8 +1,11 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
 The chunk kernels' GPU autotune configs, one at a time: pinned under the interpreter by the tests, and on a GPU by
-benchmarks/tools/check_configs.py (every config against float64) and the benchmarks' compile passes.
+benchmarks/tools/check_configs.py (every config against float64) and the benchmarks' compile passes, which also
+split every autotuned kernel's configs (fla's too) between their processes (`slice_configs`).
 """
+
+import sys
 
 import torch
 import triton
@@ -51,6 +54,32 @@ def pin(kernel, config):
         tuner.configs = saved
         tuner.cache.clear()
     return restore
+
+
+def slice_configs(i, n):
+    """
+    Every autotuned Triton kernel of fla and fla-mesa keeps its configs i, i + n, i + 2n, ... (its config i mod its
+    count where it has fewer than i + 1): a compile pass's n processes split the compiling between them,
+    together covering every config. Returns the number of kernels sliced.
+    """
+    import fla  # noqa: F401  (imports every fla kernel module)
+    import fla_mesa.layers  # noqa: F401
+    import fla_mesa.models  # noqa: F401
+    import fla_mesa.ops.mesa  # noqa: F401
+    from triton.runtime.autotuner import Autotuner
+    seen = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(('fla.', 'fla_mesa.')):
+            continue
+        for obj in list(vars(module).values()):
+            # the autotuner under a kernel's heuristics wrappers
+            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, 'fn'):
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and id(obj) not in seen:
+                seen.add(id(obj))
+                obj.configs = obj.configs[i::n] or [obj.configs[i % len(obj.configs)]]
+                obj.cache.clear()
+    return len(seen)
 
 
 def describe(config):
