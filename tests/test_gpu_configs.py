@@ -60,3 +60,22 @@ def test_grads_slices_of_a_wider_config(table, monkeypatch):
     monkeypatch.setattr(torch.Tensor, 'new_empty', poisoned)
     errs = config_errors('grads', wide, 'fp32', 40, 36, T=20)
     assert max(errs.values()) < 3 * FP32_FLOOR, errs
+
+
+def test_slices_cover_every_config(table):
+    # the compile passes' split (benchmarks/warm_cache.py, benchmark_training.py): N processes, each with every
+    # autotuned kernel of fla and fla-mesa cut to its configs I, I + N, ...: none empty, together all of them
+    from tests.gpu_configs import slice_configs
+    tuners, _ = zip(*table.values())
+    for tuner, (_, configs) in zip(tuners, table.values()):
+        tuner.configs = list(configs)
+    full = [list(t.configs) for t in tuners]
+    n, seen = 3, [set() for _ in tuners]
+    for i in range(n):
+        for t, configs in zip(tuners, full):
+            t.configs = list(configs)
+        assert slice_configs(i, n) >= len(tuners)
+        for t, s, configs in zip(tuners, seen, full):
+            assert 1 <= len(t.configs) <= -(-len(configs) // n)
+            s.update(configs.index(c) for c in t.configs)
+    assert all(s == set(range(len(configs))) for s, configs in zip(seen, full))
