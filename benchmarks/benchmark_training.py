@@ -457,8 +457,8 @@ def warm(args):
     """
     Processes that each run one step of every T of one model, all at once: each Triton-using model in
     --warm-slices processes, process I with every autotuned kernel of fla and fla-mesa cut to its configs I,
-    I + N, ... (`tests.gpu_configs.slice_configs`). Only the smallest size requested runs: the larger one has the same layers, hence
-    the same kernels and binaries, only more of them.
+    I + N, ... (`tests.gpu_configs.slice_configs`). Only the smallest size requested runs: the larger one has the
+    same layers, hence the same kernels and binaries, only more of them.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
     env = dict(os.environ, TRITON_CACHE_AUTOTUNING='0')

@@ -333,8 +333,8 @@ def main(argv=None):
             record = common.read_json(result)
             if record is not None and (record['status'] != 'failed' or not args.retry_failed):
                 continue
-            cell = dict(settings, autotune=args.autotune, model=model, seed=seed, corpus=args.corpus, result=result, threads=threads,
-                        intermediate_size=sizes[model]['intermediate_size'], deadline=deadline,
+            cell = dict(settings, autotune=args.autotune, model=model, seed=seed, corpus=args.corpus, result=result,
+                        threads=threads, intermediate_size=sizes[model]['intermediate_size'], deadline=deadline,
                         checkpoint_seconds=args.checkpoint_seconds, checkpoint_dir=checkpoint_dir)
             jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),
                              env=common.worker_env(model, args.device),

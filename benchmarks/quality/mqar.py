@@ -203,8 +203,8 @@ def make_jobs(args, folder, settings, sizes, cells):
         record = common.read_json(result)
         if record is not None and (record['status'] != 'failed' or not args.retry_failed):
             continue
-        cell = dict(settings, autotune=args.autotune, model=model, width=width, lr=lr, seed=seed, threads=threads, result=result,
-                    intermediate_size=sizes[width][model]['intermediate_size'])
+        cell = dict(settings, autotune=args.autotune, model=model, width=width, lr=lr, seed=seed, threads=threads,
+                    result=result, intermediate_size=sizes[width][model]['intermediate_size'])
         jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),
                          env=common.worker_env(model, args.device),
                          argv=[sys.executable, os.path.abspath(__file__), '--worker', json.dumps(cell)]))
