@@ -3,7 +3,8 @@
 Where an eager training step's host time goes (issue 13, item 2), on the CPU: each model's forward+backward with
 every Triton kernel body skipped, so what is timed is what the host does to enqueue the step (Python, autograd,
 fla's and fla-mesa's wrappers, the autotuners' dispatch, aten's dispatch of each op) without the work. Per model
-layer: host ms, aten ops that would run a kernel, views and allocations, and Triton launches; and the Mesa op alone.
+layer: host ms, aten ops that would run a kernel, views and allocations, and Triton launches; the Mesa op alone; and
+what the forward saves for the backward (the activations behind peak memory), fla-mesa against fla's MesaNet.
 
 Kernels are skipped by running under Triton's interpreter with its `run` replaced by a counter, so Triton's own GPU
 launcher (argument binding, a C call per launch) is not in the times; aten ops run on tiny CPU tensors, cheaper than
@@ -58,15 +59,15 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def models(L):
+def models(L, hidden_size=64, num_heads=2, head_dim=32):
     from fla.models import GLAConfig, GLAForCausalLM, MesaNetConfig, MesaNetForCausalLM
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fla_mesa.models import MesaConfig, MesaForCausalLM
-    common = dict(hidden_size=64, num_hidden_layers=L, vocab_size=128)
-    fla = dict(common, num_heads=2, fuse_cross_entropy=False, fuse_linear_cross_entropy=False)
+    common = dict(hidden_size=hidden_size, num_hidden_layers=L, vocab_size=128)
+    fla = dict(common, num_heads=num_heads, fuse_cross_entropy=False, fuse_linear_cross_entropy=False)
     return {
-        'fla-mesa': lambda: MesaForCausalLM(MesaConfig(head_dim=32, **fla)),
+        'fla-mesa': lambda: MesaForCausalLM(MesaConfig(head_dim=head_dim, **fla)),
         'fla-mesanet': lambda: MesaNetForCausalLM(MesaNetConfig(**fla)),
         'fla-gla': lambda: GLAForCausalLM(GLAConfig(**fla)),
         'llama': lambda: LlamaForCausalLM(LlamaConfig(num_attention_heads=2, num_key_value_heads=2, intermediate_size=128,
@@ -113,6 +114,31 @@ def op_alone(T, reps):
     return host_ms(step, reps)
 
 
+def saved_per_layer(name, T, L=2):
+    """
+    MiB a layer of what the forward saves for the backward (unique storages; parameters left out), by dtype and
+    shape, at the small size of benchmark_training.py (hidden 1024, 8 heads of 128), B = 1: the activations
+    behind a training step's peak memory.
+    """
+    make = models(L, hidden_size=1024, num_heads=8, head_dim=128)[name]
+    model = make().to(torch.bfloat16).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved.setdefault(storage.data_ptr(), (storage.nbytes(), str(t.dtype)[6:], tuple(t.shape)))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 128, (1, T)))
+    by_kind = collections.Counter()
+    for nbytes, dtype, shape in saved.values():
+        by_kind[f'{dtype} {list(shape)}'] += nbytes
+    total = sum(n for n, _, _ in saved.values())
+    return total / L / 2**20, {k: v / L / 2**20 for k, v in by_kind.most_common()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--layers', type=int, default=8)
@@ -134,7 +160,13 @@ def main():
         lines.append(f"| {name} | {ms:.2f} | {kernels:.1f} | {views:.1f} | {launches:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"The Mesa op alone (`chunk_mesa` forward+backward, T = {args.T}, H = 2, K = V = 32): "
-              f"{op_alone(args.T, args.reps):.2f} ms.", ""]
+              f"{op_alone(args.T, args.reps):.2f} ms.", "",
+              "What the forward saves for the backward, MiB a layer (unique storages, parameters left out; hidden "
+              "1024, 8 heads of 128, T = 2048, B = 1; fla's MesaNet at its default head size, the same here):", ""]
+    for name in ('fla-mesa', 'fla-mesanet'):
+        total, kinds = saved_per_layer(name, 2048)
+        lines.append(f"- {name}: {total:.1f}; " + ', '.join(f'{k} {v:.1f}' for k, v in kinds.items() if v >= 0.5))
+    lines.append("")
     text = '\n'.join(lines)
     print(text)
     if args.out:
