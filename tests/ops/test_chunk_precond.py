@@ -44,6 +44,17 @@ def test_triton_chunk_forward_hard(monkeypatch, family):
     assert abs(steps_plain.float().mean().item() - mean_torch) <= 0.1, (steps_plain.float().mean(), mean_torch)
 
 
+def test_factor_kernel_keeps_the_steps(monkeypatch):
+    # the Triton path factorises M_c with factor.py's float32 kernel (here 4 x 4 blocks of 16), the PyTorch path in
+    # float64: without rounded directions both take the same steps (rounding in W may change step counts only)
+    monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', False)
+    inputs = [x.float() for x in hard_inputs(256, K=64, V=16, **FAMILIES['8 directions + noise'])]
+    _, _, steps = run(monkeypatch, 'auto', *inputs, precondition='chunk', return_cg_steps=True)
+    _, _, steps_torch = run(monkeypatch, 'torch', *inputs, precondition='chunk', return_cg_steps=True)
+    mean, mean_torch = steps.float().mean().item(), steps_torch.float().mean().item()
+    assert mean_torch < 8 and abs(mean - mean_torch) <= 0.1, (mean, mean_torch)
+
+
 def grad_errors(monkeypatch, inputs, do, **kwargs):
     ref = run_with_grads(naive_exact_mesa, inputs, do, cu_seqlens=kwargs.get('cu_seqlens'))
     inputs32 = [x.float() if x is not None else None for x in inputs]
