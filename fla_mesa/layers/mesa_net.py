@@ -25,11 +25,6 @@ if TYPE_CHECKING:
 GATE_INIT_DECAY_RANGE = (1e-3, 1e-1)
 
 
-def use_fla_kernels(x: torch.Tensor) -> bool:
-    """fla's Triton modules (short conv, norms) run on GPUs and under `TRITON_INTERPRET=1`; elsewhere PyTorch does."""
-    return use_triton(x)
-
-
 def short_conv_torch(
     conv: ShortConvolution,
     x: torch.Tensor,
@@ -322,7 +317,8 @@ class MesaNet(nn.Module):
         if self.training and mode != 'chunk':
             raise ValueError(f"Only chunk mode is supported in training, got mode `{mode}`")
 
-        fla_kernels = use_fla_kernels(hidden_states)
+        # fla's Triton modules (short conv, norms) run on GPUs and under TRITON_INTERPRET=1; elsewhere PyTorch does
+        fla_kernels = use_triton(hidden_states)
         last_state = get_layer_cache(self, past_key_values)
         cu_seqlens = kwargs.get('cu_seqlens')
         hidden_states, indices, cu_seqlens = unpad_hidden_states(hidden_states, cu_seqlens, attention_mask, q_len)

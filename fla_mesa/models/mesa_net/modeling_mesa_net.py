@@ -20,8 +20,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from fla_mesa.layers.mesa_net import MesaNet, init_gate_bias, rms_norm_torch, use_fla_kernels
+from fla_mesa.layers.mesa_net import MesaNet, init_gate_bias, rms_norm_torch
 from fla_mesa.models.mesa_net.configuration_mesa_net import MesaConfig
+from fla_mesa.ops.mesa.utils import use_triton
 
 if TYPE_CHECKING:
     from fla.models.utils import Cache
@@ -35,7 +36,7 @@ class MesaRMSNorm(RMSNorm):
     """fla's fused `RMSNorm` (same parameters), in PyTorch where Triton cannot run (a CPU without the interpreter)."""
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        if use_fla_kernels(x):
+        if use_triton(x):
             return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         if residual is not None:
             x = (x.float() + residual.float()) if residual_in_fp32 else x + residual
@@ -50,7 +51,7 @@ class MesaMLP(GatedMLP):
     """fla's `GatedMLP` (same parameters), in PyTorch where Triton cannot run."""
 
     def forward(self, x, **kwargs):
-        if use_fla_kernels(x):
+        if use_triton(x):
             return super().forward(x, **kwargs)
         gate, y = self.gate_proj(x), self.up_proj(x)
         if self.hidden_act == 'powlu':
@@ -75,7 +76,7 @@ class MesaCrossEntropyLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, x, target, weight=None, bias=None):
-        fused = use_fla_kernels(x)
+        fused = use_triton(x)
         if weight is not None:
             if fused:
                 criterion = FusedLinearCrossEntropyLoss(use_l2warp=self.config.use_l2warp, reduction=self.reduction)
