@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 # the repository root: the GPU config lists and pinning are the tests' (tests/gpu_configs.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.gpu_configs import gpu_configs, pin, slice_configs  # noqa: E402
+from tests.gpu_configs import pin, pin_all, slice_configs  # noqa: E402
 
 GRADS = ['dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb']
 # 'cpu' (with TRITON_INTERPRET=1 and tiny --tokens) only to smoke-test this script
@@ -527,8 +527,7 @@ def main():
     DEVICE = args.device
     if args.pin_config is not None:
         COMPILE_ONLY = True
-        for tuner, configs in gpu_configs().values():
-            pin(tuner, configs[args.pin_config % len(configs)])
+        pin_all(args.pin_config)
     if args.config_slice is not None:
         COMPILE_ONLY = True
         slice_configs(*args.config_slice)

@@ -221,9 +221,8 @@ def main():
     benchmark_chunk.DEVICE = args.device
     if gpu and not args.autotune:
         # every chunk kernel at its first config: one binary per variant, the same for every method compared
-        from tests.gpu_configs import gpu_configs, pin
-        for tuner, configs in gpu_configs().values():
-            pin(tuner, configs[0])
+        from tests.gpu_configs import pin_all
+        pin_all(0)
     if args.warm:
         warm(args)
     lines = [f"# benchmarks/benchmark_solver.py --device {args.device}", "", f"# {benchmark_chunk.header()}"

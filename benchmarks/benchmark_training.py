@@ -502,9 +502,8 @@ def mesa_config_count():
 def pin_config(i):
     """Every fla-mesa chunk kernel pinned to its config i (mod its count): the compile pass splits them so."""
     sys.path.insert(0, ROOT)
-    from tests.gpu_configs import gpu_configs, pin
-    for tuner, configs in gpu_configs().values():
-        pin(tuner, configs[i % len(configs)])
+    from tests.gpu_configs import pin_all
+    pin_all(i)
 
 
 def profile_host(args):

@@ -56,30 +56,44 @@ def pin(kernel, config):
     return restore
 
 
+def pin_all(index):
+    """Every fla-mesa chunk kernel pinned to its GPU config `index` (mod its count), as the benchmarks' runs do."""
+    for tuner, configs in gpu_configs().values():
+        pin(tuner, configs[index % len(configs)])
+
+
+def loaded_autotuners(prefixes=('fla.', 'fla_mesa.')):
+    """
+    Every autotuned Triton kernel (its autotuner, under any heuristics wrappers) of the loaded modules whose names
+    start with one of `prefixes`, each once; fla's and fla-mesa's kernel modules are imported first.
+    """
+    import fla  # noqa: F401  (imports every fla kernel module)
+    import fla_mesa.layers  # noqa: F401
+    import fla_mesa.models  # noqa: F401
+    import fla_mesa.ops.mesa  # noqa: F401
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(prefixes):
+            continue
+        for obj in list(vars(module).values()):
+            while obj is not None and not isinstance(obj, triton.runtime.autotuner.Autotuner) and hasattr(obj, 'fn'):
+                obj = obj.fn
+            if isinstance(obj, triton.runtime.autotuner.Autotuner):
+                found.setdefault(id(obj), obj)
+    return list(found.values())
+
+
 def slice_configs(i, n):
     """
     Every autotuned Triton kernel of fla and fla-mesa keeps its configs i, i + n, i + 2n, ... (its config i mod its
     count where it has fewer than i + 1): a compile pass's n processes split the compiling between them,
     together covering every config. Returns the number of kernels sliced.
     """
-    import fla  # noqa: F401  (imports every fla kernel module)
-    import fla_mesa.layers  # noqa: F401
-    import fla_mesa.models  # noqa: F401
-    import fla_mesa.ops.mesa  # noqa: F401
-    from triton.runtime.autotuner import Autotuner
-    seen = set()
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(('fla.', 'fla_mesa.')):
-            continue
-        for obj in list(vars(module).values()):
-            # the autotuner under a kernel's heuristics wrappers
-            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, 'fn'):
-                obj = obj.fn
-            if isinstance(obj, Autotuner) and id(obj) not in seen:
-                seen.add(id(obj))
-                obj.configs = obj.configs[i::n] or [obj.configs[i % len(obj.configs)]]
-                obj.cache.clear()
-    return len(seen)
+    tuners = loaded_autotuners()
+    for tuner in tuners:
+        tuner.configs = tuner.configs[i::n] or [tuner.configs[i % len(tuner.configs)]]
+        tuner.cache.clear()
+    return len(tuners)
 
 
 def describe(config):

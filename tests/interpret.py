@@ -37,18 +37,11 @@ def interpret_compat() -> None:
     """
     if not is_interpreting():
         return
-    import fla  # noqa: F401
-    import fla_mesa.layers  # noqa: F401
-    import fla_mesa.models  # noqa: F401
-    import fla_mesa.ops.mesa  # noqa: F401
-    from triton.runtime.autotuner import Autotuner
+    from tests.gpu_configs import loaded_autotuners
+    tuners = loaded_autotuners(('fla.ops', 'fla.modules', 'fla_mesa.ops'))
     for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(('fla.ops', 'fla.modules', 'fla_mesa.ops')):
-            continue
-        if name.startswith('fla.ops') and getattr(module, 'range', None) is not TensorRange:
+        if module is not None and name.startswith('fla.ops') and getattr(module, 'range', None) is not TensorRange:
             module.range = TensorRange
-        for obj in list(vars(module).values()):
-            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, 'fn'):
-                obj = obj.fn
-            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                obj.configs = obj.configs[:1]
+    for tuner in tuners:
+        if len(tuner.configs) > 1:
+            tuner.configs = tuner.configs[:1]

@@ -275,9 +275,8 @@ def pin_mesa_kernels():
     of every kernel at once took minutes of a call; every config is checked against float64
     (benchmarks/tools/check_configs.py), so the choice changes speed only. `--autotune` keeps the autotuners.
     """
-    from tests.gpu_configs import gpu_configs, pin
-    for tuner, configs in gpu_configs().values():
-        pin(tuner, configs[0])
+    from tests.gpu_configs import pin_all
+    pin_all(0)
 
 
 def run_worker(cell_json, train):
