@@ -100,7 +100,7 @@ def describe(config):
     return ' '.join(f'{k}={v}' for k, v in config.kwargs.items()) + f' w{config.num_warps} s{config.num_stages}'
 
 
-def config_errors(kernel, index, dtype, K, V, T=130, device=None, others=0):
+def config_errors(kernel, index, dtype, K, V, T=130, device=None, others=0, scale=1.0):
     """
     Relative errors of o and every gradient of chunk_mesa against float64 on the same rounded inputs, with `kernel`
     pinned to its GPU config `index` and every other chunk kernel to its config `others` (mod its count). The pins
@@ -121,7 +121,8 @@ def config_errors(kernel, index, dtype, K, V, T=130, device=None, others=0):
     q, k, v, g, beta, lamb, h0 = make_inputs(1, T, 2, K, V, gate=(5.0, 1.0), initial_state=True, seed=K + V)
     q, k, v = (t.to(DTYPES[dtype]).double() for t in (q, k, v))
     do = torch.randn(1, T, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    do = do.to(DTYPES[dtype]).double()
+    # the upstream gradient's scale (the gradients' relative accuracy must not depend on it)
+    do = do.to(DTYPES[dtype]).double() * scale
     # the dx kernel runs only without a solve (cg_max_steps = 0: q* = q)
     steps = 0 if kernel == 'dx' else 40
 

@@ -151,6 +151,19 @@ def naive_gla(q, k, v, g, beta, lamb, initial_state=None, output_final_state=Tru
     return o, ((h_kk, h_kv) if output_final_state else None)
 
 
+def poison_empty(monkeypatch):
+    """
+    Every floating buffer made with `Tensor.new_empty` or `torch.empty_like` starts as NaN, so that an output a kernel
+    leaves unwritten shows in what the test compares.
+    """
+    new_empty, empty_like = torch.Tensor.new_empty, torch.empty_like
+
+    def poisoned(out):
+        return out.fill_(float('nan')) if out.is_floating_point() else out
+    monkeypatch.setattr(torch.Tensor, 'new_empty', lambda self, *size, **kw: poisoned(new_empty(self, *size, **kw)))
+    monkeypatch.setattr(torch, 'empty_like', lambda *args, **kw: poisoned(empty_like(*args, **kw)))
+
+
 def torch_chunk_path(monkeypatch):
     """
     `chunk_mesa` on its PyTorch path whatever its inputs (the op picks its path by them: Triton for CUDA tensors and
