@@ -150,7 +150,8 @@ def train_run(cell):
         opt.load_state_dict(state['opt'])
         sched.load_state_dict(state['sched'])
         health.load_state_dict(state['health'])
-        hist, curve, step, seconds = state['hist'], state['curve'], state['step'], state['seconds']
+        # the histogram stays on the CPU (map_location moved it to the device)
+        hist, curve, step, seconds = state['hist'].cpu(), state['curve'], state['step'], state['seconds']
         print(f'resumed at step {step}', flush=True)
 
     def save():

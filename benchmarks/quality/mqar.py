@@ -5,8 +5,10 @@ tokens opens with N key-value pairs (keys from the lower half of the `--vocab-si
 half, all distinct), then asks for every key again at positions drawn with Zoology's power-law gaps, the rest filled
 with random tokens; the model must predict each asked key's value. Accuracy is counted on the query positions only.
 
-As in Zoology, a model trains on a mixture of the pair counts (its steps cycle through `--pairs`) and is tested on
-each; every (model, width, learning rate, seed) run is one cached cell (JSON under `--cache-dir`), so a run cut by
+As in Zoology, a model trains on a mixture: short sequences with few pairs first in the cycle and most often
+(`--curriculum`, after Zoology's training set: 64 tokens with 4 pairs, 128 with 8, 256 with 16), then every tested
+pair count at `--seq-len`; without the short ones no model of these sizes leaves the loss plateau in a few thousand
+steps. It is tested on each pair count at `--seq-len`; every (model, width, learning rate, seed) run is one cached cell (JSON under `--cache-dir`), so a run cut by
 a time limit resumes where it stopped. A (model, width, pairs) entry of the table is the best learning rate's mean
 over the seeds; a third seed runs where the first two disagree by more than `--disagree` points.
 Output: `benchmarks/results/mqar_<tag>.md` (tables) and `mqar_<tag>.png` (accuracy against pairs, one panel a width).
@@ -33,16 +35,19 @@ import common  # noqa: E402
 
 RESULTS = os.path.join(HERE, '..', 'results')
 
+# Zoology's easy training sequences (tokens:pairs:weight); the weight is the steps per cycle
+CURRICULUM = ['64:4:4', '128:8:2', '256:16:1']
+
 PRESETS = {
     # the issue's grid
     'full': dict(widths=[64, 128, 256], pairs=[32, 64, 128], lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1], steps=3000,
                  batch_size=64, vocab_size=8192, seq_len=512, models=list(common.MODELS), parallel=12),
     # a first signal in a few minutes: two widths, two pair counts, one learning rate, one seed
-    'quick': dict(widths=[64, 128], pairs=[32, 64], lrs=[3e-3], seeds=[0], steps=1500, batch_size=64,
+    'quick': dict(widths=[64, 128], pairs=[32, 64], lrs=[3e-3], seeds=[0], steps=3000, batch_size=64,
                   vocab_size=8192, seq_len=512, models=list(common.MODELS), parallel=12),
     # CPU smoke test: every code path at a size two shared cores run in a minute or two
     'tiny': dict(widths=[32], pairs=[4, 8], lrs=[3e-3], seeds=[0], steps=2, batch_size=2, vocab_size=64,
-                 seq_len=64, models=list(common.MODELS), parallel=2),
+                 seq_len=64, models=list(common.MODELS), parallel=2, curriculum=['16:2:1']),
 }
 
 
@@ -69,6 +74,23 @@ def mqar_batch(batch_size, num_pairs, seq_len, vocab_size, generator, device, po
     inputs.scatter_(1, where, keys)
     labels = torch.full_like(inputs, -100).scatter_(1, where, values)
     return inputs, labels
+
+
+def training_schedule(curriculum, pairs, seq_len):
+    """
+    One cycle of (sequence length, pairs) per step: each `tokens:pairs:weight` of `curriculum` `weight` times, then
+    every pair count of `pairs` at `seq_len` once. A ValueError names a malformed or impossible entry.
+    """
+    schedule = []
+    for entry in curriculum:
+        parts = entry.split(':')
+        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ValueError(f'curriculum entries are tokens:pairs:weight (positive integers), got {entry!r}')
+        length, n, weight = map(int, parts)
+        if 4 * n > length:
+            raise ValueError(f'curriculum entry {entry!r}: pairs ({n}) must be at most tokens / 4 ({length // 4})')
+        schedule += [(length, n)] * weight
+    return schedule + [(seq_len, n) for n in pairs]
 
 
 def query_loss_and_hits(model, inputs, labels):
@@ -101,6 +123,7 @@ def train_cell(cell):
     health = common.Health()
     data = torch.Generator(device).manual_seed(cell['seed'])
     pairs, amp = cell['pairs'], cell['amp']
+    schedule = training_schedule(cell['curriculum'], pairs, cell['seq_len'])
     start, losses, train_cg = time.time(), [], common.cg_histogram()
     # steady-state time from a tenth of the way in: the first steps compile and autotune Triton kernels
     steady_from, steady_start = cell['steps'] // 10, None
@@ -108,8 +131,8 @@ def train_cell(cell):
     for step in range(cell['steps']):
         if step == steady_from:
             steady_start = time.time()
-        inputs, labels = mqar_batch(cell['batch_size'], pairs[step % len(pairs)], cell['seq_len'],
-                                    cell['vocab_size'], data, device)
+        length, n = schedule[step % len(schedule)]
+        inputs, labels = mqar_batch(cell['batch_size'], n, length, cell['vocab_size'], data, device)
         loss = common.training_step(model, opt, sched, health, step, query_loss, (inputs, labels), amp)
         losses.append(loss)
         common.accumulate_cg(model, train_cg)
@@ -154,6 +177,8 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int)
     p.add_argument('--vocab-size', type=int)
     p.add_argument('--seq-len', type=int)
+    p.add_argument('--curriculum', nargs='*', help='easy training sequences, tokens:pairs:weight each '
+                   f'(default {" ".join(CURRICULUM)}; none: train at --seq-len only)')
     p.add_argument('--num-layers', type=int, default=2)
     p.add_argument('--head-dim', type=int, default=None, help='key dimension per head (default 64; tiny 16)')
     p.add_argument('--eval-batches', type=int, default=None,
@@ -178,6 +203,9 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.preset = preset
     args.tag = args.tag or preset
+    if args.curriculum is None:
+        args.curriculum = CURRICULUM
+    training_schedule(args.curriculum, args.pairs, args.seq_len)  # a bad entry fails here, not in every worker
     if args.head_dim is None:
         args.head_dim = 16 if args.tiny else 64
     if args.eval_batches is None:
@@ -188,7 +216,7 @@ def parse_args(argv=None):
 def cell_dir(args):
     """Settings that change every cell's result name the cache folder, so a changed setting never reuses a cell."""
     settings = dict(steps=args.steps, batch_size=args.batch_size, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                    num_layers=args.num_layers, head_dim=args.head_dim, pairs=args.pairs,
+                    num_layers=args.num_layers, head_dim=args.head_dim, pairs=args.pairs, curriculum=args.curriculum,
                     eval_batches=args.eval_batches, amp=not args.no_amp, device=args.device)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(args.cache_dir, f'{args.preset}-{digest}'), settings
@@ -287,7 +315,8 @@ def write_report(args, records, table, sizes, folder):
     lines = [
         f'# MQAR ({args.preset} preset)', '',
         f'Zoology protocol: vocabulary {args.vocab_size}, sequence length {args.seq_len}, {args.num_layers} layers, '
-        f'head dim {args.head_dim}; trained on a mixture of {args.pairs} pairs, {args.steps} steps of batch '
+        f'head dim {args.head_dim}; trained on a cycle of {" ".join(args.curriculum) or "no"} easy sequences '
+        f'(tokens:pairs:steps) and {args.pairs} pairs at length {args.seq_len}, {args.steps} steps of batch '
         f'{args.batch_size}, learning rates {args.lrs}, seeds {args.seeds} (a third where two disagree by '
         f'> {args.disagree:g} points), bf16 autocast: {not args.no_amp}. Accuracy on the query positions of '
         f'{args.eval_batches * args.batch_size} test sequences per pair count; each entry is the best learning '
