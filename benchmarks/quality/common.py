@@ -370,10 +370,12 @@ def environment():
                 fla=getattr(fla, '__version__', '?'), transformers=transformers.__version__)
     if torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name()
+    # $COMMIT first, as the other benchmarks take it: a copied checkout's git metadata can lag its files
+    info['commit'] = os.environ.get('COMMIT', '')
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        info['commit'] = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True,
-                                        text=True, check=False).stdout.strip()
+        info['commit'] = info['commit'] or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here,
+                                                          capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         pass
     return info

@@ -143,6 +143,27 @@ def test_generate_with_decode_graph_option_on_cpu():
     assert all(torch.equal(a, b) for a, b in zip(static.logits, eager.logits))
 
 
+def test_decode_graph_follows_replaced_parameters():
+    # a step built on the float32 model must not serve it once its parameters are float64 tensors: its float32
+    # state buffers would round every state (on a GPU the graph would read the freed float32 storage)
+    model = make_model().eval()
+    prompt = tokens(B=2, T=7)
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        model.config.decode_cuda_graph = True
+        model.generate(prompt, **kwargs)
+        first = model._decode_graphs[2]
+        model.double()
+        static = model.generate(prompt, **kwargs)
+        assert model._decode_graphs[2] is not first
+        assert model._decode_graphs[2].buffers[0][0].dtype == torch.float64
+        model.config.decode_cuda_graph = False
+        eager = model.generate(prompt, **kwargs)
+    assert torch.equal(static.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(static.logits, eager.logits))
+
+
 @pytest.mark.skipif(not ON_GPU, reason='CUDA graphs need a GPU')
 def test_generate_with_decode_graph_equals_eager():
     model = make_model().cuda().eval()

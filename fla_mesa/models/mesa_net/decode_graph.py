@@ -39,6 +39,11 @@ def _rebind(state, tensors):
     return new
 
 
+def parameters_key(model) -> tuple:
+    """What a captured step depends on besides its buffers: every parameter's and buffer's storage and dtype."""
+    return tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
+
+
 def _layer_states(cache) -> list[dict]:
     return [cache[i] for i in range(len(cache))]
 
@@ -91,6 +96,8 @@ class MesaDecodeGraph:
         if capture and not first.is_cuda:
             raise ValueError(f"capture=True needs the cache on a CUDA device, got {first.device}")
         self.model = model
+        # a graph replays the storage it was captured on: a model whose parameters are replaced needs a new one
+        self.parameters_key = parameters_key(model)
         self.capture = capture
         self.batch_size = first.shape[0]
         self.buffers = [[t.clone() for t in _tensors(s)] for s in states]

@@ -397,8 +397,11 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
                 or self.config.attn is not None or self.config.warn_unconverged
                 or len(past_key_values) != self.config.num_hidden_layers or past_key_values.get_seq_length() == 0):
             return None
-        from fla_mesa.models.mesa_net.decode_graph import MesaDecodeGraph
+        from fla_mesa.models.mesa_net.decode_graph import MesaDecodeGraph, parameters_key
         graphs = self.__dict__.setdefault('_decode_graphs', {})
+        if graphs and next(iter(graphs.values())).parameters_key != parameters_key(self):
+            # parameters replaced since the capture (`model.to(dtype)`, new tensors assigned): capture again
+            graphs.clear()
         B = input_ids.shape[0]
         if B not in graphs:
             graphs[B] = MesaDecodeGraph(self, past_key_values)
