@@ -1,0 +1,40 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""The MQAR benchmark's data (benchmarks/quality/mqar.py): its batches answer their own queries, and its training
+cycle is the curriculum then every tested pair count."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'quality'))
+import mqar  # noqa: E402
+
+
+@pytest.mark.parametrize('length,pairs', [(64, 4), (512, 128), (128, 32)])
+def test_mqar_batch_labels_are_the_values_of_the_asked_keys(length, pairs):
+    vocab = 8192
+    inputs, labels = mqar.mqar_batch(8, pairs, length, vocab, torch.Generator().manual_seed(0), 'cpu')
+    assert inputs.shape == labels.shape == (8, length)
+    for row, lab in zip(inputs, labels):
+        keys, values = row[0:2 * pairs:2], row[1:2 * pairs:2]
+        assert len(set(keys.tolist())) == pairs and int(keys.max()) < vocab // 2 <= int(values.min())
+        asked = (lab != -100).nonzero().flatten()
+        # every key asked once, after the pairs, and labelled with its own value
+        assert len(asked) == pairs and int(asked.min()) >= 2 * pairs
+        answer = dict(zip(keys.tolist(), values.tolist()))
+        assert sorted(row[asked].tolist()) == sorted(keys.tolist())
+        assert all(answer[int(row[t])] == int(lab[t]) for t in asked)
+
+
+def test_training_schedule_cycles_curriculum_then_tested_pairs():
+    assert mqar.training_schedule(['64:4:2', '128:8:1'], [32, 64], 512) == [
+        (64, 4), (64, 4), (128, 8), (512, 32), (512, 64)]
+    assert mqar.training_schedule([], [32], 512) == [(512, 32)]
+
+
+@pytest.mark.parametrize('entry', ['64:4', '64:0:1', 'a:4:1', '16:8:1'])
+def test_training_schedule_rejects_bad_entries(entry):
+    with pytest.raises(ValueError, match=entry):
+        mqar.training_schedule([entry], [32], 512)
