@@ -140,6 +140,16 @@ MUTANTS = [
            'b_d = tl.where(m_i, b_lamb, 1.)',
            'b_d = tl.where(m_i, 0. * b_lamb, 1.)',
            ['tests/ops/test_chunk_precond.py'], 'forward_hard and 8'),
+    Mutant("precondition='auto': the rescue pass skips the chunks that need it",
+           'fla_mesa/ops/mesa/chunk_cg.py',
+           'return tl.load(need + i_tg * H + i_bh % H) == 0',
+           'return tl.load(need + i_tg * H + i_bh % H) != 0',
+           ['tests/ops/test_auto_precond.py'], 'rescues and triton'),
+    Mutant("precondition='auto': a rescued token's steps without the Jacobi pass's (PyTorch path)",
+           'fla_mesa/ops/mesa/chunk_torch.py',
+           'total = torch.where(redo, ~steps, steps) + torch.where(more < 0, ~more, more)',
+           'total = torch.where(redo, 0 * steps, steps) + torch.where(more < 0, ~more, more)',
+           ['tests/ops/test_auto_precond.py'], 'torch and not gradients and not varlen'),
 ]
 
 

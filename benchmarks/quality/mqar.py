@@ -6,10 +6,10 @@ half, all distinct), then asks for every key again at positions drawn with Zoolo
 with random tokens; the model must predict each asked key's value. Accuracy is counted on the query positions only.
 
 As in Zoology, a model trains on a mixture: short sequences with few pairs first in the cycle and most often
-(`--curriculum`, after Zoology's training set: 64 tokens with 4 pairs, 128 with 8, 256 with 16), then every tested
-pair count at `--seq-len`; without the short ones no model of these sizes leaves the loss plateau in a few thousand
-steps. It is tested on each pair count at `--seq-len`; every (model, width, learning rate, seed) run is one cached cell (JSON under `--cache-dir`), so a run cut by
-a time limit resumes where it stopped. A (model, width, pairs) entry of the table is the best learning rate's mean
+(`--curriculum`, after Zoology's training set: 64 tokens with 4 pairs, 128 with 8, 256 with 16; they get small
+models off the loss plateau), then every tested pair count at `--seq-len`. It is tested on each pair count at
+`--seq-len`; every (model, width, learning rate, seed) run is one cached cell (JSON under `--cache-dir`), so a run
+cut by a time limit resumes where it stopped. A (model, width, pairs) entry of the table is the best learning rate's mean
 over the seeds; a third seed runs where the first two disagree by more than `--disagree` points.
 Output: `benchmarks/results/mqar_<tag>.md` (tables) and `mqar_<tag>.png` (accuracy against pairs, one panel a width).
 

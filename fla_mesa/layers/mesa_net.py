@@ -133,7 +133,8 @@ class MesaNet(nn.Module):
             The relative residual at which CG stops in inference; `None` runs all steps. Default: 1e-4.
         precondition (bool or str, Optional):
             `True`: Jacobi-preconditioned CG; `False`: the paper's plain CG; `'chunk'`: the chunk-start preconditioner
-            (op README) in the chunk mode, for long memories with keys on few directions, where Jacobi stalls; the
+            (op README) in the chunk mode, for long memories with keys on few directions, where Jacobi stalls;
+            `'auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves unconverged. The
             `fused_recurrent` mode (decoding) has no chunk start and runs Jacobi then. Default: `True`.
         chunk_size (int, Optional):
             The chunk size of `chunk_mesa`: 16, 32 or 64. Default: 64.
@@ -206,8 +207,8 @@ class MesaNet(nn.Module):
             _check(name, value, value is None or (isinstance(value, (int, float)) and 0 <= value < 1),
                    'None or a float in [0, 1)')
         _check('chunk_size', chunk_size, chunk_size in (16, 32, 64), '16, 32 or 64')
-        _check('precondition', precondition, isinstance(precondition, bool) or precondition == 'chunk',
-               "True (Jacobi), False (plain CG) or 'chunk'")
+        _check('precondition', precondition, isinstance(precondition, bool) or precondition in ('chunk', 'auto'),
+               "True (Jacobi), False (plain CG), 'chunk' or 'auto'")
         _check('warn_unconverged', warn_unconverged, isinstance(warn_unconverged, bool), 'a bool')
         _check('layer_idx', layer_idx, layer_idx is None or (is_int(layer_idx) and layer_idx >= 0), 'None or an int >= 0')
 

@@ -108,7 +108,7 @@ def test_chunk_start_preconditioner_gradients(family):
 def test_triton_chunk_cg_refuses_unknown_preconditioner():
     from fla_mesa.ops.mesa import chunk_cg
     k = torch.randn(1, 16, 1, 16)
-    with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False or 'chunk', got 'jacobi'"):
+    with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False, 'chunk' or 'auto', got 'jacobi'"):
         chunk_cg.chunk_mesa_cg(k, k, torch.zeros(1, 16, 1), torch.ones(1, 16, 1), torch.ones(1, 16),
                                torch.zeros(1, 1, 1, 16, 16), 30, 1e-4, 'jacobi', chunk_size=16)
 
@@ -122,5 +122,6 @@ def test_fused_recurrent_refuses_chunk_preconditioner():
 
 def test_chunk_mesa_refuses_unknown_preconditioner():
     q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
-    with pytest.raises(ValueError, match=r"`precondition` must be True \(Jacobi\), False \(plain CG\) or 'chunk', got 'jacobi'"):
+    with pytest.raises(ValueError,
+                       match=r"`precondition` must be True \(Jacobi\), False \(plain CG\), 'chunk' or 'auto', got 'jacobi'"):
         chunk_mesa(q, k, v, g, beta, lamb, precondition='jacobi')

@@ -186,8 +186,9 @@ def chunk_mesa(
             the same rule. Default: `1e-4`, which the paper found to match 30 fixed steps at about 9 steps on average.
         precondition (bool or str, Optional):
             Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG; `'chunk'` the
-            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README), on both chunk paths.
-            Default: `precond.DEFAULT_PRECONDITION` (`True`).
+            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README), on both chunk paths; `'auto'` Jacobi, then
+            the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol` only (their chunks' factors
+            only; their steps count both solves). Default: `precond.DEFAULT_PRECONDITION` (`True`).
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
@@ -231,8 +232,8 @@ def chunk_mesa(
         ...                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
     """
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, chunk_size, check_values)
-    if not (isinstance(precondition, bool) or (isinstance(precondition, str) and precondition == 'chunk')):
-        raise ValueError(f"`precondition` must be True (Jacobi), False (plain CG) or 'chunk', got {precondition!r}")
+    if not (isinstance(precondition, bool) or (isinstance(precondition, str) and precondition in ('chunk', 'auto'))):
+        raise ValueError(f"`precondition` must be True (Jacobi), False (plain CG), 'chunk' or 'auto', got {precondition!r}")
     if use_qk_l2norm_in_kernel:
         if _use_triton_path(q):
             from fla.modules import L2Norm

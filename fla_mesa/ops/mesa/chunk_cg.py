@@ -94,7 +94,7 @@ def _cg_configs():
 
 # what changes the best config: the sizes, and the work of a CG step (its products' precision, the preconditioner's
 # products, rounded directions); the autotuner adds every tensor argument's dtype (k, v, o, do, the factor) itself
-CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P']
+CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
 
 
 def _prune_cg_configs(configs, named_args, **kwargs):
@@ -145,6 +145,7 @@ def _chunk_mesa_cg(
     DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr,
     F_IS_BF16: tl.constexpr,
+    RESCUE: tl.constexpr,
 ):
     # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
     # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
@@ -213,7 +214,18 @@ def _chunk_mesa_cg(
 
     # Jacobi start x0 = b / diag(A); the reciprocal once, a multiply per step (an fp32 division is ~10 instructions)
     b_dinv = 1. / b_d
-    b_x = b_b * b_dinv
+    if RESCUE:
+        # precondition='auto', second pass: only the rows the Jacobi pass left unconverged (stored ~steps), from its
+        # iterate (any finite start converges to the same x: non-finite entries start at 0)
+        b_prev = tl.load(steps + (bos + o_r) * H + i_h, mask=m_r, other=0)
+        m_redo = b_prev < 0
+        b_prev = tl.where(m_redo, -1 - b_prev, b_prev)
+        b_x = tl.load(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.)
+        b_x = b_x / tl.where(m_nz, b_s, 1.)[:, None]
+        b_x = tl.where(tl.abs(b_x) < float('inf'), b_x, 0.)
+    else:
+        m_redo = m_r
+        b_x = b_b * b_dinv
     if ROUND_P:
         # any start will do: a rounded one makes r0 = b - A x0 a 5-product matvec too
         b_x = _round_hi(b_x, PREC)
@@ -229,7 +241,7 @@ def _chunk_mesa_cg(
     b_rz = tl.sum(b_r * b_z, 1)
     # no absolute epsilon: a row is active while its relative residual is above tol (at least the residual floor,
     # relative too: `residual_floor2`) and rᵀz > 0
-    m_act = m_nz & (tl.sum(b_r * b_r, 1) > tol2) & (b_rz > 0)
+    m_act = m_nz & m_redo & (tl.sum(b_r * b_r, 1) > tol2) & (b_rz > 0)
     b_steps = tl.zeros([BR], dtype=tl.int32)
 
     i = tl.full([], 0, tl.int32)
@@ -267,13 +279,17 @@ def _chunk_mesa_cg(
         m_act = m_act & (b_rr > tol2) & (b_rz > 0)
         i += 1
 
+    if RESCUE:
+        b_steps += b_prev
     if FLAG_UNCONVERGED:
         # a row that stopped above tol (at max_steps or a breakdown), or with a NaN residual, stores ~steps
         m_bad = (b_s != 0) & ~(tl.sum(b_r * b_r, 1) <= tol2)
         b_steps = tl.where(m_bad, -1 - b_steps, b_steps)
     b_x = b_x * b_s[:, None]
-    tl.store(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], b_x, mask=m_rk)
-    tl.store(steps + (bos + o_r) * H + i_h, b_steps, mask=m_r)
+    # a rescue pass writes its own rows only
+    m_w = m_r & m_redo
+    tl.store(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], b_x, mask=m_w[:, None] & m_k[None, :])
+    tl.store(steps + (bos + o_r) * H + i_h, b_steps, mask=m_w)
 
     if READOUT:
         # o_t = e^Γ S_cᵀ x_t + Σ_j M_tj v_j (k_jᵀ x_t), BV columns at a time
@@ -293,7 +309,18 @@ def _chunk_mesa_cg(
             b_o = mesa_dot(b_xe, b_s_kv, b_o, O_PREC, False)
             if O_IS_BF16:
                 b_o = round_bf16(b_o)
-            tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
+            tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_w[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _skip_chunk(need, T, H: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # a rescue pass's program whose chunk and head have no unconverged row (`need`, [chunks, H], is 0) does nothing
+    i_t, i_bh = tl.program_id(0) // NR, tl.program_id(1)
+    if IS_VARLEN:
+        i_tg = i_t
+    else:
+        i_tg = (i_bh // H) * tl.cdiv(T, BT) + i_t
+    return tl.load(need + i_tg * H + i_bh % H) == 0
 
 
 @triton.heuristics({
@@ -310,17 +337,21 @@ def _chunk_mesa_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_fwd_kernel_cg(
-    b, k, g, beta, lamb, h_kk, factor, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
+    RESCUE: tl.constexpr,
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
+    if RESCUE:
+        if _skip_chunk(need, T, H, BT, NR, IS_VARLEN):
+            return
     _chunk_mesa_cg(
         b, k, g, beta, lamb, h_kk, factor, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16,
+        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
     )
 
 
@@ -337,18 +368,41 @@ def chunk_mesa_fwd_kernel_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(
-    k, g, beta, lamb, h_kk, factor, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
-    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
+    if RESCUE:
+        if _skip_chunk(need, T, H, BT, NR, IS_VARLEN):
+            return
     _chunk_mesa_cg(
         None, k, g, beta, lamb, h_kk, factor, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16,
+        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
     )
+
+
+def unconverged_chunks(steps: torch.Tensor, chunk_size: int, cu_seqlens: torch.LongTensor | None, num_chunks: int):
+    """
+    `[chunks, H]` int32 (`chunks` in `h_kk`'s order: `B * NT`, or every sequence's when varlen): 1 where a token of
+    that chunk and head stored `~steps` (a negative count: it stopped above tol). No host sync.
+    """
+    B, T, H = steps.shape
+    bad = (steps < 0).to(torch.int32)
+    if cu_seqlens is None:
+        NT = num_chunks // B
+        bad = torch.nn.functional.pad(bad, (0, 0, 0, NT * chunk_size - T))
+        return bad.view(B, NT, chunk_size, H).amax(2).reshape(B * NT, H).contiguous()
+    tokens = torch.arange(T, device=steps.device)
+    seq = torch.bucketize(tokens, cu_seqlens[1:], right=True)
+    bos = cu_seqlens[:-1]
+    first_chunk = torch.nn.functional.pad(torch.cumsum((cu_seqlens[1:] - bos + chunk_size - 1) // chunk_size, 0), (1, 0))
+    chunk = (first_chunk[seq] + (tokens - bos[seq]) // chunk_size)[:, None].expand(T, H)
+    need = torch.zeros(num_chunks, H, dtype=torch.int32, device=steps.device)
+    return need.scatter_reduce_(0, chunk, bad[0], 'amax')
 
 
 def chunk_mesa_cg(
@@ -391,7 +445,9 @@ def chunk_mesa_cg(
         cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps` (or to the
             residual floor, `residual_floor2`).
         precondition (bool or str): `True` Jacobi PCG, `False` plain CG, 'chunk' the chunk-start preconditioner
-            (`precond.chunk_start_factor`, built here from `h_kk` unless `factor` is given).
+            (`precond.chunk_start_factor`, built here from `h_kk` unless `factor` is given), 'auto' Jacobi and then,
+            for the rows it leaves above `cg_tol` only, the chunk-start preconditioner from Jacobi's iterate (the
+            factor built for their chunks only; steps count both passes). Without `cg_tol`, 'auto' is Jacobi.
         cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
         chunk_size (int): 16, 32 or 64.
         v (torch.Tensor, Optional): values `[B, T, H, V]`, for the fused readout.
@@ -418,8 +474,8 @@ def chunk_mesa_cg(
         raise ValueError("give exactly one of `b` and `do` (the right-hand side, or the gradient that forms it)")
     if do is not None and v is None:
         raise ValueError("`do` needs `v` and `h_kv` (b = dx = S_t do_t)")
-    if not (isinstance(precondition, bool) or precondition == 'chunk'):
-        raise ValueError(f"`precondition` must be True (Jacobi), False or 'chunk', got {precondition!r}")
+    if not (isinstance(precondition, bool) or precondition in ('chunk', 'auto')):
+        raise ValueError(f"`precondition` must be True (Jacobi), False, 'chunk' or 'auto', got {precondition!r}")
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')
     if K > 256 or (K > 128 and k.is_cuda):
@@ -440,15 +496,26 @@ def chunk_mesa_cg(
     BV = min(max(triton.next_power_of_2(V), 16), 64)
     k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (k, g_cum, beta, lamb, h_kk))
     b, do, v, h_kv = (None if t is None else t.contiguous() for t in (b, do, v, h_kv))
-    if precondition == 'chunk' and factor is None:
+    rescue = precondition == 'auto' and cg_tol is not None and cg_max_steps > 0
+    if precondition == 'auto' and not rescue:
+        precondition = True
+    need = None
+    if rescue:
+        # the Jacobi pass, every row that stops above tol flagged; then the chunks and heads that hold one
+        x, steps, o = chunk_mesa_cg(
+            b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
+            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True,
+        )
+        need = unconverged_chunks(steps, BT, cu_seqlens, B * NT if cu_seqlens is None else NT)
+    if precondition in ('chunk', 'auto') and factor is None:
         a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices)
         a = a.view(*h_kk.shape[:3])
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
         if K <= 128:
-            factor = chunk_start_factor_triton(h_kk, a, lamb, FACTOR_DTYPE)
+            factor = chunk_start_factor_triton(h_kk, a, lamb, FACTOR_DTYPE, need=need)
         else:
             factor = chunk_start_factor(h_kk, a, lamb, FACTOR_DTYPE)
-    if precondition == 'chunk':
+    if precondition in ('chunk', 'auto'):
         if factor.shape != h_kk.shape or factor.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"`factor` must be float32 or bfloat16 of h_kk's shape {tuple(h_kk.shape)}, got "
                              f"{factor.dtype} {tuple(factor.shape)}")
@@ -456,24 +523,26 @@ def chunk_mesa_cg(
     else:
         factor = None
 
-    x = k.new_empty(B, T, H, K, dtype=torch.float32)
-    steps = k.new_empty(B, T, H, dtype=torch.int32)
-    # the readout: with v and h_kv, unless they serve the right-hand side
-    o = k.new_empty(B, T, H, V, dtype=o_dtype) if v is not None and do is None else None
+    if not rescue:
+        x = k.new_empty(B, T, H, K, dtype=torch.float32)
+        steps = k.new_empty(B, T, H, dtype=torch.int32)
+        # the readout: with v and h_kv, unless they serve the right-hand side
+        o = k.new_empty(B, T, H, V, dtype=o_dtype) if v is not None and do is None else None
     tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))
 
     def grid(meta):
         return (NT * meta['NR'], B * H)
 
     kw = dict(
-        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, v=v, h_kv=h_kv, x=x, steps=steps,
+        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, v=v, h_kv=h_kv, x=x, steps=steps,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps), tol2=tol2, T=T, H=H, K=K, V=V,
-        BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if precondition == 'chunk' else int(bool(precondition)),
+        BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if factor is not None else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
         H_IN_LOOP=BK > 128,
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
+        RESCUE=rescue,
     )
     if do is None:
         chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)

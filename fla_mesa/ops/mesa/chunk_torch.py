@@ -80,6 +80,25 @@ class ChunkPieces:
             return self.chunk_start_preconditioner()
         return bool(precondition)
 
+    def solve(self, b, max_steps, tol, precondition, flag_unconverged):
+        """
+        `cg_solve` for the op's `precondition`; 'auto' is Jacobi, then the chunk-start preconditioner for the rows
+        Jacobi leaves above `tol`, from its iterate (steps count both), as the Triton path's rescue pass.
+        """
+        if precondition != 'auto' or tol is None:
+            precondition = True if precondition == 'auto' else precondition
+            return cg_solve(self.matvec, b, self.diag, max_steps, tol, self.preconditioner(precondition),
+                            flag_unconverged=flag_unconverged)
+        x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True)
+        redo = steps < 0
+        if not redo.any():
+            return x, steps
+        x, more = cg_solve(self.matvec, b, self.diag, max_steps, tol, self.chunk_start_preconditioner(),
+                           flag_unconverged=flag_unconverged, x0=x, rows=redo)
+        # ~a + b for a row flagged again, a + b otherwise: the sum of both passes, its sign the last pass's flag
+        total = torch.where(redo, ~steps, steps) + torch.where(more < 0, ~more, more)
+        return x, torch.where(more < 0, ~total, total)
+
     def matvec(self, p):
         """`A_t p_t` for every token: `p [B, H, NT, C, K]`."""
         # H p, not pᵀ H: equal for a symmetric H, but the gradient of a given (maybe asymmetric) h_kk is −e xᵀ
@@ -115,8 +134,7 @@ def chunk_mesa_fwd_torch(
     if cg_max_steps == 0:
         x, steps = b, torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
     else:
-        x, steps = cg_solve(pieces.matvec, b, pieces.diag, cg_max_steps, cg_tol, pieces.preconditioner(precondition),
-                            flag_unconverged=flag_unconverged)
+        x, steps = pieces.solve(b, cg_max_steps, cg_tol, precondition, flag_unconverged)
     o, x, steps = pieces.unchunk(pieces.readout(x)), pieces.unchunk(x), pieces.unchunk(steps)
     if cu_seqlens is not None:
         o, x, steps = (unpad_varlen(t, cu_seqlens) for t in (o, x, steps))
@@ -148,8 +166,7 @@ def chunk_mesa_bwd_torch(
             if cg_max_steps == 0:
                 e = dx
             else:
-                e, steps = cg_solve(pieces.matvec, dx, pieces.diag, cg_max_steps, cg_tol,
-                                    pieces.preconditioner(precondition), flag_unconverged=flag_unconverged)
+                e, steps = pieces.solve(dx, cg_max_steps, cg_tol, precondition, flag_unconverged)
                 steps = pieces.unchunk(steps)
         loss = (pieces.readout(xc) * doc).sum()
         if cg_max_steps > 0:

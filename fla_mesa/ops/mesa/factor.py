@@ -77,16 +77,22 @@ def chunk_start_factor_kernel(
     a,
     lamb,
     w,
+    need,
     K: tl.constexpr,
     BS: tl.constexpr,
     NB: tl.constexpr,
     PREC: tl.constexpr,
+    HAS_NEED: tl.constexpr,
 ):
     # One matrix per program. X = L⁻¹ (lower) by block rows: for block row i, with X's rows above it done,
     #   G_k = Σ_{m<=k} M_im X_kmᵀ (= L_ik),   S = M_ii - Σ_k G_k G_kᵀ,   X_ii = chol(S)⁻¹,
     #   X_ij = -X_ii Σ_{j<=k<i} G_k X_kj.
     # X is kept in `w` as W = Xᵀ (the output), read back from L2; G_k waits in W's lower triangle (zero at the end).
     i_n = tl.program_id(0).to(tl.int64)
+    if HAS_NEED:
+        # only the matrices asked for (precondition='auto': chunks with an unconverged row); W stays unset elsewhere
+        if tl.load(need + i_n) == 0:
+            return
     h += i_n * K * K
     w += i_n * K * K
     b_a = tl.load(a + i_n).to(tl.float32)
@@ -144,6 +150,7 @@ def chunk_start_factor_triton(
     block_size: int | None = None,
     num_warps: int | None = None,
     maxnreg: int | None = None,
+    need: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     `precond.chunk_start_factor` by a Triton kernel: `W = L⁻ᵀ` for `L Lᵀ = M = a H + Λ`, so that `M⁻¹ = W Wᵀ`,
@@ -161,6 +168,8 @@ def chunk_start_factor_triton(
             (benchmarks/results/factor_h200.md).
         num_warps (int, Optional): warps a program. Default: 4 for BS = 32, else 1.
         maxnreg (int, Optional): a register cap a thread (Triton's launch option), for more programs an SM.
+        need (torch.Tensor, Optional): integers of `a`'s size (any shape): only the matrices where it is not 0 are
+            factorised, `W` is left unset for the others. Default: all.
 
     Returns:
         W (torch.Tensor): `[..., K, K]`, upper triangular.
@@ -189,6 +198,9 @@ def chunk_start_factor_triton(
         raise ValueError(f"`block_size` must be 16 or 32, got {block_size}")
 
     N = a.numel()
+    if need is not None and (need.numel() != N or need.is_floating_point() or need.device != h_kk.device):
+        raise ValueError(f"`need` must hold {N} integers on {h_kk.device} (one per matrix), got {need.dtype} "
+                         f"{tuple(need.shape)} on {need.device}")
     w = h_kk.new_empty(N, K, K, dtype=torch.float32)
     if N > 0:
         chunk_start_factor_kernel[(N,)](
@@ -196,10 +208,12 @@ def chunk_start_factor_triton(
             a=a.reshape(N).contiguous(),
             lamb=lamb.reshape(N, K).contiguous(),
             w=w,
+            need=None if need is None else need.reshape(N).contiguous(),
             K=K,
             BS=BS,
             NB=triton.cdiv(K, BS),
             PREC=precision,
+            HAS_NEED=need is not None,
             num_warps=num_warps if num_warps is not None else (4 if BS == 32 else 1),
             num_stages=1,
             **({} if maxnreg is None else {'maxnreg': maxnreg}),

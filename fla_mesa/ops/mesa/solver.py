@@ -19,6 +19,8 @@ def cg_solve(
     precondition: bool | Callable[[torch.Tensor], torch.Tensor] = False,
     round_p: Callable[[torch.Tensor], torch.Tensor] | None = None,
     flag_unconverged: bool = False,
+    x0: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     Solves `A x = b` row by row for a batch of SPD systems given only `matvec(p) = A p`.
@@ -46,6 +48,9 @@ def cg_solve(
             With `tol`, a row that stops with `||r|| > tol * ||b||` (at `max_steps`, or at a breakdown: pᵀAp or rᵀz
             not positive), or whose b is not finite, returns `~steps` (= -steps - 1; `utils.split_cg_steps` decodes).
             Default: `False`.
+        x0 (torch.Tensor, Optional): the start `[..., K]` instead of the Jacobi one (non-finite entries start at 0).
+        rows (torch.Tensor, Optional): bool `[...]`: only these rows iterate; the others return `x0` (or the Jacobi
+            start) in 0 steps. Default: all.
 
     Returns:
         x (torch.Tensor): `[..., K]`, the solution.
@@ -70,7 +75,11 @@ def cg_solve(
     else:
         def apply_m(r):
             return r
-    x = b * dinv
+    if x0 is None:
+        x = b * dinv
+    else:
+        x = x0 / torch.where(nonzero, s, torch.ones_like(s))
+        x = torch.where(x.isfinite(), x, torch.zeros_like(x))
     if round_p is not None:
         x = round_p(x)
     r = b - matvec(x)
@@ -78,6 +87,8 @@ def cg_solve(
     p = z
     rz = (r * z).sum(-1, keepdim=True)
     active = nonzero & ((r * r).sum(-1, keepdim=True) > tol2) & (rz > 0)
+    if rows is not None:
+        active = active & rows[..., None]
     steps = torch.zeros_like(s, dtype=torch.int32)
     for _ in range(max_steps):
         if not active.any():
@@ -106,5 +117,7 @@ def cg_solve(
     if flag_unconverged and tol is not None:
         # not (≤) rather than >: a NaN residual is flagged too; an all-zero b is solved exactly
         unconverged = (s != 0) & ~((r * r).sum(-1, keepdim=True) <= tol2)
+        if rows is not None:
+            unconverged = unconverged & rows[..., None]
         steps = torch.where(unconverged, ~steps, steps)
     return x * s, steps.squeeze(-1)

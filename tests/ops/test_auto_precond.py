@@ -1,0 +1,125 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""`precondition='auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol`.
+
+Both chunk paths (the Triton one under `TRITON_INTERPRET=1` or on a GPU). On hard states the rescue reaches the
+float64 answer where Jacobi alone does not; on benign ones (nothing to rescue) it is Jacobi to the bit; the tokens
+Jacobi solved keep Jacobi's answer and steps; every gradient against float64; varlen; the chunk map it launches by.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
+from fla_mesa.ops.mesa.chunk_cg import unconverged_chunks
+from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
+from tests.utils import NEEDS_TRITON, on_triton, poison_empty, rel_err, run_with_grads, torch_chunk_path
+
+triton_chunk_mesa = on_triton(chunk_mesa)
+BACKENDS = ['torch', pytest.param('triton', marks=NEEDS_TRITON)]
+
+
+def run(monkeypatch, backend, *args, **kwargs):
+    if backend == 'triton':
+        return triton_chunk_mesa(*args, **kwargs)
+    with monkeypatch.context() as m:
+        torch_chunk_path(m)
+        return chunk_mesa(*args, **kwargs)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('family,T', [('8 directions', 512), ('1 direction, γ = 1', 256)])
+def test_auto_rescues_what_jacobi_leaves(monkeypatch, backend, family, T):
+    inputs = [x.float() for x in hard_inputs(T, K=32, V=16, **FAMILIES[family])]
+    ref = last_outputs(*hard_inputs(T, K=32, V=16, **FAMILIES[family]))
+    floor = rel_err(last_outputs(*inputs), ref)
+    o_j, _, steps_j, bad_j = run(monkeypatch, backend, *inputs, precondition=True, return_cg_steps=True,
+                                 return_cg_unconverged=True)
+    o, _, steps, bad = run(monkeypatch, backend, *inputs, precondition='auto', return_cg_steps=True,
+                           return_cg_unconverged=True)
+    # the case needs the rescue: Jacobi stops unconverged on some tokens
+    assert bad_j.any() and not bad.any(), (bad_j.sum(), bad.sum())
+    err = rel_err(o[:, -ref.shape[1]:], ref)
+    assert err <= max(1e-3, 2 * floor), (err, floor)
+    # tokens Jacobi solved keep its answer and steps; the rescued ones count Jacobi's steps and their own
+    assert torch.equal(o[~bad_j], o_j[~bad_j]) and torch.equal(steps[~bad_j], steps_j[~bad_j])
+    assert (steps[bad_j] > steps_j[bad_j]).all()
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_auto_is_jacobi_where_jacobi_converges(monkeypatch, backend):
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 100, 2, 32, 16
+    q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 4)
+    beta, lamb = torch.rand(B, T, H, generator=gen), 0.25 + F.softplus(torch.randn(H, K, generator=gen))
+    o_j, _, steps_j = run(monkeypatch, backend, q, k, v, g, beta, lamb, precondition=True, return_cg_steps=True)
+    o, _, steps = run(monkeypatch, backend, q, k, v, g, beta, lamb, precondition='auto', return_cg_steps=True)
+    assert torch.equal(o, o_j) and torch.equal(steps, steps_j)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_auto_flags_what_the_rescue_leaves(monkeypatch, backend):
+    # a budget too small for either solve: every token Jacobi flagged is flagged again, its steps both budgets
+    inputs = [x.float() for x in hard_inputs(128, K=32, V=16, dirs=8, noise=1e-2)]
+    _, _, steps_j, bad_j = run(monkeypatch, backend, *inputs, precondition=True, cg_max_steps=1, return_cg_steps=True,
+                               return_cg_unconverged=True)
+    _, _, steps, bad = run(monkeypatch, backend, *inputs, precondition='auto', cg_max_steps=1, return_cg_steps=True,
+                           return_cg_unconverged=True)
+    assert bad_j.any() and torch.equal(bad, bad_j)
+    assert (steps[bad] == 2).all() and torch.equal(steps[~bad], steps_j[~bad])
+
+
+def grad_errors(monkeypatch, backend, inputs, do, **kwargs):
+    ref = run_with_grads(naive_exact_mesa, inputs, do, cu_seqlens=kwargs.get('cu_seqlens'))
+    inputs32 = [x.float() if x is not None else None for x in inputs]
+    base = run_with_grads(naive_exact_mesa, inputs32, do, cu_seqlens=kwargs.get('cu_seqlens'))
+    op = triton_chunk_mesa if backend == 'triton' else chunk_mesa
+    with monkeypatch.context() as m:
+        if backend == 'torch':
+            torch_chunk_path(m)
+        out = run_with_grads(op, inputs32, do, precondition='auto', cg_tol=1e-6, **kwargs)
+    for name in ['o'] + list(ref[2]):
+        pick = (lambda r: r[0]) if name == 'o' else (lambda r, n=name: r[2][n])
+        yield name, rel_err(pick(out), pick(ref)), rel_err(pick(base), pick(ref))
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('scale', [1.0, 1e-8])
+def test_auto_gradients_hard(monkeypatch, backend, scale):
+    # every buffer the kernels leave unwritten would be NaN; the upstream gradient at scale 1 and 1e-8
+    poison_empty(monkeypatch)
+    inputs = list(hard_inputs(160, K=32, V=8, dirs=8, noise=1e-2)) + [None]
+    # the case needs the rescue at this tolerance
+    bad = run(monkeypatch, backend, *[x.float() for x in inputs[:6]], cg_tol=1e-6, chunk_size=32,
+              return_cg_unconverged=True)[-1]
+    assert bad.any()
+    do = scale * torch.randn(1, 160, 1, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for name, err, floor in grad_errors(monkeypatch, backend, inputs, do, chunk_size=32):
+        assert err <= max(4 * floor, 1e-4), (name, err, floor)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_auto_varlen(monkeypatch, backend):
+    inputs = list(hard_inputs(150, H=2, K=32, V=8, dirs=4, noise=1e-2)) + [None]
+    do = torch.randn(1, 150, 2, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 40, 150])
+    for name, err, floor in grad_errors(monkeypatch, backend, inputs, do, cu_seqlens=cu_seqlens, chunk_size=32):
+        assert err <= max(4 * floor, 1e-4), (name, err, floor)
+
+
+def test_unconverged_chunks_map():
+    gen = torch.Generator().manual_seed(4)
+    steps = torch.randint(0, 5, (1, 100, 3), generator=gen, dtype=torch.int32)
+    steps[0, [5, 39, 40, 99], [0, 1, 2, 0]] = -3
+    # three sequences (one empty), 16-token chunks: 40 -> 3 chunks, 0 -> 0, 60 -> 4
+    need = unconverged_chunks(steps, 16, torch.tensor([0, 40, 40, 100]), 7)
+    want = torch.zeros(7, 3, dtype=torch.int32)
+    want[0, 0] = want[2, 1] = want[3, 2] = want[6, 0] = 1
+    assert torch.equal(need, want)
+    # fixed length: [B * NT, H]
+    need = unconverged_chunks(steps.view(2, 50, 3), 16, None, 8)
+    want = torch.zeros(8, 3, dtype=torch.int32)
+    want[0, 0] = want[2, 1] = want[2, 2] = want[7, 0] = 1
+    assert torch.equal(need, want)
