@@ -127,20 +127,28 @@ def test_generate_drops_mask_after_prefill():
     assert kept['attention_mask'] is mask
 
 
+def greedy(new_tokens):
+    """generate() keywords: `new_tokens` greedy tokens exactly, with their logits."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                output_logits=True, return_dict_in_generate=True)
+
+
+def assert_same_generation(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
 def test_generate_with_decode_graph_option_on_cpu():
     # off CUDA the option runs the same static step eagerly: generate() through it, token for token and logit for
     # logit the eager generate()
     model = make_model().eval()
     prompt = tokens(B=2, T=7)
-    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True)
     with torch.no_grad():
-        eager = model.generate(prompt, **kwargs)
+        eager = model.generate(prompt, **greedy(5))
         model.config.decode_cuda_graph = True
-        static = model.generate(prompt, **kwargs)
+        static = model.generate(prompt, **greedy(5))
     assert model._decode_graphs[2].graph is None and model._decode_graphs[2]._owner is not None
-    assert torch.equal(static.sequences, eager.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(static.logits, eager.logits))
+    assert_same_generation(static, eager)
 
 
 def test_decode_graph_follows_replaced_parameters():
@@ -148,28 +156,24 @@ def test_decode_graph_follows_replaced_parameters():
     # state buffers would round every state (on a GPU the graph would read the freed float32 storage)
     model = make_model().eval()
     prompt = tokens(B=2, T=7)
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True)
     with torch.no_grad():
         model.config.decode_cuda_graph = True
-        model.generate(prompt, **kwargs)
+        model.generate(prompt, **greedy(4))
         first = model._decode_graphs[2]
         model.double()
-        static = model.generate(prompt, **kwargs)
+        static = model.generate(prompt, **greedy(4))
         assert model._decode_graphs[2] is not first
         assert model._decode_graphs[2].buffers[0][0].dtype == torch.float64
         model.config.decode_cuda_graph = False
-        eager = model.generate(prompt, **kwargs)
-    assert torch.equal(static.sequences, eager.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(static.logits, eager.logits))
+        eager = model.generate(prompt, **greedy(4))
+    assert_same_generation(static, eager)
 
 
 @pytest.mark.skipif(not ON_GPU, reason='CUDA graphs need a GPU')
 def test_generate_with_decode_graph_equals_eager():
     model = make_model().cuda().eval()
     prompt = tokens(B=2, T=40).cuda()
-    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-                  output_logits=True, return_dict_in_generate=True)
+    kwargs = greedy(12)
     with torch.no_grad():
         eager = model.generate(prompt, **kwargs)
         model.config.decode_cuda_graph = True
