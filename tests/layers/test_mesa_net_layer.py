@@ -265,20 +265,21 @@ def test_unconverged_tokens_flagged(mode):
     assert not layer.last_cg_unconverged.any()
 
 
+@pytest.mark.parametrize('precondition', ['chunk', 'auto'])
 @pytest.mark.parametrize('training', [True, False], ids=['chunk', 'fused_recurrent'])
-def test_chunk_start_preconditioner(monkeypatch, training):
-    # 'chunk' reaches the chunk op as it is and the recurrent op (decoding: no chunk start) as Jacobi; both converge
-    # to the float64 layer's output (cg_tol None: to the float32 residual floor)
+def test_chunk_start_preconditioner(monkeypatch, training, precondition):
+    # 'chunk' and 'auto' reach the chunk op as they are and the recurrent op (decoding: no chunk start) as Jacobi;
+    # both converge to the float64 layer's output (cg_tol None: to the float32 residual floor)
     seen = []
     for name in ('chunk_mesa', 'fused_recurrent_mesa'):
         real = getattr(mesa_net_module, name)
         monkeypatch.setattr(mesa_net_module, name, lambda *a, _real=real, _name=name, **kw: (
             seen.append((_name, kw['precondition'])), _real(*a, **kw))[1])
-    layer = make_layer(precondition='chunk').train(training)
+    layer = make_layer(precondition=precondition).train(training)
     x = inputs(T=20)
     with torch.set_grad_enabled(training):
         o, _, _ = layer(x)
-    assert seen == [('chunk_mesa', 'chunk')] if training else [('fused_recurrent_mesa', True)]
+    assert seen == [('chunk_mesa', precondition)] if training else [('fused_recurrent_mesa', True)]
     assert_rel('o', o, reference(copy.deepcopy(layer), x), 1e-6)
 
 
