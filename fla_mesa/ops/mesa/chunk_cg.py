@@ -333,6 +333,8 @@ def _skip_chunk(need, T, H: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, IS
     configs=_cg_configs(),
     key=CG_KEY,
     prune_configs_by={'early_config_prune': _prune_cg_configs},
+    # the rescue pass of 'auto' updates x and steps in place: every config benchmarked starts from the same ones
+    restore_value=['x', 'steps'],
     **autotune_cache_kwargs,
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
@@ -364,6 +366,8 @@ def chunk_mesa_fwd_kernel_cg(
     configs=_cg_configs(),
     key=CG_KEY,
     prune_configs_by={'early_config_prune': _prune_cg_configs},
+    # the rescue pass of 'auto' updates x and steps in place: every config benchmarked starts from the same ones
+    restore_value=['x', 'steps'],
     **autotune_cache_kwargs,
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
