@@ -101,7 +101,7 @@ def measure(make, L, T, reps):
     return ms / L, kernels / L, (sum(counter.ops.values()) - kernels) / L, sum(LAUNCHES.values()) / L
 
 
-def op_alone(T, reps):
+def op_alone(T, reps, precondition=True):
     from fla_mesa.ops.mesa import chunk_mesa
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, T, 2, 32, generator=g, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -110,7 +110,7 @@ def op_alone(T, reps):
     lamb = torch.ones(2, 32, requires_grad=True)
 
     def step():
-        chunk_mesa(q, k, v, gate, beta, lamb, check_values=False)[0].sum().backward()
+        chunk_mesa(q, k, v, gate, beta, lamb, check_values=False, precondition=precondition)[0].sum().backward()
     return host_ms(step, reps)
 
 
@@ -160,7 +160,8 @@ def main():
         lines.append(f"| {name} | {ms:.2f} | {kernels:.1f} | {views:.1f} | {launches:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"The Mesa op alone (`chunk_mesa` forward+backward, T = {args.T}, H = 2, K = V = 32): "
-              f"{op_alone(args.T, args.reps):.2f} ms.", "",
+              f"{op_alone(args.T, args.reps):.2f} ms; with `precondition='auto'` "
+              f"{op_alone(args.T, args.reps, 'auto'):.2f} ms.", "",
               "What the forward saves for the backward, MiB a layer (unique storages, parameters left out; hidden "
               "1024, 8 heads of 128, T = 2048, B = 1; fla's MesaNet at its default head size, the same here):", ""]
     for name in ('fla-mesa', 'fla-mesanet'):
