@@ -28,6 +28,7 @@ each with every autotuned kernel (fla's and fla-mesa's) cut to its share of the 
 in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes would be picked on noise.
 
     python benchmarks/benchmark_training.py                        # warm in parallel, then the full table
+    python benchmarks/benchmark_training.py --models fla-mesa fla-mesa-auto   # precondition='auto' beside the default
     python benchmarks/benchmark_training.py --no-warm --models fla-mesa llama --sizes small --Ts 2048
     python benchmarks/benchmark_training.py --profile-host --models fla-mesa --sizes small --Ts 2048
     TRITON_INTERPRET=1 python benchmarks/benchmark_training.py --device cpu --tiny --out /tmp/t.md   # smoke test
@@ -43,6 +44,7 @@ time (top 40), to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import gc
 import io
@@ -62,6 +64,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ['fla-mesa', 'fla-mesanet', 'gla', 'deltanet', 'gated-deltanet', 'llama']
+# fla-mesa's model with other settings, asked for by name (`--models fla-mesa fla-mesa-auto`): not in the default run
+MESA_VARIANTS = {'fla-mesa-auto': dict(precondition='auto')}
 SIZES = ['small', '340M']
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_heads=2, head_dim=32, vocab_size=256)
 SMALL = dict(num_hidden_layers=8, hidden_size=1024, num_heads=8, head_dim=128, vocab_size=32000)
@@ -112,6 +116,11 @@ def peer_config(name, mesa, intermediate_size, max_T, device):
         raise ValueError(f"peers need num_heads * head_dim == hidden_size, got {H} * {D} != {h}")
     if name == 'fla-mesa':
         return mesa
+    if name in MESA_VARIANTS:
+        variant = copy.deepcopy(mesa)
+        for key, value in MESA_VARIANTS[name].items():
+            setattr(variant, key, value)
+        return variant
     if name == 'fla-mesanet':
         from fla.models import MesaNetConfig
         return MesaNetConfig(num_heads=H, head_dim=D, **common)
@@ -133,7 +142,7 @@ def peer_config(name, mesa, intermediate_size, max_T, device):
 
 
 def model_class(name):
-    if name == 'fla-mesa':
+    if name == 'fla-mesa' or name in MESA_VARIANTS:
         from fla_mesa.models import MesaForCausalLM
         return MesaForCausalLM
     if name == 'llama':
@@ -157,8 +166,8 @@ def matched_config(name, mesa, max_T, device):
     fla-mesa's parameter count; returns (config, params, target params).
     """
     target = count_params('fla-mesa', mesa)
-    if name == 'fla-mesa':
-        return mesa, target, target
+    if name == 'fla-mesa' or name in MESA_VARIANTS:
+        return peer_config(name, mesa, None, max_T, device), target, target
     # a multiple of 64 keeps the MLP's GEMMs on full tiles; tiny models need a finer step
     step = 64 if mesa.hidden_size >= 512 else 8
     a, b = 4 * step, 64 * step
@@ -549,7 +558,7 @@ def profile_host(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--models', nargs='+', default=MODELS, choices=MODELS)
+    p.add_argument('--models', nargs='+', default=MODELS, choices=MODELS + list(MESA_VARIANTS))
     p.add_argument('--sizes', nargs='+', default=SIZES, choices=SIZES)
     p.add_argument('--Ts', nargs='+', type=int, default=None, help='sequence lengths (default 2048 4096 8192)')
     p.add_argument('--tokens', type=int, default=None, help='B*T of every row (default 16384; --tiny 128)')
