@@ -38,3 +38,24 @@ def test_training_schedule_cycles_curriculum_then_tested_pairs():
 def test_training_schedule_rejects_bad_entries(entry):
     with pytest.raises(ValueError, match=entry):
         mqar.training_schedule([entry], [32], 512)
+
+
+def test_share_fla_configs_keeps_every_nth(monkeypatch):
+    import common
+    from tests.gpu_configs import loaded_autotuners
+    tuners = loaded_autotuners(prefixes=('fla.',))
+    assert tuners
+    for tuner in tuners:  # restored after the test: the autotuners are module state
+        monkeypatch.setattr(tuner, 'configs', list(tuner.configs))
+    before = {id(t): list(t.configs) for t in tuners}
+    common.share_fla_configs(4)
+    for tuner in tuners:
+        assert tuner.configs == before[id(tuner)][::4] and tuner.configs
+    # fla-mesa's kernels are left to their own pinning
+    mesa = [t for t in loaded_autotuners(prefixes=('fla_mesa.',))]
+    assert mesa and all(t not in tuners for t in mesa)
+
+
+def test_bad_config_share_is_refused():
+    with pytest.raises(SystemExit):
+        mqar.parse_args(['--fla-config-share', '0'])

@@ -217,6 +217,8 @@ def parse_args(argv=None):
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
     p.add_argument('--autotune', action='store_true',
                    help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
+    p.add_argument('--fla-config-share', type=int, default=1, metavar='N',
+                   help="on a GPU, every fla kernel autotunes over every N-th of its configs (fewer to compile)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--corpus', help='corpus folder (default: /tmp/fla_mesa_byte_corpus/<settings>, built if absent)')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'byte_lm'))
@@ -229,6 +231,8 @@ def parse_args(argv=None):
     p.add_argument('--retry-failed', action='store_true', help='run again runs cached as failed (not refused)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.fla_config_share < 1:
+        p.error(f'--fla-config-share must be at least 1, got {args.fla_config_share}')
     args.preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -334,7 +338,8 @@ def main(argv=None):
             record = common.read_json(result)
             if record is not None and (record['status'] != 'failed' or not args.retry_failed):
                 continue
-            cell = dict(settings, autotune=args.autotune, model=model, seed=seed, corpus=args.corpus, result=result,
+            cell = dict(settings, autotune=args.autotune, fla_config_share=args.fla_config_share, model=model, seed=seed,
+                        corpus=args.corpus, result=result,
                         threads=threads, intermediate_size=sizes[model]['intermediate_size'], deadline=deadline,
                         checkpoint_seconds=args.checkpoint_seconds, checkpoint_dir=checkpoint_dir)
             jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),

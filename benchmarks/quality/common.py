@@ -279,9 +279,23 @@ def pin_mesa_kernels():
     pin_all(0)
 
 
+def share_fla_configs(share):
+    """
+    Every autotuned kernel of fla keeps every `share`-th of its configs (0, share, 2 share, ...): fla's kernels carry
+    dozens of configs each, all compiled at the first call in every worker, which on a fresh machine took the
+    workers longer than training. Any config computes the same function; the choice changes speed only.
+    """
+    from tests.gpu_configs import loaded_autotuners
+    for tuner in loaded_autotuners(prefixes=('fla.',)):
+        tuner.configs = tuner.configs[::share]
+        tuner.cache.clear()
+
+
 def run_worker(cell_json, train):
     """A worker process's whole job: train the cell, record the result (or why it failed) in the cell's cache."""
     cell = json.loads(cell_json)
+    if cell['device'] == 'cuda' and cell.get('fla_config_share', 1) > 1:
+        share_fla_configs(cell['fla_config_share'])
     if cell['device'] == 'cuda' and cell['model'] in ('mesa', 'gla') and not cell.get('autotune'):
         pin_mesa_kernels()
     try:

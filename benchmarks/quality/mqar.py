@@ -136,6 +136,10 @@ def train_cell(cell):
         loss = common.training_step(model, opt, sched, health, step, query_loss, (inputs, labels), amp)
         losses.append(loss)
         common.accumulate_cg(model, train_cg)
+        if (step + 1) % max(1, cell['steps'] // 20) == 0:
+            # the cell's log: where a model leaves the loss plateau, and how fast it trains
+            recent = losses[-max(1, cell['steps'] // 20):]
+            print(f'step {step + 1} loss {sum(recent) / len(recent):.4f} ({time.time() - start:.0f} s)', flush=True)
     train_seconds = time.time() - start
     seconds_per_step = (time.time() - steady_start) / (cell['steps'] - steady_from)
     model.eval()
@@ -189,6 +193,8 @@ def parse_args(argv=None):
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
     p.add_argument('--autotune', action='store_true',
                    help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
+    p.add_argument('--fla-config-share', type=int, default=1, metavar='N',
+                   help="on a GPU, every fla kernel autotunes over every N-th of its configs (fewer to compile)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'mqar'))
     p.add_argument('--tag', help='output name: benchmarks/results/mqar_<tag>.md/.png (default: the preset)')
@@ -197,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument('--retry-failed', action='store_true', help='run again cells cached as failed (not refused)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.fla_config_share < 1:
+        p.error(f'--fla-config-share must be at least 1, got {args.fla_config_share}')
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
     for key, value in PRESETS[preset].items():
         if getattr(args, key) is None:
@@ -231,8 +239,9 @@ def make_jobs(args, folder, settings, sizes, cells):
         record = common.read_json(result)
         if record is not None and (record['status'] != 'failed' or not args.retry_failed):
             continue
-        cell = dict(settings, autotune=args.autotune, model=model, width=width, lr=lr, seed=seed, threads=threads,
-                    result=result, intermediate_size=sizes[width][model]['intermediate_size'])
+        cell = dict(settings, autotune=args.autotune, fla_config_share=args.fla_config_share, model=model, width=width,
+                    lr=lr, seed=seed, threads=threads, result=result,
+                    intermediate_size=sizes[width][model]['intermediate_size'])
         jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),
                          env=common.worker_env(model, args.device),
                          argv=[sys.executable, os.path.abspath(__file__), '--worker', json.dumps(cell)]))
