@@ -6,6 +6,10 @@ float64 answer where Jacobi alone does not; on benign ones (nothing to rescue) i
 Jacobi solved keep Jacobi's answer and steps; every gradient against float64; varlen; the chunk map it launches by.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +127,32 @@ def test_unconverged_chunks_map():
     want = torch.zeros(8, 3, dtype=torch.int32)
     want[0, 0] = want[2, 1] = want[2, 2] = want[7, 0] = 1
     assert torch.equal(need, want)
+
+
+# the second pass's kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
+# apart as the interpreter replaces triton.jit: the early returns of the programs with nothing to do must compile
+_SM90_SCRIPT = """
+from tests.sm90 import compile_sm90
+from fla_mesa.ops.mesa import chunk_cg, factor
+types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32', v='*bf16',
+             h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
+consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
+              V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True)
+kernels = [
+    compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
+                 dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
+    compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'), dict(consts, DO_IS_BF16=True),
+                 num_warps=4, num_stages=1),
+    compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', a='*fp32', lamb='*fp32', w='*fp32', need='*i32'),
+                 dict(K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True), num_warps=1, num_stages=1),
+]
+print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
+"""
+
+
+def test_second_pass_kernels_compile_for_sm90():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+    out = subprocess.run([sys.executable, '-c', _SM90_SCRIPT], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 3
