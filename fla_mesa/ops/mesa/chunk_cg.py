@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fla.ops.utils import prepare_chunk_indices
+from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.kernel_utils import (
@@ -113,6 +113,7 @@ def _chunk_mesa_cg(
     lamb,
     h_kk,
     factor,
+    need,
     v,
     h_kv,
     do,
@@ -155,6 +156,10 @@ def _chunk_mesa_cg(
     i_t, i_r = i_tr // NR, i_tr % NR
     i_b, i_h = i_bh // H, i_bh % H
     i_tg, i_t, bos, T = chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
+    if RESCUE:
+        # precondition='auto', second pass: a chunk and head with no unconverged row (`need` [chunks, H] is 0) is done
+        if tl.load(need + i_tg * H + i_h) == 0:
+            return
 
     # rows of this program and columns (all tokens of the chunk)
     o_r = i_t * BT + i_r * BR + tl.arange(0, BR)
@@ -312,17 +317,6 @@ def _chunk_mesa_cg(
             tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_w[:, None] & m_v[None, :])
 
 
-@triton.jit
-def _skip_chunk(need, T, H: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, IS_VARLEN: tl.constexpr):
-    # a rescue pass's program whose chunk and head have no unconverged row (`need`, [chunks, H], is 0) does nothing
-    i_t, i_bh = tl.program_id(0) // NR, tl.program_id(1)
-    if IS_VARLEN:
-        i_tg = i_t
-    else:
-        i_tg = (i_bh // H) * tl.cdiv(T, BT) + i_t
-    return tl.load(need + i_tg * H + i_bh % H) == 0
-
-
 @triton.heuristics({
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
     'READOUT': lambda args: args['o'] is not None,
@@ -347,11 +341,8 @@ def chunk_mesa_fwd_kernel_cg(
     RESCUE: tl.constexpr,
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
-    if RESCUE:
-        if _skip_chunk(need, T, H, BT, NR, IS_VARLEN):
-            return
     _chunk_mesa_cg(
-        b, k, g, beta, lamb, h_kk, factor, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
+        b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
         READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
     )
@@ -379,11 +370,8 @@ def chunk_mesa_bwd_kernel_cg(
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
-    if RESCUE:
-        if _skip_chunk(need, T, H, BT, NR, IS_VARLEN):
-            return
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
+        None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
         False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
     )
@@ -402,9 +390,8 @@ def unconverged_chunks(steps: torch.Tensor, chunk_size: int, cu_seqlens: torch.L
         return bad.view(B, NT, chunk_size, H).amax(2).reshape(B * NT, H).contiguous()
     tokens = torch.arange(T, device=steps.device)
     seq = torch.bucketize(tokens, cu_seqlens[1:], right=True)
-    bos = cu_seqlens[:-1]
-    first_chunk = torch.nn.functional.pad(torch.cumsum((cu_seqlens[1:] - bos + chunk_size - 1) // chunk_size, 0), (1, 0))
-    chunk = (first_chunk[seq] + (tokens - bos[seq]) // chunk_size)[:, None].expand(T, H)
+    chunk = prepare_chunk_offsets(cu_seqlens, chunk_size)[seq] + (tokens - cu_seqlens[seq]) // chunk_size
+    chunk = chunk[:, None].expand(T, H)
     need = torch.zeros(num_chunks, H, dtype=torch.int32, device=steps.device)
     return need.scatter_reduce_(0, chunk, bad[0], 'amax')
 
