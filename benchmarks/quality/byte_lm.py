@@ -215,10 +215,7 @@ def parse_args(argv=None):
     p.add_argument('--val-windows', type=int, help='validation windows of seq-len bytes')
     p.add_argument('--parallel', type=int, help='training processes at once on the one device')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
-    p.add_argument('--autotune', action='store_true',
-                   help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
-    p.add_argument('--fla-config-share', type=int, default=1, metavar='N',
-                   help="on a GPU, every fla kernel autotunes over every N-th of its configs (fewer to compile)")
+    common.add_kernel_options(p)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--corpus', help='corpus folder (default: /tmp/fla_mesa_byte_corpus/<settings>, built if absent)')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'byte_lm'))
@@ -231,8 +228,6 @@ def parse_args(argv=None):
     p.add_argument('--retry-failed', action='store_true', help='run again runs cached as failed (not refused)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.fla_config_share < 1:
-        p.error(f'--fla-config-share must be at least 1, got {args.fla_config_share}')
     args.preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:

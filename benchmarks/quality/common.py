@@ -15,6 +15,7 @@ Models (`MODELS`):
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -277,6 +278,21 @@ def pin_mesa_kernels():
     """
     from tests.gpu_configs import pin_all
     pin_all(0)
+
+
+def _at_least_one(text):
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {n}')
+    return n
+
+
+def add_kernel_options(parser):
+    """The scripts' options for the Triton kernels of their workers (see `run_worker`)."""
+    parser.add_argument('--autotune', action='store_true',
+                        help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
+    parser.add_argument('--fla-config-share', type=_at_least_one, default=1, metavar='N',
+                        help='on a GPU, every fla kernel autotunes over every N-th of its configs (fewer to compile)')
 
 
 def share_fla_configs(share):

@@ -124,6 +124,7 @@ def train_cell(cell):
     data = torch.Generator(device).manual_seed(cell['seed'])
     pairs, amp = cell['pairs'], cell['amp']
     schedule = training_schedule(cell['curriculum'], pairs, cell['seq_len'])
+    log_every = max(1, cell['steps'] // 20)
     start, losses, train_cg = time.time(), [], common.cg_histogram()
     # steady-state time from a tenth of the way in: the first steps compile and autotune Triton kernels
     steady_from, steady_start = cell['steps'] // 10, None
@@ -136,9 +137,9 @@ def train_cell(cell):
         loss = common.training_step(model, opt, sched, health, step, query_loss, (inputs, labels), amp)
         losses.append(loss)
         common.accumulate_cg(model, train_cg)
-        if (step + 1) % max(1, cell['steps'] // 20) == 0:
+        if (step + 1) % log_every == 0:
             # the cell's log: where a model leaves the loss plateau, and how fast it trains
-            recent = losses[-max(1, cell['steps'] // 20):]
+            recent = losses[-log_every:]
             print(f'step {step + 1} loss {sum(recent) / len(recent):.4f} ({time.time() - start:.0f} s)', flush=True)
     train_seconds = time.time() - start
     seconds_per_step = (time.time() - steady_start) / (cell['steps'] - steady_from)
@@ -191,10 +192,7 @@ def parse_args(argv=None):
     p.add_argument('--disagree', type=float, default=10.0,
                    help='points between two seeds that add a third seed for that model and width')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
-    p.add_argument('--autotune', action='store_true',
-                   help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
-    p.add_argument('--fla-config-share', type=int, default=1, metavar='N',
-                   help="on a GPU, every fla kernel autotunes over every N-th of its configs (fewer to compile)")
+    common.add_kernel_options(p)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'mqar'))
     p.add_argument('--tag', help='output name: benchmarks/results/mqar_<tag>.md/.png (default: the preset)')
@@ -203,8 +201,6 @@ def parse_args(argv=None):
     p.add_argument('--retry-failed', action='store_true', help='run again cells cached as failed (not refused)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.fla_config_share < 1:
-        p.error(f'--fla-config-share must be at least 1, got {args.fla_config_share}')
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
     for key, value in PRESETS[preset].items():
         if getattr(args, key) is None:
