@@ -6,29 +6,19 @@ float64 answer where Jacobi alone does not; on benign ones (nothing to rescue) i
 Jacobi solved keep Jacobi's answer and steps; every gradient against float64; varlen; the chunk map it launches by.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
 from fla_mesa.ops.mesa.chunk_cg import unconverged_chunks
+from tests.ops.test_chunk_precond import run, triton_chunk_mesa
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
-from tests.utils import NEEDS_TRITON, on_triton, poison_empty, rel_err, run_with_grads, torch_chunk_path
+from tests.sm90 import run_apart
+from tests.utils import NEEDS_TRITON, poison_empty, rel_err, run_with_grads, torch_chunk_path
 
-triton_chunk_mesa = on_triton(chunk_mesa)
+# `run`'s backends: 'torch' the PyTorch path, any other the Triton one
 BACKENDS = ['torch', pytest.param('triton', marks=NEEDS_TRITON)]
-
-
-def run(monkeypatch, backend, *args, **kwargs):
-    if backend == 'triton':
-        return triton_chunk_mesa(*args, **kwargs)
-    with monkeypatch.context() as m:
-        torch_chunk_path(m)
-        return chunk_mesa(*args, **kwargs)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -151,8 +141,6 @@ print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 
 
 def test_second_pass_kernels_compile_for_sm90():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-    out = subprocess.run([sys.executable, '-c', _SM90_SCRIPT], capture_output=True, text=True, env=env)
+    out = run_apart(_SM90_SCRIPT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 3

@@ -19,6 +19,7 @@ import torch
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
 from fla_mesa.ops.mesa.fused_recurrent import fused_recurrent_mesa
+from tests.sm90 import run_apart
 from tests.utils import ON_GPU, bf16_floor, fp32_bound, make_inputs, on_cuda, rel_err
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
@@ -250,9 +251,6 @@ def test_no_fused_multiply_adds(monkeypatch):
     # FP_FUSION (fused_recurrent.py): the kernel launches without fused multiply-adds, and its sm_90 code then has
     # none (with them it has: the check can fail), so every warp's copy of the CG vectors, and its exit from the
     # loop, agree to the bit
-    import subprocess
-    import sys
-
     from fla_mesa.ops.mesa import fused_recurrent as fr
     launches = []
     kernel = fr.fused_recurrent_mesa_fwd_kernel
@@ -267,9 +265,7 @@ def test_no_fused_multiply_adds(monkeypatch):
     fused_recurrent_mesa(*make_inputs(1, 2, 1, 16, 8, dtype=torch.float32))
     assert launches and launches[0]['enable_fp_fusion'] is False
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET='0', PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
     for fusion in (False, True):
-        ptx = subprocess.run([sys.executable, '-c', _PTX_SCRIPT, str(fusion)], capture_output=True, text=True,
-                             env=env, check=True).stdout
-        assert 'shfl.sync' in ptx and ('fma.rn.f32' in ptx) == fusion
+        done = run_apart(_PTX_SCRIPT, str(fusion))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert 'shfl.sync' in done.stdout and ('fma.rn.f32' in done.stdout) == fusion
