@@ -169,6 +169,21 @@ def test_decode_graph_follows_replaced_parameters():
     assert_same_generation(static, eager)
 
 
+def test_decode_graph_checks_the_parameters_once_a_generation(monkeypatch):
+    # the check walks every parameter: at a generation's first decode step, not at every token
+    from fla_mesa.models.mesa_net import decode_graph
+    calls = []
+    key = decode_graph.parameters_key
+    monkeypatch.setattr(decode_graph, 'parameters_key', lambda model: calls.append(1) or key(model))
+    model = make_model().eval()
+    model.config.decode_cuda_graph = True
+    with torch.no_grad():
+        model.generate(tokens(B=2, T=7), **greedy(6))
+        assert len(calls) == 1  # the capture's
+        model.generate(tokens(B=2, T=7), **greedy(6))
+    assert len(calls) == 2
+
+
 @pytest.mark.skipif(not ON_GPU, reason='CUDA graphs need a GPU')
 def test_generate_with_decode_graph_equals_eager():
     model = make_model().cuda().eval()

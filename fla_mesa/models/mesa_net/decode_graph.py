@@ -146,9 +146,13 @@ class MesaDecodeGraph:
             for b, c in zip(buffers, copies):
                 b.copy_(c)
 
+    def owns(self, cache) -> bool:
+        """Whether `cache`'s layers hold the buffers (adopted, and no other cache adopted since)."""
+        return self._owner is not None and self._owner() is cache
+
     def adopt(self, cache):
         """Points `cache`'s layers at the buffers (its states copied in); the previous owner gets its own copy back."""
-        if self._owner is not None and self._owner() is cache:
+        if self.owns(cache):
             return
         states = _layer_states(cache)
         if len(states) != len(self.buffers):

@@ -399,10 +399,12 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
             return None
         from fla_mesa.models.mesa_net.decode_graph import MesaDecodeGraph, parameters_key
         graphs = self.__dict__.setdefault('_decode_graphs', {})
-        if graphs and next(iter(graphs.values())).parameters_key != parameters_key(self):
-            # parameters replaced since the capture (`model.to(dtype)`, new tensors assigned): capture again
-            graphs.clear()
         B = input_ids.shape[0]
+        # once a generation, at its first step (a cache not yet adopted), not every token: parameters replaced since
+        # the capture (`model.to(dtype)`, new tensors assigned) make every graph stale
+        graph = graphs.get(B)
+        if graph is not None and not graph.owns(past_key_values) and graph.parameters_key != parameters_key(self):
+            graphs.clear()
         if B not in graphs:
             graphs[B] = MesaDecodeGraph(self, past_key_values)
         logits = graphs[B].step(input_ids, past_key_values)
