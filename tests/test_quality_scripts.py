@@ -59,3 +59,13 @@ def test_share_fla_configs_keeps_every_nth(monkeypatch):
 def test_bad_config_share_is_refused():
     with pytest.raises(SystemExit):
         mqar.parse_args(['--fla-config-share', '0'])
+
+
+def test_report_only_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(mqar, 'RESULTS', str(tmp_path / 'results'))
+    cache = tmp_path / 'cache'
+    mqar.main(['--tiny', '--report-only', '--models', 'mesa', 'transformer', '--seeds', '0', '1',
+               '--cache-dir', str(cache), '--tag', 't'])
+    assert not list(cache.rglob('*.json'))
+    report = (tmp_path / 'results' / 'mqar_t.md').read_text()
+    assert '4 cells not yet run' in report

@@ -199,6 +199,8 @@ def parse_args(argv=None):
     p.add_argument('--time-limit', type=float, help='seconds after which no new cell starts (for a cut run)')
     p.add_argument('--cell-timeout', type=float, default=1200, help='seconds after which a cell is killed (failed)')
     p.add_argument('--retry-failed', action='store_true', help='run again cells cached as failed (not refused)')
+    p.add_argument('--report-only', action='store_true',
+                   help='write the report from the cached cells, training none (missing cells: not yet run)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
@@ -424,13 +426,16 @@ def main(argv=None):
               + f'; target {next(iter(s.values()))["target"]:,} (±5%)')
     cells = [(m, w, lr, s) for s in args.seeds for lr in args.lrs for w in args.widths for m in args.models]
     start = time.time()
-    left = common.run_jobs(make_jobs(args, folder, settings, sizes, cells), args.parallel, 'MQAR cells',
-                           args.time_limit, args.cell_timeout)
+    left = [] if args.report_only else common.run_jobs(
+        make_jobs(args, folder, settings, sizes, cells), args.parallel, 'MQAR cells', args.time_limit, args.cell_timeout)
     records = load(folder, cells)
     if not left and len(args.seeds) >= 2:
         third = max(args.seeds) + 1
         extra = [(m, w, lr, third) for m, w in disagreeing(args, records) for lr in args.lrs]
-        if extra:
+        if args.report_only:
+            cells += [cell for cell, record in load(folder, extra).items() if record is not None]
+            records = load(folder, cells)
+        elif extra:
             print(f'seeds disagree by > {args.disagree:g} points for {sorted(set(e[:2] for e in extra))}: seed {third}')
             remaining = None if args.time_limit is None else max(0.0, args.time_limit - (time.time() - start))
             common.run_jobs(make_jobs(args, folder, settings, sizes, extra), args.parallel, 'third seeds', remaining,
