@@ -28,7 +28,7 @@ each with every autotuned kernel (fla's and fla-mesa's) cut to its share of the 
 in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes would be picked on noise.
 
     python benchmarks/benchmark_training.py                        # warm in parallel, then the full table
-    python benchmarks/benchmark_training.py --models fla-mesa fla-mesa-auto   # precondition='auto' beside the default
+    python benchmarks/benchmark_training.py --models fla-mesa fla-mesa-jacobi   # Jacobi alone beside the default ('auto')
     python benchmarks/benchmark_training.py --no-warm --models fla-mesa llama --sizes small --Ts 2048
     python benchmarks/benchmark_training.py --profile-host --models fla-mesa --sizes small --Ts 2048
     TRITON_INTERPRET=1 python benchmarks/benchmark_training.py --device cpu --tiny --out /tmp/t.md   # smoke test
@@ -64,8 +64,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODELS = ['fla-mesa', 'fla-mesanet', 'gla', 'deltanet', 'gated-deltanet', 'llama']
-# fla-mesa's model with other settings, asked for by name (`--models fla-mesa fla-mesa-auto`): not in the default run
-MESA_VARIANTS = {'fla-mesa-auto': dict(precondition='auto')}
+# fla-mesa's model with other settings, asked for by name (`--models fla-mesa fla-mesa-jacobi`): not in the default run
+MESA_VARIANTS = {'fla-mesa-jacobi': dict(precondition=True)}
 SIZES = ['small', '340M']
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_heads=2, head_dim=32, vocab_size=256)
 SMALL = dict(num_hidden_layers=8, hidden_size=1024, num_heads=8, head_dim=128, vocab_size=32000)

@@ -14,6 +14,7 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
+from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
 from fla_mesa.ops.mesa.utils import use_triton
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class MesaNet(nn.Module):
             `True`: Jacobi-preconditioned CG; `False`: the paper's plain CG; `'chunk'`: the chunk-start preconditioner
             (op README) in the chunk mode, for long memories with keys on few directions, where Jacobi stalls;
             `'auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves unconverged. The
-            `fused_recurrent` mode (decoding) has no chunk start and runs Jacobi then. Default: `True`.
+            `fused_recurrent` mode (decoding) has no chunk start and runs Jacobi then. Default: `'auto'`.
         chunk_size (int, Optional):
             The chunk size of `chunk_mesa`: 16, 32 or 64. Default: 64.
         warn_unconverged (bool, Optional):
@@ -168,7 +169,7 @@ class MesaNet(nn.Module):
         cg_tol_training: float | None = 1e-4,
         cg_max_steps_inference: int = 30,
         cg_tol_inference: float | None = 1e-4,
-        precondition: bool | str = True,
+        precondition: bool | str = DEFAULT_PRECONDITION,
         chunk_size: int = 64,
         warn_unconverged: bool = False,
         max_cg_step_training: int | None = None,

@@ -85,8 +85,8 @@ def test_auto_gradients_hard(monkeypatch, backend, scale):
     # every buffer the kernels leave unwritten would be NaN; the upstream gradient at scale 1 and 1e-8
     poison_empty(monkeypatch)
     inputs = list(hard_inputs(160, K=32, V=8, dirs=8, noise=1e-2)) + [None]
-    # the case needs the rescue at this tolerance
-    bad = run(monkeypatch, backend, *[x.float() for x in inputs[:6]], cg_tol=1e-6, chunk_size=32,
+    # the case needs the rescue at this tolerance: Jacobi alone leaves tokens unconverged
+    bad = run(monkeypatch, backend, *[x.float() for x in inputs[:6]], cg_tol=1e-6, chunk_size=32, precondition=True,
               return_cg_unconverged=True)[-1]
     assert bad.any()
     do = scale * torch.randn(1, 160, 1, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -208,18 +208,19 @@ def test_warn_unconverged():
 @pytest.mark.skipif('return_cg_unconverged' not in inspect.signature(chunk_mesa).parameters,
                     reason="chunk_mesa does not return the flags yet (issue 14: chunk.py diff)")
 def test_chunk_mesa_flags(backend):
-    # the op's own API on either path: flags, steps decoded, the warning
+    # the op's own API on either path: flags, steps decoded, the warning (Jacobi: 'auto''s second pass is
+    # test_auto_precond's)
     q, k, v, g, beta, lamb, _ = make_inputs(1, 24, 2, 16, 8, dtype=torch.float32)
     tiny = torch.full_like(lamb, 1e-8)
     ref, _ = naive_exact_mesa(*(t.double() for t in (q, k, v, g, beta, tiny)))
     with pytest.warns(RuntimeWarning, match=r'chunk_mesa: \d+ of 48 token-heads stopped without reaching cg_tol'):
-        o, _, steps, unconverged = chunk_mesa(q, k, v, g, beta, tiny, chunk_size=C, return_cg_steps=True,
-                                              return_cg_unconverged=True, warn_unconverged=True)
+        o, _, steps, unconverged = chunk_mesa(q, k, v, g, beta, tiny, chunk_size=C, precondition=True,
+                                              return_cg_steps=True, return_cg_unconverged=True, warn_unconverged=True)
     err = (o.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert unconverged.any() and (steps >= 0).all() and (steps <= 30).all()
     # as test_tiny_ridge_flagged
     assert err[~unconverged].max() <= 1.5e-4, err[~unconverged].max()
-    _, _, steps0 = chunk_mesa(q, k, v, g, beta, tiny, chunk_size=C, return_cg_steps=True)
+    _, _, steps0 = chunk_mesa(q, k, v, g, beta, tiny, chunk_size=C, precondition=True, return_cg_steps=True)
     assert torch.equal(steps, steps0)
     o, _, unconverged = chunk_mesa(q, k, v, g, beta, lamb, chunk_size=C, return_cg_unconverged=True)
     assert not unconverged.any()
@@ -234,7 +235,8 @@ def test_chunk_mesa_backward_warns(backend):
 
     def grads(steps, warn):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        o = chunk_mesa(*leaves, g, beta, lamb, chunk_size=C, cg_max_steps=steps, cg_tol=1e-6, warn_unconverged=warn)[0]
+        o = chunk_mesa(*leaves, g, beta, lamb, chunk_size=C, cg_max_steps=steps, cg_tol=1e-6, precondition=True,
+                       warn_unconverged=warn)[0]
         (o * do).sum().backward()
         return [t.grad for t in leaves]
 

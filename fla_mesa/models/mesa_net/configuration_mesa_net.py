@@ -5,6 +5,8 @@ from __future__ import annotations
 from fla.models.configuration_utils import AttentionConfig, AttentionConfigBase, validate_attnres_config, validate_loss_config
 from transformers.configuration_utils import PretrainedConfig
 
+from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
+
 
 class MesaConfig(AttentionConfigBase, PretrainedConfig):
     """
@@ -44,7 +46,7 @@ class MesaConfig(AttentionConfigBase, PretrainedConfig):
         cg_tol_training: float | None = 1e-4,
         cg_max_steps_inference: int = 30,
         cg_tol_inference: float | None = 1e-4,
-        precondition: bool | str = True,
+        precondition: bool | str = DEFAULT_PRECONDITION,
         chunk_size: int = 64,
         warn_unconverged: bool = False,
         decode_cuda_graph: bool = False,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-# chunk_mesa's default `precondition`: Jacobi, since 'chunk' costs more than the steps it saves at training sizes
-# (benchmarks/results/solver_h200.md); 'chunk' here switches it (fused_recurrent_mesa keeps Jacobi: op README,
-# "Chunk-start preconditioner")
-DEFAULT_PRECONDITION: bool | str = True
+# the default `precondition` of chunk_mesa, the layer and the config: 'auto' (Jacobi, the chunk-start preconditioner
+# only for the tokens Jacobi leaves unconverged): a small cost where Jacobi converges, no silent failure where it
+# does not (op README, "`precondition='auto'`"); fused_recurrent_mesa keeps Jacobi
+DEFAULT_PRECONDITION: bool | str = 'auto'
 # the dtype the Triton path stores `W` in: float32 keeps the PyTorch path's step counts; bfloat16 halves the memory
 # and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
 FACTOR_DTYPE = torch.float32
