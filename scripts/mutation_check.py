@@ -147,9 +147,19 @@ MUTANTS = [
            ['tests/ops/test_auto_precond.py'], 'rescues and triton'),
     Mutant("precondition='auto': a rescued token's steps without the Jacobi pass's (PyTorch path)",
            'fla_mesa/ops/mesa/chunk_torch.py',
-           'total = torch.where(redo, ~steps, steps) + torch.where(more < 0, ~more, more)',
-           'total = torch.where(redo, 0 * steps, steps) + torch.where(more < 0, ~more, more)',
-           ['tests/ops/test_auto_precond.py'], 'torch and not gradients and not varlen'),
+           'total = torch.where(steps < 0, ~steps, steps) + torch.where(more < 0, ~more, more)',
+           'total = torch.where(steps < 0, 0 * steps, steps) + torch.where(more < 0, ~more, more)',
+           ['tests/ops/test_auto_precond.py'], 'torch and not gradients and not varlen and not skip'),
+    Mutant("adjoint of 'auto': the chunks that skipped Jacobi not solved again (PyTorch path)",
+           'fla_mesa/ops/mesa/chunk_torch.py',
+           'redo = steps < 0 if skip is None else (steps < 0) | skip',
+           'redo = steps < 0',
+           ['tests/ops/test_auto_precond.py'], 'skips_jacobi and torch'),
+    Mutant("adjoint of 'auto': the rescue kernel reads the unwritten x and steps of a chunk that skipped Jacobi",
+           'fla_mesa/ops/mesa/chunk_cg.py',
+           'b_whole = (tl.load(need + i_tg * H + i_h) + tl.zeros([BR], dtype=tl.int32)) == 2',
+           'b_whole = (tl.load(need + i_tg * H + i_h) + tl.zeros([BR], dtype=tl.int32)) == 3',
+           ['tests/ops/test_auto_precond.py'], 'skips_jacobi and triton'),
 ]
 
 

@@ -15,7 +15,7 @@ from fla_mesa.ops.mesa.chunk_cg import unconverged_chunks
 from tests.ops.test_chunk_precond import run, triton_chunk_mesa
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
 from tests.sm90 import run_apart
-from tests.utils import NEEDS_TRITON, poison_empty, rel_err, run_with_grads, torch_chunk_path
+from tests.utils import NEEDS_TRITON, on_triton, poison_empty, rel_err, run_with_grads, torch_chunk_path
 
 # `run`'s backends: 'torch' the PyTorch path, any other the Triton one
 BACKENDS = ['torch', pytest.param('triton', marks=NEEDS_TRITON)]
@@ -119,7 +119,7 @@ def test_unconverged_chunks_map():
     assert torch.equal(need, want)
 
 
-# the second pass's kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
+# the two passes' kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
 # apart as the interpreter replaces triton.jit: the early returns of the programs with nothing to do must compile
 _SM90_SCRIPT = """
 from tests.sm90 import compile_sm90
@@ -127,12 +127,16 @@ from fla_mesa.ops.mesa import chunk_cg, factor
 types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32', v='*bf16',
              h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
-              V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True)
+              V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
+              SKIP=False)
 kernels = [
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'), dict(consts, DO_IS_BF16=True),
                  num_warps=4, num_stages=1),
+    # the adjoint's first pass with the forward's rescued chunks skipped
+    compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'),
+                 dict(consts, DO_IS_BF16=True, PRECONDITION=1, RESCUE=False, SKIP=True), num_warps=4, num_stages=1),
     compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', a='*fp32', lamb='*fp32', w='*fp32', need='*i32'),
                  dict(K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True), num_warps=1, num_stages=1),
 ]
@@ -140,7 +144,52 @@ print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 """
 
 
-def test_second_pass_kernels_compile_for_sm90():
+def test_auto_kernels_compile_for_sm90():
     out = run_apart(_SM90_SCRIPT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 3
+    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 4
+
+
+def fwd_bwd_functions(backend):
+    from fla_mesa.ops.mesa.chunk import chunk_mesa_bwd, chunk_mesa_fwd
+    from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
+    if backend == 'torch':
+        return chunk_mesa_fwd_torch, chunk_mesa_bwd_torch
+    return on_triton(chunk_mesa_fwd), on_triton(chunk_mesa_bwd)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_adjoint_skips_jacobi_where_forward_rescued(backend):
+    # the backward's adjoint solve starts the chunks the forward had to rescue with the chunk-start preconditioner:
+    # the same gradients, fewer steps there, the other chunks as before
+    fwd, bwd = fwd_bwd_functions(backend)
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    args = (30, 1e-6, 'auto', None, 32)
+    _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
+    # some chunks rescued, not all (the first chunk of each head converges under Jacobi)
+    assert rescued is not None and rescued.any() and not rescued.all()
+    do = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(v)
+    skipped = bwd(x, do, None, k, v, g, beta, lamb, None, *args, flag_unconverged=True, rescued=rescued)
+    full = bwd(x, do, None, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
+    for a, b in zip(skipped[:6], full[:6]):
+        assert rel_err(a, b) <= 1e-3, rel_err(a, b)
+    steps_s, steps_f = skipped[-1], full[-1]
+    assert (steps_s >= 0).all() and (steps_f >= 0).all()
+    # tokens of the rescued chunks: no Jacobi pass (at most cg_max_steps in all, fewer than with it)
+    chunk = torch.arange(160) // 32
+    if backend == 'torch':
+        hit = rescued.permute(0, 2, 1)[:, chunk]          # [B, H, NT] -> [B, T, H]
+    else:
+        hit = rescued.view(1, -1, 2)[:, chunk].bool()     # [B * NT, H] -> [B, T, H]
+    assert (steps_s[hit] <= 30).all() and steps_s[hit].sum() < steps_f[hit].sum()
+    assert torch.equal(steps_s[~hit], steps_f[~hit])
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_skip_jacobi_needs_auto(backend):
+    fwd, bwd = fwd_bwd_functions(backend)
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(64, K=16, V=8, dirs=4))
+    _, x, _, _, _ = fwd(q, k, v, g, beta, lamb, None, 30, 1e-4, True, None, 32)
+    rescued = torch.ones(1, 1, 2, dtype=torch.bool) if backend == 'torch' else torch.ones(2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match='skip_jacobi'):
+        bwd(x, torch.ones_like(v), None, k, v, g, beta, lamb, None, 30, 1e-4, True, None, 32, rescued=rescued)

@@ -133,7 +133,7 @@ def run_flagged(path, q, k, v, g, beta, lamb, cg_max_steps=30, cg_tol=1e-4, flag
         )
         return o, None, steps, unconverged
     if path == 'chunk_torch':
-        o, x, steps, _ = chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, None, cg_max_steps, cg_tol, True, None, C, flag)
+        o, x, steps, _, _ = chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, None, cg_max_steps, cg_tol, True, None, C, flag)
     else:
         from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
         _, g_cum, beta32, h_kk, h_kv, _ = chunk_module._prepare(k, v, g, beta, None, None, C)

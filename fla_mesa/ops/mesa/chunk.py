@@ -35,7 +35,7 @@ def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
 def chunk_mesa_fwd(
     q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
 ):
-    """The Triton forward: `(o, x, steps, final_state)`, as `chunk_mesa_fwd_torch`."""
+    """The Triton forward: `(o, x, steps, final_state, rescued)`, as `chunk_mesa_fwd_torch`."""
     if cg_max_steps == 0 and q.dtype == torch.float32:
         # fla's chunk_fwd_o multiplies float32 in tf32 on a GPU (1e-3 off); under bf16 inputs' rounding that is
         # harmless, for float32 inputs the PyTorch path keeps o exact
@@ -47,18 +47,18 @@ def chunk_mesa_fwd(
         steps = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
         o = chunk_fwd_o(x, k.float(), v.float() * beta[..., None], h_kv, g=g_cum, scale=1.0,
                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
-        return o, x, steps, final_state
-    x, steps, o = chunk_mesa_cg(
+        return o, x, steps, final_state, None
+    x, steps, o, rescued = chunk_mesa_cg(
         q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv, o_dtype=v.dtype,
-        flag_unconverged=flag_unconverged,
+        flag_unconverged=flag_unconverged, return_rescued=True,
     )
-    return o, x, steps, final_state
+    return o, x, steps, final_state, rescued
 
 
 def chunk_mesa_bwd(
     x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-    flag_unconverged=False
+    flag_unconverged=False, rescued=None
 ):
     """The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`, as `chunk_mesa_bwd_torch`."""
     chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
@@ -70,8 +70,10 @@ def chunk_mesa_bwd(
         e = torch.zeros_like(dq)
     else:
         # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed inside the CG kernel
+        # the chunks the forward's 'auto' rescued skip Jacobi here: the adjoint solve has the same matrices
         dq, steps, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
-                                     **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged)
+                                     **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged,
+                                     skip_jacobi=rescued)
         e = dq
     dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
@@ -98,8 +100,9 @@ class ChunkMesaFunction(torch.autograd.Function):
         args = (cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size)
         triton = _use_triton_path(q)
         fwd = chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
-        o, x, steps, (ht_kk, ht_kv) = fwd(q, k, v, g, beta, lamb, initial_state, *args, flag_unconverged=flag_unconverged)
-        ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens)
+        o, x, steps, (ht_kk, ht_kv), rescued = fwd(q, k, v, g, beta, lamb, initial_state, *args,
+                                                   flag_unconverged=flag_unconverged)
+        ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens, rescued)
         ctx.args, ctx.triton, ctx.q_dtype, ctx.warn_adjoint = args, triton, q.dtype, warn_adjoint
         ctx.mark_non_differentiable(steps)
         if not output_final_state:
@@ -110,14 +113,14 @@ class ChunkMesaFunction(torch.autograd.Function):
     @input_guard
     @autocast_custom_bwd
     def backward(ctx, do, dht_kk, dht_kv, dsteps):
-        x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens = ctx.saved_tensors
+        x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens, rescued = ctx.saved_tensors
         cg_max_steps, cg_tol, precondition, _, chunk_size = ctx.args
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
         bwd = chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
         dq, dk, dv, dg, dbeta, dlamb, dh0, steps = bwd(
             x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-            flag_unconverged=ctx.warn_adjoint,
+            flag_unconverged=ctx.warn_adjoint, rescued=rescued,
         )
         if ctx.warn_adjoint:
             # the adjoint solve has the forward's matrices and stopping rule, not its right-hand sides: it can stall

@@ -147,6 +147,7 @@ def _chunk_mesa_cg(
     FLAG_UNCONVERGED: tl.constexpr,
     F_IS_BF16: tl.constexpr,
     RESCUE: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
     # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
@@ -159,6 +160,10 @@ def _chunk_mesa_cg(
     if RESCUE:
         # precondition='auto', second pass: a chunk and head with no unconverged row (`need` [chunks, H] is 0) is done
         if tl.load(need + i_tg * H + i_h) == 0:
+            return
+    if SKIP:
+        # precondition='auto', first pass: a chunk and head marked 2 goes to the second pass whole, Jacobi skipped
+        if tl.load(need + i_tg * H + i_h) == 2:
             return
 
     # rows of this program and columns (all tokens of the chunk)
@@ -222,12 +227,17 @@ def _chunk_mesa_cg(
     if RESCUE:
         # precondition='auto', second pass: only the rows the Jacobi pass left unconverged (stored ~steps), from its
         # iterate (any finite start converges to the same x: non-finite entries start at 0)
+        # a chunk marked 2 skipped the first pass: every row, from the Jacobi start (what x and steps hold there,
+        # unwritten, is not used)
+        b_whole = (tl.load(need + i_tg * H + i_h) + tl.zeros([BR], dtype=tl.int32)) == 2
         b_prev = tl.load(steps + (bos + o_r) * H + i_h, mask=m_r, other=0)
-        m_redo = b_prev < 0
-        b_prev = tl.where(m_redo, -1 - b_prev, b_prev)
+        b_prev = tl.where(b_whole, 0, b_prev)
+        m_redo = (b_prev < 0) | b_whole
+        b_prev = tl.where(b_prev < 0, -1 - b_prev, b_prev)
         b_x = tl.load(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.)
         b_x = b_x / tl.where(m_nz, b_s, 1.)[:, None]
         b_x = tl.where(tl.abs(b_x) < float('inf'), b_x, 0.)
+        b_x = tl.where(b_whole[:, None], b_b * b_dinv, b_x)
     else:
         m_redo = m_r
         b_x = b_b * b_dinv
@@ -338,13 +348,13 @@ def chunk_mesa_fwd_kernel_cg(
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
-    RESCUE: tl.constexpr,
+    RESCUE: tl.constexpr, SKIP: tl.constexpr,
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
         b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
+        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, SKIP,
     )
 
 
@@ -367,13 +377,13 @@ def chunk_mesa_bwd_kernel_cg(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
-    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, SKIP: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
     _chunk_mesa_cg(
         None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
+        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, SKIP,
     )
 
 
@@ -418,6 +428,9 @@ def chunk_mesa_cg(
     round_directions: bool | None = None,
     flag_unconverged: bool = False,
     factor: torch.Tensor | None = None,
+    skip_jacobi: torch.Tensor | None = None,
+    return_rescued: bool = False,
+    _skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -454,11 +467,17 @@ def chunk_mesa_cg(
             `utils.split_cg_steps` decodes), as `solver.cg_solve`. Default: `False`.
         factor (torch.Tensor, Optional): with 'chunk', the factor `W` `[B, NT, H, K, K]` (float32 or bfloat16) of
             `M_c⁻¹ = W Wᵀ`. Default: built from `h_kk`, in `precond.FACTOR_DTYPE`.
+        skip_jacobi (torch.Tensor, Optional): with 'auto', `[chunks, H]` (as `unconverged_chunks`): the chunks and
+            heads, nonzero, whose rows skip the Jacobi pass and start the second one from the Jacobi start (the
+            backward passes the forward's rescued chunks: the adjoint solve has the same matrices).
+        return_rescued (bool): also return the `[chunks, H]` int32 map of the chunks the second pass of 'auto'
+            solved (`None` without one).
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
         steps (torch.Tensor): `[B, T, H]` int32, the iterations each row ran.
         o (torch.Tensor): `[B, T, H, V]` in `o_dtype`, or `None` without `v`/`h_kv`.
+        rescued (torch.Tensor, Optional): with `return_rescued`, the map above.
     """
     B, T, H, K = k.shape
     if (b is None) == (do is None):
@@ -488,16 +507,23 @@ def chunk_mesa_cg(
     k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (k, g_cum, beta, lamb, h_kk))
     b, do, v, h_kv = (None if t is None else t.contiguous() for t in (b, do, v, h_kv))
     rescue = precondition == 'auto' and cg_tol is not None and cg_max_steps > 0
+    if skip_jacobi is not None and not rescue:
+        raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
-    need = None
+    need = _skip
     if rescue:
+        # 2: chunks whose rows all skip the Jacobi pass
+        skip = None if skip_jacobi is None else (skip_jacobi != 0).to(torch.int32) * 2
         # the Jacobi pass, every row that stops above tol flagged; then the chunks and heads that hold one
         x, steps, o = chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
-            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True,
+            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _skip=skip,
         )
+        # a skipped chunk's steps were not written: its 2 wins over what they hold
         need = unconverged_chunks(steps, BT, cu_seqlens, B * NT if cu_seqlens is None else NT)
+        if skip is not None:
+            need = torch.maximum(need, skip)
     if precondition in ('chunk', 'auto') and factor is None:
         a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices)
         a = a.view(*h_kk.shape[:3])
@@ -534,9 +560,12 @@ def chunk_mesa_cg(
         H_IN_LOOP=BK > 128,
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
         RESCUE=rescue,
+        SKIP=need is not None and not rescue,
     )
     if do is None:
         chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)
     else:
         chunk_mesa_bwd_kernel_cg[grid](do=do, **kw)
+    if return_rescued:
+        return x, steps, o, need if rescue else None
     return x, steps, o

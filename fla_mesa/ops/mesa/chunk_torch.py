@@ -80,24 +80,31 @@ class ChunkPieces:
             return self.chunk_start_preconditioner()
         return bool(precondition)
 
-    def solve(self, b, max_steps, tol, precondition, flag_unconverged):
+    def solve(self, b, max_steps, tol, precondition, flag_unconverged, skip_jacobi=None):
         """
         `cg_solve` for the op's `precondition`; 'auto' is Jacobi, then the chunk-start preconditioner for the rows
-        Jacobi leaves above `tol`, from its iterate (steps count both), as the Triton path's rescue pass.
+        Jacobi leaves above `tol`, from its iterate (steps count both), as the Triton path's rescue pass. The chunks
+        of `skip_jacobi` (`[B, H, NT]` bool) skip the Jacobi pass: all their rows go to the second, from the Jacobi
+        start. Returns `(x, steps, rescued)`, `rescued` `[B, H, NT]` bool: the chunks the second pass solved ('auto'
+        only, else `None`).
         """
-        if precondition != 'auto' or tol is None:
+        if precondition != 'auto' or tol is None or max_steps == 0:
+            if skip_jacobi is not None:
+                raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
             precondition = True if precondition == 'auto' else precondition
-            return cg_solve(self.matvec, b, self.diag, max_steps, tol, self.preconditioner(precondition),
-                            flag_unconverged=flag_unconverged)
-        x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True)
-        redo = steps < 0
+            return (*cg_solve(self.matvec, b, self.diag, max_steps, tol, self.preconditioner(precondition),
+                              flag_unconverged=flag_unconverged), None)
+        skip = None if skip_jacobi is None else skip_jacobi[..., None].expand(b.shape[:-1])
+        x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True,
+                            rows=None if skip is None else ~skip)
+        redo = steps < 0 if skip is None else (steps < 0) | skip
         if not redo.any():
-            return x, steps
+            return x, steps, redo.any(-1)
         x, more = cg_solve(self.matvec, b, self.diag, max_steps, tol, self.chunk_start_preconditioner(),
                            flag_unconverged=flag_unconverged, x0=x, rows=redo)
-        # ~a + b for a row flagged again, a + b otherwise: the sum of both passes, its sign the last pass's flag
-        total = torch.where(redo, ~steps, steps) + torch.where(more < 0, ~more, more)
-        return x, torch.where(more < 0, ~total, total)
+        # the sum of both passes, its sign the last pass's flag
+        total = torch.where(steps < 0, ~steps, steps) + torch.where(more < 0, ~more, more)
+        return x, torch.where(more < 0, ~total, total), redo.any(-1)
 
     def matvec(self, p):
         """`A_t p_t` for every token: `p [B, H, NT, C, K]`."""
@@ -122,8 +129,9 @@ def chunk_mesa_fwd_torch(
     q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
 ):
     """
-    The chunkwise forward in the compute dtype (`utils.compute_dtype`): `(o, x, steps, final_state)`, steps `~n` where
-    a token did not reach `cg_tol`, with `flag_unconverged`.
+    The chunkwise forward in the compute dtype (`utils.compute_dtype`): `(o, x, steps, final_state, rescued)`, steps
+    `~n` where a token did not reach `cg_tol`, with `flag_unconverged`; `rescued`, `ChunkPieces.solve`'s, goes to
+    the backward.
     """
     dtype = compute_dtype(q)
     q, k, v, g, beta, lamb = (x.to(dtype) for x in (q, k, v, g, beta, lamb))
@@ -131,19 +139,20 @@ def chunk_mesa_fwd_torch(
         q, k, v, g, beta = (pad_varlen(x, cu_seqlens) for x in (q, k, v, g, beta))
     pieces = ChunkPieces(k, v, g, beta, lamb, initial_state, chunk_size)
     b = pieces.chunk(q)
+    rescued = None
     if cg_max_steps == 0:
         x, steps = b, torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
     else:
-        x, steps = pieces.solve(b, cg_max_steps, cg_tol, precondition, flag_unconverged)
+        x, steps, rescued = pieces.solve(b, cg_max_steps, cg_tol, precondition, flag_unconverged)
     o, x, steps = pieces.unchunk(pieces.readout(x)), pieces.unchunk(x), pieces.unchunk(steps)
     if cu_seqlens is not None:
         o, x, steps = (unpad_varlen(t, cu_seqlens) for t in (o, x, steps))
-    return o, x, steps, pieces.final_state
+    return o, x, steps, pieces.final_state, rescued
 
 
 def chunk_mesa_bwd_torch(
     x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-    flag_unconverged=False
+    flag_unconverged=False, rescued=None
 ):
     r"""
     The implicit backward, chunkwise: the adjoint solve `e_t = A_t⁻¹ S_t do_t` with the forward's solver, then
@@ -166,7 +175,8 @@ def chunk_mesa_bwd_torch(
             if cg_max_steps == 0:
                 e = dx
             else:
-                e, steps = pieces.solve(dx, cg_max_steps, cg_tol, precondition, flag_unconverged)
+                # the chunks the forward's 'auto' rescued skip Jacobi: the adjoint solve has the same matrices
+                e, steps, _ = pieces.solve(dx, cg_max_steps, cg_tol, precondition, flag_unconverged, rescued)
                 steps = pieces.unchunk(steps)
         loss = (pieces.readout(xc) * doc).sum()
         if cg_max_steps > 0:

@@ -96,7 +96,7 @@ def naive_chunk_mesa(
     if use_qk_l2norm_in_kernel:
         dtype = compute_dtype(q)
         q, k = l2norm(q.to(dtype)), l2norm(k.to(dtype))
-    o, _, steps, final = chunk_mesa_fwd_torch(
+    o, _, steps, final, _ = chunk_mesa_fwd_torch(
         q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged
     )
     final = final if output_final_state else None
