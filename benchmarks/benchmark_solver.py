@@ -55,6 +55,20 @@ def fwd_bwd(fn, inputs):
     fn(*leaves).float().sum().backward()
 
 
+def adjoint_steps(inputs, precondition, skip=True):
+    """Mean CG steps a token of the backward's adjoint solve (upstream gradient ones), on the op's path; with 'auto',
+    `skip=False` leaves out the forward's rescued chunks, which the adjoint otherwise starts past Jacobi."""
+    from fla_mesa.ops.mesa import chunk
+    from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
+    q, k, v, g, beta, lamb = inputs
+    triton = chunk._use_triton_path(q)
+    fwd, bwd = (chunk.chunk_mesa_fwd, chunk.chunk_mesa_bwd) if triton else (chunk_mesa_fwd_torch, chunk_mesa_bwd_torch)
+    args = (30, 1e-4, precondition, None, 64)
+    _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args)
+    steps = bwd(x, torch.ones_like(v), None, k, v, g, beta, lamb, None, *args, rescued=rescued if skip else None)[-1]
+    return steps.float().mean().item()
+
+
 def family_table(args, lines):
     from fla_mesa.ops.mesa import chunk_mesa
     T, H, K = args.family_T, args.family_H, args.family_K
@@ -62,9 +76,10 @@ def family_table(args, lines):
               "(cg_max_steps 30, cg_tol 1e-4)", "",
               "steps: mean a token (both solves for 'auto') / share unconverged (stopped above cg_tol); error: the "
               "last 4 tokens' o against float64; time in ms "
-              f"({'do_bench median' if args.device == 'cuda' else 'one call'}).", "",
-              "| family | float32 floor | method | steps | unconverged | o error | fwd ms | fwd+bwd ms |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"({'do_bench median' if args.device == 'cuda' else 'one call'}); adjoint steps: the backward's solve, "
+              "mean a token ('auto': in brackets without its skip of the forward's rescued chunks).", "",
+              "| family | float32 floor | method | steps | unconverged | o error | fwd ms | fwd+bwd ms | adjoint steps |",
+              "|---|---|---|---|---|---|---|---|---|"]
     families = dict(FAMILIES)
     families['benign: random keys, γ = 0.98, Λ = 1'] = dict(dirs=0, gamma=0.98)
     for name, kw in families.items():
@@ -83,11 +98,14 @@ def family_table(args, lines):
                 t_f = timed(lambda: chunk_mesa(*inputs, precondition=pc, check_values=False), args.device)
                 t_b = timed(lambda: fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0],
                                             inputs), args.device)
+                adj = f"{adjoint_steps(inputs, pc):.2f}"
+                if pc == 'auto':
+                    adj += f" ({adjoint_steps(inputs, pc, skip=False):.2f})"
                 row = (f"{steps.mean():.2f} | {bad.float().mean() * 100:.0f}% | {err:.1e} | {t_f:.2f} | "
-                       f"{t_b:.2f}")
+                       f"{t_b:.2f} | {adj}")
             except Exception as e:
                 traceback.print_exc()
-                row = f"n/a ({benchmark_chunk.short(e)}) | | | |"
+                row = f"n/a ({benchmark_chunk.short(e)}) | | | | |"
             lines.append(f"| {name} | {floor:.1e} | {method} | {row} |")
             print(lines[-1], flush=True)
     lines.append("")
