@@ -69,3 +69,25 @@ def test_report_only_trains_nothing(tmp_path, monkeypatch):
     assert not list(cache.rglob('*.json'))
     report = (tmp_path / 'results' / 'mqar_t.md').read_text()
     assert '4 cells not yet run' in report
+
+
+def test_mesa_config_reaches_the_model_and_the_cache_folder(tmp_path):
+    import common
+    args = mqar.parse_args(['--tiny', '--cache-dir', str(tmp_path), '--mesa-config', 'use_gamma_cap=False',
+                            'precondition=auto', 'cg_tol_training=1e-3'])
+    assert dict(args.mesa_config) == dict(use_gamma_cap=False, precondition='auto', cg_tol_training=1e-3)
+    folder, settings = mqar.cell_dir(args)
+    # the default settings keep their folder (earlier caches stay valid); an ablation gets its own
+    assert folder != mqar.cell_dir(mqar.parse_args(['--tiny', '--cache-dir', str(tmp_path)]))[0]
+    assert 'mesa_config' not in mqar.cell_dir(mqar.parse_args(['--tiny', '--cache-dir', str(tmp_path)]))[1]
+    with torch.device('meta'):
+        model = common.build_model('mesa', vocab_size=64, hidden_size=32, num_layers=1, head_dim=16,
+                                   mesa_config=settings['mesa_config'])
+    layer = model.model.layers[0].attn
+    assert layer.use_gamma_cap is False and layer.precondition == 'auto' and layer.cg_tol_training == 1e-3
+
+
+@pytest.mark.parametrize('item', ['no_such_key=1', 'use_gamma_cap'])
+def test_bad_mesa_config_is_refused(item):
+    with pytest.raises(SystemExit):
+        mqar.parse_args(['--mesa-config', item])

@@ -138,7 +138,7 @@ def train_run(cell):
         model = common.build_model(
             cell['model'], vocab_size=256, hidden_size=cell['width'], num_layers=cell['num_layers'],
             head_dim=cell['head_dim'], intermediate_size=cell['intermediate_size'], max_len=cell['seq_len'],
-            on_gpu=device.type == 'cuda',
+            on_gpu=device.type == 'cuda', mesa_config=cell.get('mesa_config'),
         )
     opt, sched = common.make_optimizer(model, cell['lr'], cell['steps'], max(1, cell['steps'] // 20))
     health, hist, curve, step, seconds = common.Health(), common.cg_histogram(), [], 0, 0.0
@@ -216,6 +216,7 @@ def parse_args(argv=None):
     p.add_argument('--parallel', type=int, help='training processes at once on the one device')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
     common.add_kernel_options(p)
+    common.add_model_options(p)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--corpus', help='corpus folder (default: /tmp/fla_mesa_byte_corpus/<settings>, built if absent)')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'byte_lm'))
@@ -256,6 +257,8 @@ def write_report(args, records, sizes, manifest, folder):
         f'{manifest["val"]["bytes"]:,} bytes (`{manifest["val"]["sha256"][:16]}`); {manifest["duplicates"]:,} '
         f'duplicates dropped; Python {manifest["python"]}.', '',
         f'Environment: {json.dumps(env)}; device `{args.device}`. Cache: `{os.path.relpath(folder, RESULTS)}`.', '',
+        *([f"fla-mesa's models (MesaNet, GLA) with `{json.dumps(dict(args.mesa_config))}`.", '']
+          if args.mesa_config else []),
         '| model | params | val bpb (per seed) | mean | probe bpb 1st / 2nd occurrence | CG train mean / p99 | '
         'CG val mean / p99 | non-finite loss / grad | max grad norm | max spike | tokens/s (after the first tenth) |',
         '|---|---|---|---|---|---|---|---|---|---|---|',
@@ -314,12 +317,14 @@ def main(argv=None):
         args.corpus = os.path.join('/tmp', 'fla_mesa_byte_corpus', digest)
     manifest = byte_corpus.load_or_build(args.corpus, **corpus_kw)
     sizes = common.matched_sizes(args.models, vocab_size=256, hidden_size=args.width, num_layers=args.num_layers,
-                                 head_dim=args.head_dim, max_len=args.seq_len)
+                                 head_dim=args.head_dim, max_len=args.seq_len, mesa_config=dict(args.mesa_config))
     print(', '.join(f'{m} {v["params"]:,} (MLP {v["intermediate_size"]})' for m, v in sizes.items())
           + f'; target {next(iter(sizes.values()))["target"]:,} (±5%)')
     settings = dict(width=args.width, num_layers=args.num_layers, head_dim=args.head_dim, seq_len=args.seq_len,
                     batch_size=args.batch_size, steps=args.steps, lr=args.lr, val_windows=args.val_windows,
                     amp=not args.no_amp, device=args.device, corpus_sha256=manifest['train']['sha256'])
+    if args.mesa_config:
+        settings['mesa_config'] = dict(args.mesa_config)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     folder = os.path.join(args.cache_dir, f'{args.preset}-{digest}')
     checkpoint_dir = args.checkpoint_dir or os.path.join('/tmp', 'fla_mesa_quality_ckpt', os.path.basename(folder))

@@ -16,6 +16,8 @@ Models (`MODELS`):
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import math
 import os
@@ -51,7 +53,7 @@ CG_BINS = 64
 
 
 def _config(name, vocab_size, hidden_size, num_layers, head_dim, intermediate_size, max_len, on_gpu,
-            cg_max_steps, cg_tol):
+            cg_max_steps, cg_tol, mesa_config):
     if name not in MODELS:
         raise ValueError(f'model must be one of {MODELS}, got {name!r}')
     if hidden_size % head_dim:
@@ -67,11 +69,10 @@ def _config(name, vocab_size, hidden_size, num_layers, head_dim, intermediate_si
     fla_common = dict(common, fuse_norm=on_gpu, fuse_swiglu=on_gpu, fuse_cross_entropy=False)
     if name in ('mesa', 'gla'):
         from fla_mesa.models import MesaConfig, MesaForCausalLM
-        return MesaForCausalLM, MesaConfig(
-            num_heads=num_heads, head_dim=head_dim, use_solver=name == 'mesa',
-            cg_max_steps_training=cg_max_steps, cg_tol_training=cg_tol,
-            cg_max_steps_inference=cg_max_steps, cg_tol_inference=cg_tol, **fla_common,
-        )
+        settings = dict(fla_common, num_heads=num_heads, head_dim=head_dim, use_solver=name == 'mesa',
+                        cg_max_steps_training=cg_max_steps, cg_tol_training=cg_tol,
+                        cg_max_steps_inference=cg_max_steps, cg_tol_inference=cg_tol)
+        return MesaForCausalLM, MesaConfig(**{**settings, **(mesa_config or {})})
     if name == 'fla_mesa_net':
         from fla.models import MesaNetConfig, MesaNetForCausalLM
         return MesaNetForCausalLM, MesaNetConfig(
@@ -95,10 +96,11 @@ def _config(name, vocab_size, hidden_size, num_layers, head_dim, intermediate_si
 
 
 def build_model(name, *, vocab_size, hidden_size, num_layers, head_dim, intermediate_size=None, max_len=2048,
-                on_gpu=True, cg_max_steps=30, cg_tol=1e-4):
-    """One causal LM of `MODELS`, on the current default device, float32 weights."""
+                on_gpu=True, cg_max_steps=30, cg_tol=1e-4, mesa_config=None):
+    """One causal LM of `MODELS`, on the current default device, float32 weights; `mesa_config`: `MesaConfig`
+    settings for fla-mesa's models (MesaNet and GLA), over the defaults here."""
     cls, config = _config(name, vocab_size, hidden_size, num_layers, head_dim, intermediate_size, max_len, on_gpu,
-                          cg_max_steps, cg_tol)
+                          cg_max_steps, cg_tol, mesa_config)
     # under TRITON_INTERPRET=1 (CPU smoke tests) fla's kernels need this; it does nothing otherwise
     from tests.interpret import interpret_compat
     interpret_compat()
@@ -293,6 +295,25 @@ def add_kernel_options(parser):
                         help="autotune fla-mesa's chunk kernels (default on a GPU: each pinned to its first config)")
     parser.add_argument('--fla-config-share', type=_at_least_one, default=1, metavar='N',
                         help='on a GPU, every fla kernel autotunes over every N-th of its configs (fewer to compile)')
+
+
+def add_model_options(parser):
+    """The scripts' options for the models (ablations: a changed setting gets its own cache folder)."""
+    parser.add_argument('--mesa-config', nargs='+', type=_mesa_setting, default=[], metavar='KEY=VALUE',
+                        help="MesaConfig settings for fla-mesa's models, MesaNet and GLA (e.g. use_gamma_cap=False "
+                             "precondition=True; values as Python literals)")
+
+
+def _mesa_setting(item):
+    from fla_mesa.models import MesaConfig
+    key, sep, value = item.partition('=')
+    if not sep or key not in inspect.signature(MesaConfig.__init__).parameters:
+        raise argparse.ArgumentTypeError(f'{item!r}: give KEY=VALUE with KEY a MesaConfig argument')
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass  # a plain string, as 'auto'
+    return key, value
 
 
 def share_fla_configs(share):

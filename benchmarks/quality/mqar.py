@@ -115,7 +115,7 @@ def train_cell(cell):
         model = common.build_model(
             cell['model'], vocab_size=cell['vocab_size'], hidden_size=cell['width'], num_layers=cell['num_layers'],
             head_dim=cell['head_dim'], intermediate_size=cell['intermediate_size'], max_len=cell['seq_len'],
-            on_gpu=on_gpu,
+            on_gpu=on_gpu, mesa_config=cell.get('mesa_config'),
         )
     params = sum(p.numel() for p in model.parameters())
     warmup = max(1, cell['steps'] // 10)
@@ -193,6 +193,7 @@ def parse_args(argv=None):
                    help='points between two seeds that add a third seed for that model and width')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
     common.add_kernel_options(p)
+    common.add_model_options(p)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--cache-dir', default=os.path.join(RESULTS, 'quality_cache', 'mqar'))
     p.add_argument('--tag', help='output name: benchmarks/results/mqar_<tag>.md/.png (default: the preset)')
@@ -224,6 +225,8 @@ def cell_dir(args):
     settings = dict(steps=args.steps, batch_size=args.batch_size, vocab_size=args.vocab_size, seq_len=args.seq_len,
                     num_layers=args.num_layers, head_dim=args.head_dim, pairs=args.pairs, curriculum=args.curriculum,
                     eval_batches=args.eval_batches, amp=not args.no_amp, device=args.device)
+    if args.mesa_config:
+        settings['mesa_config'] = dict(args.mesa_config)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(args.cache_dir, f'{args.preset}-{digest}'), settings
 
@@ -330,6 +333,8 @@ def write_report(args, records, table, sizes, folder):
         'rate\'s mean over seeds (per-seed values and the rate in brackets).', '',
         f'Environment: {json.dumps(env)}; device `{args.device}`. Cache: `{os.path.relpath(folder, RESULTS)}`.', '',
     ]
+    if args.mesa_config:
+        lines += [f"fla-mesa's models (MesaNet, GLA) with `{json.dumps(dict(args.mesa_config))}`.", '']
     header = '| model | ' + ' | '.join(f'w{w} p{n}' for w in args.widths for n in args.pairs) + ' |'
     lines += [header, '|' + '---|' * (1 + len(args.widths) * len(args.pairs))]
     for model in args.models:
@@ -419,7 +424,8 @@ def main(argv=None):
     folder, settings = cell_dir(args)
     settings['amp'] = not args.no_amp
     sizes = {w: common.matched_sizes(args.models, vocab_size=args.vocab_size, hidden_size=w,
-                                     num_layers=args.num_layers, head_dim=args.head_dim, max_len=args.seq_len)
+                                     num_layers=args.num_layers, head_dim=args.head_dim, max_len=args.seq_len,
+                                     mesa_config=settings.get('mesa_config'))
              for w in args.widths}
     for w, s in sizes.items():
         print(f'width {w}: ' + ', '.join(f'{m} {v["params"]:,} (MLP {v["intermediate_size"]})' for m, v in s.items())
