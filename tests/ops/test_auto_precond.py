@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
-from fla_mesa.ops.mesa.chunk_cg import unconverged_chunks
 from tests.ops.test_chunk_precond import run, triton_chunk_mesa
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
 from tests.sm90 import run_apart
@@ -103,20 +102,24 @@ def test_auto_varlen(monkeypatch, backend):
         assert err <= max(4 * floor, 1e-4), (name, err, floor)
 
 
-def test_unconverged_chunks_map():
-    gen = torch.Generator().manual_seed(4)
-    steps = torch.randint(0, 5, (1, 100, 3), generator=gen, dtype=torch.int32)
-    steps[0, [5, 39, 40, 99], [0, 1, 2, 0]] = -3
-    # three sequences (one empty), 16-token chunks: 40 -> 3 chunks, 0 -> 0, 60 -> 4
-    need = unconverged_chunks(steps, 16, torch.tensor([0, 40, 40, 100]), 7)
-    want = torch.zeros(7, 3, dtype=torch.int32)
-    want[0, 0] = want[2, 1] = want[3, 2] = want[6, 0] = 1
-    assert torch.equal(need, want)
-    # fixed length: [B * NT, H]
-    need = unconverged_chunks(steps.view(2, 50, 3), 16, None, 8)
-    want = torch.zeros(8, 3, dtype=torch.int32)
-    want[0, 0] = want[2, 1] = want[2, 2] = want[7, 0] = 1
-    assert torch.equal(need, want)
+@NEEDS_TRITON
+@pytest.mark.parametrize('cu_seqlens', [None, [0, 40, 150]])
+def test_first_pass_marks_the_chunks_to_rescue(cu_seqlens):
+    # the Jacobi pass marks a chunk and head (atomically, in the kernel) exactly where one of its rows stops above tol
+    from fla_mesa.ops.mesa.chunk import chunk_mesa_fwd
+    fwd = on_triton(chunk_mesa_fwd)
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2))
+    if cu_seqlens is None:
+        q, k, v, g, beta = (x.reshape(2, 75, *x.shape[2:]) for x in (q, k, v, g, beta))
+    else:
+        cu_seqlens = torch.tensor(cu_seqlens)
+    *_, need = fwd(q, k, v, g, beta, lamb, None, 30, 1e-5, 'auto', cu_seqlens, 16)
+    steps = fwd(q, k, v, g, beta, lamb, None, 30, 1e-5, True, cu_seqlens, 16, flag_unconverged=True)[2].cpu()
+    B, T, H = steps.shape
+    spans = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [(0, s, e) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    want = torch.stack([(steps[b, c:min(c + 16, e)] < 0).any(0).int() for b, s, e in spans for c in range(s, e, 16)])
+    assert want.any() and not want.all()
+    assert torch.equal(need.cpu(), want)
 
 
 # the two passes' kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
@@ -128,15 +131,18 @@ types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', fac
              h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
-              SKIP=False)
+              FIRST=False)
 kernels = [
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'), dict(consts, DO_IS_BF16=True),
                  num_warps=4, num_stages=1),
-    # the adjoint's first pass with the forward's rescued chunks skipped
+    # the first passes: the map marked atomically; the adjoint's with the forward's rescued chunks skipped
+    compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
+                 dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True),
+                 num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'),
-                 dict(consts, DO_IS_BF16=True, PRECONDITION=1, RESCUE=False, SKIP=True), num_warps=4, num_stages=1),
+                 dict(consts, DO_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4, num_stages=1),
     compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', a='*fp32', lamb='*fp32', w='*fp32', need='*i32'),
                  dict(K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True), num_warps=1, num_stages=1),
 ]
@@ -147,7 +153,7 @@ print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 def test_auto_kernels_compile_for_sm90():
     out = run_apart(_SM90_SCRIPT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 4
+    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 5
 
 
 def fwd_bwd_functions(backend):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
+from fla.ops.utils import prepare_chunk_indices
 from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.kernel_utils import (
@@ -147,7 +147,7 @@ def _chunk_mesa_cg(
     FLAG_UNCONVERGED: tl.constexpr,
     F_IS_BF16: tl.constexpr,
     RESCUE: tl.constexpr,
-    SKIP: tl.constexpr,
+    FIRST: tl.constexpr,
 ):
     # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
     # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
@@ -161,7 +161,7 @@ def _chunk_mesa_cg(
         # precondition='auto', second pass: a chunk and head with no unconverged row (`need` [chunks, H] is 0) is done
         if tl.load(need + i_tg * H + i_h) == 0:
             return
-    if SKIP:
+    if FIRST:
         # precondition='auto', first pass: a chunk and head marked 2 goes to the second pass whole, Jacobi skipped
         if tl.load(need + i_tg * H + i_h) == 2:
             return
@@ -300,6 +300,10 @@ def _chunk_mesa_cg(
         # a row that stopped above tol (at max_steps or a breakdown), or with a NaN residual, stores ~steps
         m_bad = (b_s != 0) & ~(tl.sum(b_r * b_r, 1) <= tol2)
         b_steps = tl.where(m_bad, -1 - b_steps, b_steps)
+        if FIRST:
+            # precondition='auto', first pass: a row above tol marks its chunk and head for the second (1; the map
+            # starts at 0, and every program of the chunk that marks writes the same 1)
+            tl.atomic_max(need + i_tg * H + i_h, tl.max((m_bad & m_r).to(tl.int32), 0))
     b_x = b_x * b_s[:, None]
     # a rescue pass writes its own rows only
     m_w = m_r & m_redo
@@ -348,13 +352,13 @@ def chunk_mesa_fwd_kernel_cg(
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
-    RESCUE: tl.constexpr, SKIP: tl.constexpr,
+    RESCUE: tl.constexpr, FIRST: tl.constexpr,
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
         b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, SKIP,
+        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
     )
 
 
@@ -377,33 +381,14 @@ def chunk_mesa_bwd_kernel_cg(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
-    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, SKIP: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
     _chunk_mesa_cg(
         None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, SKIP,
+        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
     )
-
-
-def unconverged_chunks(steps: torch.Tensor, chunk_size: int, cu_seqlens: torch.LongTensor | None, num_chunks: int):
-    """
-    `[chunks, H]` int32 (`chunks` in `h_kk`'s order: `B * NT`, or every sequence's when varlen): 1 where a token of
-    that chunk and head stored `~steps` (a negative count: it stopped above tol). No host sync.
-    """
-    B, T, H = steps.shape
-    bad = (steps < 0).to(torch.int32)
-    if cu_seqlens is None:
-        NT = num_chunks // B
-        bad = torch.nn.functional.pad(bad, (0, 0, 0, NT * chunk_size - T))
-        return bad.view(B, NT, chunk_size, H).amax(2).reshape(B * NT, H).contiguous()
-    tokens = torch.arange(T, device=steps.device)
-    seq = torch.bucketize(tokens, cu_seqlens[1:], right=True)
-    chunk = prepare_chunk_offsets(cu_seqlens, chunk_size)[seq] + (tokens - cu_seqlens[seq]) // chunk_size
-    chunk = chunk[:, None].expand(T, H)
-    need = torch.zeros(num_chunks, H, dtype=torch.int32, device=steps.device)
-    return need.scatter_reduce_(0, chunk, bad[0], 'amax')
 
 
 def chunk_mesa_cg(
@@ -430,7 +415,7 @@ def chunk_mesa_cg(
     factor: torch.Tensor | None = None,
     skip_jacobi: torch.Tensor | None = None,
     return_rescued: bool = False,
-    _skip: torch.Tensor | None = None,
+    _need: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -467,7 +452,7 @@ def chunk_mesa_cg(
             `utils.split_cg_steps` decodes), as `solver.cg_solve`. Default: `False`.
         factor (torch.Tensor, Optional): with 'chunk', the factor `W` `[B, NT, H, K, K]` (float32 or bfloat16) of
             `M_c⁻¹ = W Wᵀ`. Default: built from `h_kk`, in `precond.FACTOR_DTYPE`.
-        skip_jacobi (torch.Tensor, Optional): with 'auto', `[chunks, H]` (as `unconverged_chunks`): the chunks and
+        skip_jacobi (torch.Tensor, Optional): with 'auto', `[chunks, H]` (chunks in `h_kk`'s order): the chunks and
             heads, nonzero, whose rows skip the Jacobi pass and start the second one from the Jacobi start (the
             backward passes the forward's rescued chunks: the adjoint solve has the same matrices).
         return_rescued (bool): also return the `[chunks, H]` int32 map of the chunks the second pass of 'auto'
@@ -511,19 +496,16 @@ def chunk_mesa_cg(
         raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
-    need = _skip
+    need = _need
     if rescue:
-        # 2: chunks whose rows all skip the Jacobi pass
-        skip = None if skip_jacobi is None else (skip_jacobi != 0).to(torch.int32) * 2
-        # the Jacobi pass, every row that stops above tol flagged; then the chunks and heads that hold one
+        # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
+        # (`skip_jacobi`), else 0, which the Jacobi pass sets to 1 where a row stops above tol (no host sync)
+        need = (torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device) if skip_jacobi is None
+                else (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous())
         x, steps, o = chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
-            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _skip=skip,
+            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
         )
-        # a skipped chunk's steps were not written: its 2 wins over what they hold
-        need = unconverged_chunks(steps, BT, cu_seqlens, B * NT if cu_seqlens is None else NT)
-        if skip is not None:
-            need = torch.maximum(need, skip)
     if precondition in ('chunk', 'auto') and factor is None:
         a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices)
         a = a.view(*h_kk.shape[:3])
@@ -560,7 +542,7 @@ def chunk_mesa_cg(
         H_IN_LOOP=BK > 128,
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
         RESCUE=rescue,
-        SKIP=need is not None and not rescue,
+        FIRST=need is not None and not rescue,
     )
     if do is None:
         chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)
