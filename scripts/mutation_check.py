@@ -154,7 +154,7 @@ MUTANTS = [
            'fla_mesa/ops/mesa/chunk_cg.py',
            'tl.atomic_max(need + i_tg * H + i_h, tl.max((m_bad & m_r).to(tl.int32), 0))',
            'tl.atomic_max(need + i_tg * H + i_h, tl.min((m_bad & m_r).to(tl.int32), 0))',
-           ['tests/ops/test_auto_precond.py'], 'marks and triton'),
+           ['tests/ops/test_auto_precond.py'], 'marks'),
     Mutant("adjoint of 'auto': the chunks that skipped Jacobi not solved again (PyTorch path)",
            'fla_mesa/ops/mesa/chunk_torch.py',
            'redo = steps < 0 if skip is None else (steps < 0) | skip',
