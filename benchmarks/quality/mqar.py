@@ -398,11 +398,14 @@ def plot(args, table, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(args.widths), figsize=(4.2 * len(args.widths), 3.6), sharey=True, squeeze=False)
+    # one colour per model in every panel, and one legend of every model that has a point anywhere
+    colours = {m: f'C{i}' for i, m in enumerate(common.MODELS)}
+    handles = {}
     for ax, w in zip(axes[0], args.widths):
         for model in args.models:
             points = [(n, 100 * table[model][w][n][0]) for n in args.pairs if table[model][w][n] is not None]
             if points:
-                ax.plot(*zip(*points), marker='o', label=common.LABELS[model])
+                handles[model], = ax.plot(*zip(*points), marker='o', color=colours[model], label=common.LABELS[model])
         ax.set_title(f'width {w}')
         ax.set_xlabel('key-value pairs')
         ax.set_xscale('log', base=2)
@@ -410,7 +413,9 @@ def plot(args, table, path):
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel('accuracy on queries (%)')
-    axes[0][-1].legend(fontsize=7)
+    if handles:
+        axes[0][-1].legend([handles[m] for m in args.models if m in handles],
+                           [common.LABELS[m] for m in args.models if m in handles], fontsize=7)
     fig.suptitle(f'MQAR, seq len {args.seq_len}, vocab {args.vocab_size}, {args.num_layers} layers ({args.preset})')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
