@@ -496,6 +496,7 @@ def chunk_mesa_cg(
         raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
+    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1)
     need = _need
     if rescue:
         # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
