@@ -14,7 +14,7 @@ from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
-from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
+from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import use_triton
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class MesaNet(nn.Module):
             _check(name, value, value is None or (isinstance(value, (int, float)) and 0 <= value < 1),
                    'None or a float in [0, 1)')
         _check('chunk_size', chunk_size, chunk_size in (16, 32, 64), '16, 32 or 64')
-        _check('precondition', precondition, isinstance(precondition, bool) or precondition in ('chunk', 'auto'),
+        _check('precondition', precondition, is_precondition(precondition),
                "True (Jacobi), False (plain CG), 'chunk' or 'auto'")
         _check('warn_unconverged', warn_unconverged, isinstance(warn_unconverged, bool), 'a bool')
         _check('layer_idx', layer_idx, layer_idx is None or (is_int(layer_idx) and layer_idx >= 0), 'None or an int >= 0')

@@ -12,7 +12,7 @@ from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
-from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION
+from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import (
     check_inputs, compute_dtype, l2norm, min_log_decay, op_outputs, split_cg_steps, use_triton, warn_if_unconverged,
 )
@@ -235,7 +235,7 @@ def chunk_mesa(
         ...                       cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
     """
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, chunk_size, check_values)
-    if not (isinstance(precondition, bool) or (isinstance(precondition, str) and precondition in ('chunk', 'auto'))):
+    if not is_precondition(precondition):
         raise ValueError(f"`precondition` must be True (Jacobi), False (plain CG), 'chunk' or 'auto', got {precondition!r}")
     if use_qk_l2norm_in_kernel:
         if _use_triton_path(q):

@@ -14,7 +14,7 @@ from fla_mesa.ops.mesa.kernel_utils import (
     round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
-from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor
+from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor, is_precondition
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
 
@@ -469,7 +469,7 @@ def chunk_mesa_cg(
         raise ValueError("give exactly one of `b` and `do` (the right-hand side, or the gradient that forms it)")
     if do is not None and v is None:
         raise ValueError("`do` needs `v` and `h_kv` (b = dx = S_t do_t)")
-    if not (isinstance(precondition, bool) or precondition in ('chunk', 'auto')):
+    if not is_precondition(precondition):
         raise ValueError(f"`precondition` must be True (Jacobi), False, 'chunk' or 'auto', got {precondition!r}")
     precision = resolve_precision(precision, CG_DOT_PRECISION, k)
     readout_precision = resolve_precision(readout_precision, CG_DOT_PRECISION, k, 'readout_precision')

@@ -10,6 +10,13 @@ import torch
 # only for the tokens Jacobi leaves unconverged): a small cost where Jacobi converges, no silent failure where it
 # does not (op README, "`precondition='auto'`"); fused_recurrent_mesa keeps Jacobi
 DEFAULT_PRECONDITION: bool | str = 'auto'
+
+
+def is_precondition(value) -> bool:
+    """Whether `value` is a `precondition` of the chunk paths: `True` (Jacobi), `False` (plain CG), 'chunk' or 'auto'."""
+    return isinstance(value, bool) or (isinstance(value, str) and value in ('chunk', 'auto'))
+
+
 # the dtype the Triton path stores `W` in: float32 keeps the PyTorch path's step counts; bfloat16 halves the memory
 # and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
 FACTOR_DTYPE = torch.float32
