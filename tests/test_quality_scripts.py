@@ -75,7 +75,7 @@ def test_mesa_config_reaches_the_model_and_the_cache_folder(tmp_path):
     import common
     args = mqar.parse_args(['--tiny', '--cache-dir', str(tmp_path), '--mesa-config', 'use_gamma_cap=False',
                             'precondition=auto', 'cg_tol_training=1e-3'])
-    assert dict(args.mesa_config) == dict(use_gamma_cap=False, precondition='auto', cg_tol_training=1e-3)
+    assert args.mesa_config == dict(use_gamma_cap=False, precondition='auto', cg_tol_training=1e-3)
     folder, settings = mqar.cell_dir(args)
     # the default settings keep their folder (earlier caches stay valid); an ablation gets its own
     assert folder != mqar.cell_dir(mqar.parse_args(['--tiny', '--cache-dir', str(tmp_path)]))[0]

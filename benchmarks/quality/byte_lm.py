@@ -257,8 +257,7 @@ def write_report(args, records, sizes, manifest, folder):
         f'{manifest["val"]["bytes"]:,} bytes (`{manifest["val"]["sha256"][:16]}`); {manifest["duplicates"]:,} '
         f'duplicates dropped; Python {manifest["python"]}.', '',
         f'Environment: {json.dumps(env)}; device `{args.device}`. Cache: `{os.path.relpath(folder, RESULTS)}`.', '',
-        *([f"fla-mesa's models (MesaNet, GLA) with `{json.dumps(dict(args.mesa_config))}`.", '']
-          if args.mesa_config else []),
+        *common.model_report_lines(args),
         '| model | params | val bpb (per seed) | mean | probe bpb 1st / 2nd occurrence | CG train mean / p99 | '
         'CG val mean / p99 | non-finite loss / grad | max grad norm | max spike | tokens/s (after the first tenth) |',
         '|---|---|---|---|---|---|---|---|---|---|---|',
@@ -317,14 +316,13 @@ def main(argv=None):
         args.corpus = os.path.join('/tmp', 'fla_mesa_byte_corpus', digest)
     manifest = byte_corpus.load_or_build(args.corpus, **corpus_kw)
     sizes = common.matched_sizes(args.models, vocab_size=256, hidden_size=args.width, num_layers=args.num_layers,
-                                 head_dim=args.head_dim, max_len=args.seq_len, mesa_config=dict(args.mesa_config))
+                                 head_dim=args.head_dim, max_len=args.seq_len, mesa_config=args.mesa_config)
     print(', '.join(f'{m} {v["params"]:,} (MLP {v["intermediate_size"]})' for m, v in sizes.items())
           + f'; target {next(iter(sizes.values()))["target"]:,} (±5%)')
     settings = dict(width=args.width, num_layers=args.num_layers, head_dim=args.head_dim, seq_len=args.seq_len,
                     batch_size=args.batch_size, steps=args.steps, lr=args.lr, val_windows=args.val_windows,
                     amp=not args.no_amp, device=args.device, corpus_sha256=manifest['train']['sha256'])
-    if args.mesa_config:
-        settings['mesa_config'] = dict(args.mesa_config)
+    settings.update(common.model_settings(args))
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     folder = os.path.join(args.cache_dir, f'{args.preset}-{digest}')
     checkpoint_dir = args.checkpoint_dir or os.path.join('/tmp', 'fla_mesa_quality_ckpt', os.path.basename(folder))

@@ -299,9 +299,26 @@ def add_kernel_options(parser):
 
 def add_model_options(parser):
     """The scripts' options for the models (ablations: a changed setting gets its own cache folder)."""
-    parser.add_argument('--mesa-config', nargs='+', type=_mesa_setting, default=[], metavar='KEY=VALUE',
+    parser.add_argument('--mesa-config', nargs='+', type=_mesa_setting, action=_AsDict, default={}, metavar='KEY=VALUE',
                         help="MesaConfig settings for fla-mesa's models, MesaNet and GLA (e.g. use_gamma_cap=False "
                              "precondition=True; values as Python literals)")
+
+
+def model_settings(args) -> dict:
+    """What `add_model_options` adds to a script's cache settings: nothing at the defaults, so their folders stay."""
+    return {'mesa_config': args.mesa_config} if args.mesa_config else {}
+
+
+def model_report_lines(args) -> list:
+    """The report's line on `add_model_options`' settings (none at the defaults)."""
+    if not args.mesa_config:
+        return []
+    return [f"fla-mesa's models (MesaNet, GLA) with `{json.dumps(args.mesa_config)}`.", '']
+
+
+class _AsDict(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, dict(values))
 
 
 def _mesa_setting(item):

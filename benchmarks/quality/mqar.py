@@ -225,8 +225,7 @@ def cell_dir(args):
     settings = dict(steps=args.steps, batch_size=args.batch_size, vocab_size=args.vocab_size, seq_len=args.seq_len,
                     num_layers=args.num_layers, head_dim=args.head_dim, pairs=args.pairs, curriculum=args.curriculum,
                     eval_batches=args.eval_batches, amp=not args.no_amp, device=args.device)
-    if args.mesa_config:
-        settings['mesa_config'] = dict(args.mesa_config)
+    settings.update(common.model_settings(args))
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(args.cache_dir, f'{args.preset}-{digest}'), settings
 
@@ -333,8 +332,7 @@ def write_report(args, records, table, sizes, folder):
         'rate\'s mean over seeds (per-seed values and the rate in brackets).', '',
         f'Environment: {json.dumps(env)}; device `{args.device}`. Cache: `{os.path.relpath(folder, RESULTS)}`.', '',
     ]
-    if args.mesa_config:
-        lines += [f"fla-mesa's models (MesaNet, GLA) with `{json.dumps(dict(args.mesa_config))}`.", '']
+    lines += common.model_report_lines(args)
     header = '| model | ' + ' | '.join(f'w{w} p{n}' for w in args.widths for n in args.pairs) + ' |'
     lines += [header, '|' + '---|' * (1 + len(args.widths) * len(args.pairs))]
     for model in args.models:
@@ -430,7 +428,7 @@ def main(argv=None):
     settings['amp'] = not args.no_amp
     sizes = {w: common.matched_sizes(args.models, vocab_size=args.vocab_size, hidden_size=w,
                                      num_layers=args.num_layers, head_dim=args.head_dim, max_len=args.seq_len,
-                                     mesa_config=settings.get('mesa_config'))
+                                     mesa_config=args.mesa_config)
              for w in args.widths}
     for w, s in sizes.items():
         print(f'width {w}: ' + ', '.join(f'{m} {v["params"]:,} (MLP {v["intermediate_size"]})' for m, v in s.items())
