@@ -135,8 +135,9 @@ class MesaNet(nn.Module):
         precondition (bool or str, Optional):
             `True`: Jacobi-preconditioned CG; `False`: the paper's plain CG; `'chunk'`: the chunk-start preconditioner
             (op README) in the chunk mode, for long memories with keys on few directions, where Jacobi stalls;
-            `'auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves unconverged. The
-            `fused_recurrent` mode (decoding) has no chunk start and runs Jacobi then. Default: `'auto'`.
+            `'auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves unconverged (straight
+            away where Jacobi is predicted to stall). The `fused_recurrent` mode (decoding) has no chunk start and
+            runs Jacobi then. Default: `'auto'`.
         chunk_size (int, Optional):
             The chunk size of `chunk_mesa`: 16, 32 or 64. Default: 64.
         warn_unconverged (bool, Optional):

@@ -1,28 +1,49 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""`precondition='auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol`.
+"""`precondition='auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol`,
+and straight away for the chunks where `precond.jacobi_stall_score` predicts that Jacobi stalls.
 
 Both chunk paths (the Triton one under `TRITON_INTERPRET=1` or on a GPU). On hard states the rescue reaches the
-float64 answer where Jacobi alone does not; on benign ones (nothing to rescue) it is Jacobi to the bit; the tokens
-Jacobi solved keep Jacobi's answer and steps; every gradient against float64; varlen; the chunk map it launches by.
+float64 answer where Jacobi alone does not; on benign ones (nothing to rescue, nothing routed) it is Jacobi to the
+bit; the tokens Jacobi solved keep Jacobi's answer and steps; every gradient against float64; varlen; the chunk map
+it launches by. The hard states here are routed after their first chunk, so the tests of the rescue pass itself
+turn the routing off (`jacobi_first`).
 """
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fla_mesa.ops.mesa import chunk_mesa, naive_exact_mesa
+from fla_mesa.ops.mesa import chunk_cg, chunk_mesa, chunk_torch, naive_exact_mesa
+from fla_mesa.ops.mesa.chunk_torch import ChunkPieces
+from fla_mesa.ops.mesa.precond import JACOBI_STALL_FF2, jacobi_stall_score
 from tests.ops.test_chunk_precond import run, triton_chunk_mesa
 from tests.ops.test_hard_states import FAMILIES, hard_inputs, last_outputs
 from tests.sm90 import run_apart
-from tests.utils import NEEDS_TRITON, on_triton, poison_empty, rel_err, run_with_grads, torch_chunk_path
+from tests.utils import NEEDS_TRITON, ON_GPU, on_triton, poison_empty, rel_err, run_with_grads, torch_chunk_path
 
 # `run`'s backends: 'torch' the PyTorch path, any other the Triton one
 BACKENDS = ['torch', pytest.param('triton', marks=NEEDS_TRITON)]
 
 
+def jacobi_first(monkeypatch):
+    # no chunk routed by the stall predictor on either path: every chunk starts with Jacobi, as before the predictor
+    for module in (chunk_torch, chunk_cg):
+        monkeypatch.setattr(module, 'JACOBI_STALL_FF2', math.inf)
+
+
+def stall_scores(q, k, v, g, beta, lamb, chunk_size=64):
+    """The PyTorch path's `jacobi_stall_score` of every chunk and head, `[B, H, NT]` (no initial state)."""
+    pieces = ChunkPieces(k, v, g, beta, lamb, None, chunk_size)
+    return jacobi_stall_score(pieces.H, pieces.decay[..., chunk_size // 2, 0], pieces.lamb[:, :, 0])
+
+
 @pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('family,T', [('8 directions', 512), ('1 direction, γ = 1', 256)])
 def test_auto_rescues_what_jacobi_leaves(monkeypatch, backend, family, T):
+    # the rescue pass itself: these states are routed after their first chunk (`test_auto_routes_...`)
+    jacobi_first(monkeypatch)
     inputs = [x.float() for x in hard_inputs(T, K=32, V=16, **FAMILIES[family])]
     ref = last_outputs(*hard_inputs(T, K=32, V=16, **FAMILIES[family]))
     floor = rel_err(last_outputs(*inputs), ref)
@@ -39,22 +60,103 @@ def test_auto_rescues_what_jacobi_leaves(monkeypatch, backend, family, T):
     assert (steps[bad_j] > steps_j[bad_j]).all()
 
 
+@pytest.mark.parametrize('K,rank', [(16, None), (64, None), (64, 4)])
+def test_jacobi_stall_score(K, rank):
+    # ‖F‖_F², F the off-diagonal part of D^-1/2 M D^-1/2 (M = a H + Λ, D = diag(M)), formed directly in float64
+    gen = torch.Generator().manual_seed(K)
+    w = torch.randn(5, 3, K, rank or K, generator=gen, dtype=torch.float64)
+    # random states, and states of `rank` directions with a large trace (the hard families' shape)
+    h = w @ w.transpose(-1, -2) * (20 / rank if rank else 1 / K)
+    a = torch.rand(5, 3, generator=gen, dtype=torch.float64)
+    lamb = 0.25 + torch.rand(3, K, generator=gen, dtype=torch.float64)
+    m = a[..., None, None] * h + torch.diag_embed(lamb.expand(5, 3, K))
+    d = m.diagonal(dim1=-2, dim2=-1).rsqrt()
+    s = d[..., :, None] * m * d[..., None, :]
+    want = (s - torch.diag_embed(s.diagonal(dim1=-2, dim2=-1))).square().sum((-2, -1))
+    got = jacobi_stall_score(h.float(), a.float(), lamb.float())
+    assert got.dtype == torch.float32 and got.shape == (5, 3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(jacobi_stall_score(h, a, lamb), want, rtol=1e-12, atol=0)
+    # the low-rank states are routed, the random ones not; no state (a first chunk) scores 0
+    assert (want > JACOBI_STALL_FF2).all() if rank else (want < JACOBI_STALL_FF2).all()
+    assert (jacobi_stall_score(torch.zeros_like(h), a, lamb) == 0).all()
+
+
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_auto_is_jacobi_where_jacobi_converges(monkeypatch, backend):
+@pytest.mark.parametrize('K', [32, 64])
+def test_auto_is_jacobi_where_jacobi_converges(monkeypatch, backend, K):
     gen = torch.Generator().manual_seed(3)
-    B, T, H, K, V = 2, 100, 2, 32, 16
+    B, T, H, V = 2, 100, 2, 16
     q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
     v = torch.randn(B, T, H, V, generator=gen)
     g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 4)
     beta, lamb = torch.rand(B, T, H, generator=gen), 0.25 + F.softplus(torch.randn(H, K, generator=gen))
+    # states that score, but below the threshold: nothing is routed
+    scores = stall_scores(q, k, v, g, beta, lamb)
+    assert (scores[..., 1:] > 0).all() and (scores < JACOBI_STALL_FF2).all(), scores
     o_j, _, steps_j = run(monkeypatch, backend, q, k, v, g, beta, lamb, precondition=True, return_cg_steps=True)
     o, _, steps = run(monkeypatch, backend, q, k, v, g, beta, lamb, precondition='auto', return_cg_steps=True)
     assert torch.equal(o, o_j) and torch.equal(steps, steps_j)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
+def test_auto_routes_where_jacobi_stalls(monkeypatch, backend):
+    # keys from 8 directions, long memory, K = 64: every chunk after the first scores above the threshold and goes
+    # straight to the chunk-start solve, a few steps a token where Jacobi runs to the cap first
+    fwd, _ = fwd_bwd_functions(backend)
+    inputs = hard_inputs(512, K=64, V=16, **FAMILIES['8 directions'])
+    ref = last_outputs(*inputs)
+    inputs = [x.float() for x in inputs]
+    floor = rel_err(last_outputs(*inputs), ref)
+    routed = stall_scores(*inputs)[0, 0] > JACOBI_STALL_FF2
+    assert not routed[0] and routed[1:].all()
+    o, _, steps, _, rescued = fwd(*inputs, None, 30, 1e-4, 'auto', None, 64, flag_unconverged=True)
+    assert (steps >= 0).all()
+    err = rel_err(o[:, -ref.shape[1]:], ref)
+    assert err <= max(1e-3, 2 * floor), (err, floor)
+    mean = steps[:, 64:].float().mean().item()
+    assert mean <= 5, mean
+    if backend == 'torch':
+        # the chunks the second pass solved ([B, H, NT]): the routed ones (and the first if Jacobi left a row there)
+        assert rescued[0, 0, 1:].all()
+    else:
+        # the kernel's own decision ([B * NT, H]: 2 routed, 1 rescued after Jacobi) is the PyTorch path's
+        assert torch.equal(rescued[:, 0] == 2, routed), rescued
+    # a routed chunk is solved as 'chunk' solves it: from the Jacobi start, no Jacobi steps (on a GPU the two
+    # kernels may autotune to different row splits, so to rounding)
+    _, _, steps_c, _, _ = fwd(*inputs, None, 30, 1e-4, 'chunk', None, 64, flag_unconverged=True)
+    if ON_GPU and backend != 'torch':
+        assert abs(mean - steps_c[:, 64:].float().mean().item()) <= 0.1, (mean, steps_c[:, 64:].float().mean())
+    else:
+        assert torch.equal(steps[:, 64:], steps_c[:, 64:])
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize('cu_seqlens,precision', [(None, 'auto'), ([0, 40, 150], 'auto'), (None, 'ieee'), (None, 'bf16x3')])
+def test_first_pass_routes_the_chunks_that_stall(monkeypatch, cu_seqlens, precision):
+    # the Triton first pass routes (2) exactly the chunks and heads whose PyTorch score is above the threshold, per
+    # sequence when varlen (a chunk's middle token counted in its sequence), from H_c split or not by the loop's
+    # precision; states that cross it midway
+    from fla_mesa.ops.mesa.chunk import chunk_mesa_fwd
+    monkeypatch.setattr(chunk_cg, 'CG_DOT_PRECISION', precision)
+    fwd = on_triton(chunk_mesa_fwd)
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2, beta=0.2))
+    if cu_seqlens is None:
+        q, k, v, g, beta = (x.reshape(2, 75, *x.shape[2:]) for x in (q, k, v, g, beta))
+        seqs = [tuple(x[b:b + 1] for x in (q, k, v, g, beta)) for b in range(2)]
+    else:
+        seqs = [tuple(x[:, s:e] for x in (q, k, v, g, beta)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        cu_seqlens = torch.tensor(cu_seqlens)
+    *_, need = fwd(q, k, v, g, beta, lamb, None, 30, 1e-5, 'auto', cu_seqlens, 16)
+    want = torch.cat([stall_scores(*x, lamb, chunk_size=16)[0].T > JACOBI_STALL_FF2 for x in seqs])
+    assert want.any() and not want.all()
+    assert torch.equal(need.cpu() == 2, want)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
 def test_auto_flags_what_the_rescue_leaves(monkeypatch, backend):
     # a budget too small for either solve: every token Jacobi flagged is flagged again, its steps both budgets
+    jacobi_first(monkeypatch)
     inputs = [x.float() for x in hard_inputs(128, K=32, V=16, dirs=8, noise=1e-2)]
     _, _, steps_j, bad_j = run(monkeypatch, backend, *inputs, precondition=True, cg_max_steps=1, return_cg_steps=True,
                                return_cg_unconverged=True)
@@ -79,10 +181,13 @@ def grad_errors(monkeypatch, backend, inputs, do, **kwargs):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('scale', [1.0, 1e-8])
-def test_auto_gradients_hard(monkeypatch, backend, scale):
-    # every buffer the kernels leave unwritten would be NaN; the upstream gradient at scale 1 and 1e-8
+@pytest.mark.parametrize('scale,routing', [(1.0, True), (1.0, False), (1e-8, True)])
+def test_auto_gradients_hard(monkeypatch, backend, scale, routing):
+    # every buffer the kernels leave unwritten would be NaN; the upstream gradient at scale 1 and 1e-8; with the
+    # routing (every chunk after the first scores above the threshold here) and without it (the rescue pass)
     poison_empty(monkeypatch)
+    if not routing:
+        jacobi_first(monkeypatch)
     inputs = list(hard_inputs(160, K=32, V=8, dirs=8, noise=1e-2)) + [None]
     # the case needs the rescue at this tolerance: Jacobi alone leaves tokens unconverged
     bad = run(monkeypatch, backend, *[x.float() for x in inputs[:6]], cg_tol=1e-6, chunk_size=32, precondition=True,
@@ -104,9 +209,10 @@ def test_auto_varlen(monkeypatch, backend):
 
 @NEEDS_TRITON
 @pytest.mark.parametrize('cu_seqlens', [None, [0, 40, 150]])
-def test_first_pass_marks_the_chunks_to_rescue(cu_seqlens):
+def test_first_pass_marks_the_chunks_to_rescue(monkeypatch, cu_seqlens):
     # the Jacobi pass marks a chunk and head (atomically, in the kernel) exactly where one of its rows stops above tol
     from fla_mesa.ops.mesa.chunk import chunk_mesa_fwd
+    jacobi_first(monkeypatch)
     fwd = on_triton(chunk_mesa_fwd)
     q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2))
     if cu_seqlens is None:
@@ -131,13 +237,14 @@ types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', fac
              h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
-              FIRST=False)
+              FIRST=False, STALL_FF2=chunk_cg.JACOBI_STALL_FF2)
 kernels = [
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'), dict(consts, DO_IS_BF16=True),
                  num_warps=4, num_stages=1),
-    # the first passes: the map marked atomically; the adjoint's with the forward's rescued chunks skipped
+    # the first passes: the map marked atomically (1 unconverged, 2 a predicted stall: its programs return before
+    # the loop); the adjoint's with the forward's rescued chunks skipped
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True),
                  num_warps=4, num_stages=1),
@@ -165,15 +272,24 @@ def fwd_bwd_functions(backend):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_adjoint_skips_jacobi_where_forward_rescued(backend):
+def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
     # the backward's adjoint solve starts the chunks the forward had to rescue with the chunk-start preconditioner:
-    # the same gradients, fewer steps there, the other chunks as before
+    # the same gradients, fewer steps there, the other chunks as before (routing off: else both backwards route
+    # these chunks alike)
+    jacobi_first(monkeypatch)
     fwd, bwd = fwd_bwd_functions(backend)
     q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
     args = (30, 1e-6, 'auto', None, 32)
     _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
-    # some chunks rescued, not all (the first chunk of each head converges under Jacobi)
-    assert rescued is not None and rescued.any() and not rescued.all()
+    assert rescued is not None
+    assert (rescued[1:] if backend == 'triton' else rescued[..., 1:]).any()
+    # the first chunk unmarked, so that some chunks keep the Jacobi pass (whether Jacobi converges there to 1e-6
+    # depends on the device's rounding: on an H200 it did not)
+    rescued = rescued.clone()
+    if backend == 'torch':
+        rescued[..., 0] = False                           # [B, H, NT]
+    else:
+        rescued[0] = 0                                    # [B * NT, H], B = 1
     do = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(v)
     skipped = bwd(x, do, None, k, v, g, beta, lamb, None, *args, flag_unconverged=True, rescued=rescued)
     full = bwd(x, do, None, k, v, g, beta, lamb, None, *args, flag_unconverged=True)

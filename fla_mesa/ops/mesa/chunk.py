@@ -191,7 +191,9 @@ def chunk_mesa(
             Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG; `'chunk'` the
             chunk-start preconditioner `M_c = a_c H_c + Λ` (op README), on both chunk paths; `'auto'` Jacobi, then
             the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol` only (their chunks' factors
-            only; their steps count both solves). Default: `precond.DEFAULT_PRECONDITION` (`'auto'`).
+            only; their steps count both solves), and straight away for the chunks where a static test of `M_c`
+            predicts that Jacobi stalls (`precond.jacobi_stall_score`). Default: `precond.DEFAULT_PRECONDITION`
+            (`'auto'`).
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):

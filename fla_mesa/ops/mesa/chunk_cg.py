@@ -14,7 +14,9 @@ from fla_mesa.ops.mesa.kernel_utils import (
     round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
-from fla_mesa.ops.mesa.precond import FACTOR_DTYPE, chunk_middle_scale, chunk_start_factor, is_precondition
+from fla_mesa.ops.mesa.precond import (
+    FACTOR_DTYPE, JACOBI_STALL_FF2, chunk_middle_scale, chunk_start_factor, is_precondition,
+)
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
 
@@ -148,6 +150,7 @@ def _chunk_mesa_cg(
     F_IS_BF16: tl.constexpr,
     RESCUE: tl.constexpr,
     FIRST: tl.constexpr,
+    STALL_FF2: tl.constexpr,
 ):
     # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
     # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
@@ -197,6 +200,24 @@ def _chunk_mesa_cg(
     else:
         b_h_hi, b_h_lo = mesa_split(tl.load(p_ht, mask=m_kk, other=0.), PREC)
     b_hd = tl.load(h_kk + o_k * K + o_k, mask=m_k, other=0.)
+    if FIRST:
+        # precondition='auto', first pass: where Jacobi is predicted to stall (`precond.jacobi_stall_score` of
+        # M_c = a H_c + Λ above STALL_FF2), the chunk and head go to the second pass whole, as if marked 2. Every
+        # program of the chunk decides alike from the same tile; padded columns (H 0, λ 1) add nothing
+        b_a = exp2(tl.load(g + (bos + tl.minimum(i_t * BT + BT // 2, T - 1)) * H + i_h).to(tl.float32))
+        if H_IN_LOOP:
+            b_ah = b_a * tl.load(p_ht, mask=m_kk, other=0.).to(tl.float32)
+        elif PREC == 'bf16x3' or PREC == 'tf32x3':
+            # the split pair sums to H_c to the split's precision: enough for a decision
+            b_ah = b_a * (b_h_hi.to(tl.float32) + b_h_lo.to(tl.float32))
+        else:
+            # unsplit precisions hold H_c (rounded) in both parts
+            b_ah = b_a * b_h_hi.to(tl.float32)
+        b_u = 1. / (b_a * b_hd + b_lamb)
+        b_f2 = tl.where(o_k[:, None] != o_k[None, :], b_ah * b_ah * b_u[:, None] * b_u[None, :], 0.)
+        if tl.sum(tl.sum(b_f2, 1), 0) > STALL_FF2:
+            tl.atomic_max(need + i_tg * H + i_h, 2)
+            return
     # diag(A_t) = e^Γ diag(H_c) + Σ_j M_tj k_j² + λ
     b_kf = b_k.to(tl.float32)
     b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], PREC, False)
@@ -352,13 +373,13 @@ def chunk_mesa_fwd_kernel_cg(
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
-    RESCUE: tl.constexpr, FIRST: tl.constexpr,
+    RESCUE: tl.constexpr, FIRST: tl.constexpr, STALL_FF2: tl.constexpr,
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
         b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, STALL_FF2,
     )
 
 
@@ -382,12 +403,13 @@ def chunk_mesa_bwd_kernel_cg(
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
+    STALL_FF2: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
     _chunk_mesa_cg(
         None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
         H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, STALL_FF2,
     )
 
 
@@ -436,7 +458,8 @@ def chunk_mesa_cg(
         precondition (bool or str): `True` Jacobi PCG, `False` plain CG, 'chunk' the chunk-start preconditioner
             (`precond.chunk_start_factor`, built here from `h_kk` unless `factor` is given), 'auto' Jacobi and then,
             for the rows it leaves above `cg_tol` only, the chunk-start preconditioner from Jacobi's iterate (the
-            factor built for their chunks only; steps count both passes). Without `cg_tol`, 'auto' is Jacobi.
+            factor built for their chunks only; steps count both passes); chunks where `precond.jacobi_stall_score`
+            predicts a Jacobi stall skip Jacobi (marked 2, as `skip_jacobi`). Without `cg_tol`, 'auto' is Jacobi.
         cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
         chunk_size (int): 16, 32 or 64.
         v (torch.Tensor, Optional): values `[B, T, H, V]`, for the fused readout.
@@ -456,7 +479,7 @@ def chunk_mesa_cg(
             heads, nonzero, whose rows skip the Jacobi pass and start the second one from the Jacobi start (the
             backward passes the forward's rescued chunks: the adjoint solve has the same matrices).
         return_rescued (bool): also return the `[chunks, H]` int32 map of the chunks the second pass of 'auto'
-            solved (`None` without one).
+            solved (`None` without one): 1 rescued after Jacobi, 2 Jacobi skipped (`skip_jacobi` or predicted).
 
     Returns:
         x (torch.Tensor): `[B, T, H, K]` float32.
@@ -496,11 +519,12 @@ def chunk_mesa_cg(
         raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
-    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1)
+    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1, 2)
     need = _need
     if rescue:
         # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
-        # (`skip_jacobi`), else 0, which the Jacobi pass sets to 1 where a row stops above tol (no host sync)
+        # (`skip_jacobi`), else 0, which the Jacobi pass sets to 1 where a row stops above tol, or to 2 where it
+        # predicts a stall (no host sync)
         need = (torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device) if skip_jacobi is None
                 else (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous())
         x, steps, o = chunk_mesa_cg(
@@ -544,6 +568,7 @@ def chunk_mesa_cg(
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
         RESCUE=rescue,
         FIRST=need is not None and not rescue,
+        STALL_FF2=float(JACOBI_STALL_FF2),
     )
     if do is None:
         chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fla_mesa.ops.mesa.precond import apply_factor, chunk_start_factor
+from fla_mesa.ops.mesa.precond import JACOBI_STALL_FF2, apply_factor, chunk_start_factor, jacobi_stall_score
 from fla_mesa.ops.mesa.solver import cg_solve
 from fla_mesa.ops.mesa.utils import compute_dtype, min_log_decay, pad_varlen, unpad_varlen, zero_state
 
@@ -84,9 +84,9 @@ class ChunkPieces:
         """
         `cg_solve` for the op's `precondition`; 'auto' is Jacobi, then the chunk-start preconditioner for the rows
         Jacobi leaves above `tol`, from its iterate (steps count both), as the Triton path's rescue pass. The chunks
-        of `skip_jacobi` (`[B, H, NT]` bool) skip the Jacobi pass: all their rows go to the second, from the Jacobi
-        start. Returns `(x, steps, rescued)`, `rescued` `[B, H, NT]` bool: the chunks the second pass solved ('auto'
-        only, else `None`).
+        of `skip_jacobi` (`[B, H, NT]` bool), and those where `precond.jacobi_stall_score` predicts a Jacobi stall,
+        skip the Jacobi pass: all their rows go to the second, from the Jacobi start. Returns `(x, steps, rescued)`,
+        `rescued` `[B, H, NT]` bool: the chunks the second pass solved ('auto' only, else `None`).
         """
         if precondition != 'auto' or tol is None or max_steps == 0:
             if skip_jacobi is not None:
@@ -94,10 +94,12 @@ class ChunkPieces:
             precondition = True if precondition == 'auto' else precondition
             return (*cg_solve(self.matvec, b, self.diag, max_steps, tol, self.preconditioner(precondition),
                               flag_unconverged=flag_unconverged), None)
-        skip = None if skip_jacobi is None else skip_jacobi[..., None].expand(b.shape[:-1])
-        x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True,
-                            rows=None if skip is None else ~skip)
-        redo = steps < 0 if skip is None else (steps < 0) | skip
+        C = self.decay.shape[-2]
+        stall = jacobi_stall_score(self.H.detach(), self.decay[..., C // 2, 0].detach(),
+                                   self.lamb[:, :, 0].detach()) > JACOBI_STALL_FF2
+        skip = (stall if skip_jacobi is None else stall | skip_jacobi)[..., None].expand(b.shape[:-1])
+        x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True, rows=~skip)
+        redo = (steps < 0) | skip
         if not redo.any():
             return x, steps, redo.any(-1)
         x, more = cg_solve(self.matvec, b, self.diag, max_steps, tol, self.chunk_start_preconditioner(),

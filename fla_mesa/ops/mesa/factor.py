@@ -90,7 +90,8 @@ def chunk_start_factor_kernel(
     # X is kept in `w` as W = Xᵀ (the output), read back from L2; G_k waits in W's lower triangle (zero at the end).
     i_n = tl.program_id(0).to(tl.int64)
     if HAS_NEED:
-        # only the matrices asked for (precondition='auto': chunks with an unconverged row); W stays unset elsewhere
+        # only the matrices asked for (precondition='auto': chunks with an unconverged row or a predicted Jacobi stall);
+        # W stays unset elsewhere
         if tl.load(need + i_n) == 0:
             return
     h += i_n * K * K

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 # the default `precondition` of chunk_mesa, the layer and the config: 'auto' (Jacobi, the chunk-start preconditioner
-# only for the tokens Jacobi leaves unconverged): a small cost where Jacobi converges, no silent failure where it
-# does not (op README, "`precondition='auto'`"); fused_recurrent_mesa keeps Jacobi
+# only for the tokens Jacobi leaves unconverged, or for the chunks where Jacobi is predicted to stall): a small cost
+# where Jacobi converges, no silent failure where it does not (op README, "`precondition='auto'`");
+# fused_recurrent_mesa keeps Jacobi
 DEFAULT_PRECONDITION: bool | str = 'auto'
 
 
@@ -20,6 +21,11 @@ def is_precondition(value) -> bool:
 # the dtype the Triton path stores `W` in: float32 keeps the PyTorch path's step counts; bfloat16 halves the memory
 # and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
 FACTOR_DTYPE = torch.float32
+
+# 'auto' sends a chunk (and head) straight to the chunk-start preconditioner, Jacobi skipped, where
+# `jacobi_stall_score` exceeds this (‖F‖_F > 7): no benign state of the predictor study (K <= 128) scored above it,
+# most hard chunks after the first do (op README, "`precondition='auto'`")
+JACOBI_STALL_FF2 = 49.0
 
 
 def chunk_start_factor(
@@ -50,6 +56,29 @@ def chunk_start_factor(
         L = torch.where((info != 0)[..., None, None], torch.diag_embed(d), L)
         eye = torch.eye(K, dtype=compute_dtype, device=m.device).expand_as(L)
         return torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2).to(dtype)
+
+
+def jacobi_stall_score(h_kk: torch.Tensor, a: torch.Tensor, lamb: torch.Tensor) -> torch.Tensor:
+    r"""
+    `‖F‖_F²` for `F` the off-diagonal part of `D^-1/2 M D^-1/2`, `M = a H + Λ`, `D = diag(M)`: how far the
+    Jacobi-scaled chunk-start matrix is from the identity, `ff2 = a² Σ_{i≠j} H_ij² u_i u_j` with
+    `u_i = 1 / (a H_ii + λ_i)`. 'auto' skips Jacobi where it exceeds `JACOBI_STALL_FF2`. In float32 (the input's
+    dtype if wider), no host sync.
+
+    Args:
+        h_kk (torch.Tensor): chunk-start states `[..., K, K]`.
+        a (torch.Tensor): the decay from each chunk's start to its middle token, `[...]`.
+        lamb (torch.Tensor): the ridge, broadcastable to `[..., K]`.
+
+    Returns:
+        ff2 (torch.Tensor): `[...]`.
+    """
+    with torch.no_grad():
+        dtype = torch.promote_types(h_kk.dtype, torch.float32)
+        ah = a.to(dtype)[..., None, None] * h_kk.to(dtype)
+        u = 1 / (torch.diagonal(ah, dim1=-2, dim2=-1) + lamb.to(dtype))
+        off = ~torch.eye(h_kk.shape[-1], dtype=torch.bool, device=h_kk.device)
+        return (ah.square() * u[..., :, None] * u[..., None, :] * off).sum((-2, -1))
 
 
 def apply_factor(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
