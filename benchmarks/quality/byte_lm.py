@@ -41,7 +41,7 @@ RESULTS = os.path.join(HERE, '..', 'results')
 
 PRESETS = {
     'full': dict(models=['mesa', 'gla', 'deltanet', 'gated_deltanet', 'transformer'], seeds=[0, 1], width=512,
-                 num_layers=12, head_dim=128, seq_len=2048, batch_size=16, steps=2000, lr=1e-3, val_windows=512,
+                 num_layers=12, head_dim=128, seq_len=2048, batch_size=16, steps=1000, lr=1e-3, val_windows=512,
                  parallel=5),
     'quick': dict(models=list(common.MODELS), seeds=[0], width=256, num_layers=4, head_dim=128, seq_len=2048,
                   batch_size=8, steps=300, lr=2e-3, val_windows=128, parallel=6),
