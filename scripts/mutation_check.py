@@ -174,7 +174,7 @@ MUTANTS = [
            'fla_mesa/ops/mesa/chunk_cg.py',
            'if tl.sum(tl.sum(b_f2, 1), 0) > STALL_FF2:',
            'if tl.sum(tl.sum(b_f2, 1), 0) > 4 * STALL_FF2:',
-           ['tests/ops/test_auto_precond.py'], 'routes and triton'),
+           ['tests/ops/test_auto_precond.py'], 'first_pass_routes'),
     Mutant("stall predictor: the score counts the diagonal too (PyTorch path)",
            'fla_mesa/ops/mesa/precond.py',
            '* u[..., None, :] * off).sum((-2, -1))',
