@@ -48,8 +48,7 @@ def one_cg_config():
 
 def stall_scores(q, k, v, g, beta, lamb, chunk_size=64):
     """The PyTorch path's `jacobi_stall_score` of every chunk and head, `[B, H, NT]` (no initial state)."""
-    pieces = ChunkPieces(k, v, g, beta, lamb, None, chunk_size)
-    return jacobi_stall_score(pieces.H, pieces.decay[..., chunk_size // 2, 0], pieces.lamb[:, :, 0])
+    return jacobi_stall_score(*ChunkPieces(k, v, g, beta, lamb, None, chunk_size).chunk_start())
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -246,8 +245,8 @@ def test_first_pass_marks_the_chunks_to_rescue(monkeypatch, cu_seqlens):
 _SM90_SCRIPT = """
 from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import chunk_cg, factor
-types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32', v='*bf16',
-             h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
+types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32', scale='*fp32',
+             v='*bf16', h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
               FIRST=False, STALL_FF2=chunk_cg.JACOBI_STALL_FF2)

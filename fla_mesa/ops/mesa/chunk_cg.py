@@ -116,6 +116,7 @@ def _chunk_mesa_cg(
     h_kk,
     factor,
     need,
+    scale,
     v,
     h_kv,
     do,
@@ -203,8 +204,9 @@ def _chunk_mesa_cg(
     if FIRST:
         # precondition='auto', first pass: where Jacobi is predicted to stall (`precond.jacobi_stall_score` of
         # M_c = a H_c + Λ above STALL_FF2), the chunk and head go to the second pass whole, as if marked 2. Every
-        # program of the chunk decides alike from the same tile; padded columns (H 0, λ 1) add nothing
-        b_a = exp2(tl.load(g + (bos + tl.minimum(i_t * BT + BT // 2, T - 1)) * H + i_h).to(tl.float32))
+        # program of the chunk decides alike from the same tile; padded columns (H 0, λ 1) add nothing. `scale`:
+        # the chunks' a_c (`precond.chunk_middle_scale`), [chunks, H]
+        b_a = tl.load(scale + i_tg * H + i_h)
         if H_IN_LOOP:
             b_ah = b_a * tl.load(p_ht, mask=m_kk, other=0.).to(tl.float32)
         elif PREC == 'bf16x3' or PREC == 'tf32x3':
@@ -368,7 +370,7 @@ def _chunk_mesa_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_fwd_kernel_cg(
-    b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    b, k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -377,8 +379,8 @@ def chunk_mesa_fwd_kernel_cg(
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
-        b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
-        H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
+        b, k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps,
+        tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
         READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, STALL_FF2,
     )
 
@@ -398,7 +400,7 @@ def chunk_mesa_fwd_kernel_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(
-    k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
@@ -407,8 +409,8 @@ def chunk_mesa_bwd_kernel_cg(
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps, tol2, T,
-        H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
+        None, k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps,
+        tol2, T, H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
         False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, STALL_FF2,
     )
 
@@ -438,6 +440,7 @@ def chunk_mesa_cg(
     skip_jacobi: torch.Tensor | None = None,
     return_rescued: bool = False,
     _need: torch.Tensor | None = None,
+    _scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -519,8 +522,12 @@ def chunk_mesa_cg(
         raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
-    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1, 2)
-    need = _need
+    # `_need`, `_scale`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks
+    # (1, 2), and the chunks' a_c its stall score reads
+    need, a = _need, _scale
+    if precondition in ('chunk', 'auto') and (factor is None or rescue):
+        # a_c of M_c = a_c H_c + Λ, [B, NT, H] in h_kk's chunk order: for the factor and the stall score
+        a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices).view(*h_kk.shape[:3])
     if rescue:
         # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
         # (`skip_jacobi`), else 0, which the Jacobi pass sets to 1 where a row stops above tol, or to 2 where it
@@ -529,11 +536,9 @@ def chunk_mesa_cg(
                 else (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous())
         x, steps, o = chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
-            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
+            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need, _scale=a,
         )
     if precondition in ('chunk', 'auto') and factor is None:
-        a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices)
-        a = a.view(*h_kk.shape[:3])
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
         if K <= 128:
             factor = chunk_start_factor_triton(h_kk, a, lamb, FACTOR_DTYPE, need=need)
@@ -553,12 +558,15 @@ def chunk_mesa_cg(
         # the readout: with v and h_kv, unless they serve the right-hand side
         o = k.new_empty(B, T, H, V, dtype=o_dtype) if v is not None and do is None else None
     tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))
+    # the first pass of 'auto' (the call that the rescue branch above makes)
+    first = need is not None and not rescue
 
     def grid(meta):
         return (NT * meta['NR'], B * H)
 
     kw = dict(
-        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, v=v, h_kv=h_kv, x=x, steps=steps,
+        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, scale=a if first else None, v=v,
+        h_kv=h_kv, x=x, steps=steps,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps), tol2=tol2, T=T, H=H, K=K, V=V,
         BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if factor is not None else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
@@ -567,7 +575,7 @@ def chunk_mesa_cg(
         H_IN_LOOP=BK > 128,
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
         RESCUE=rescue,
-        FIRST=need is not None and not rescue,
+        FIRST=first,
         STALL_FF2=float(JACOBI_STALL_FF2),
     )
     if do is None:

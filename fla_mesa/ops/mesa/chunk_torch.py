@@ -69,10 +69,13 @@ class ChunkPieces:
         `precond.chunk_start_factor` that the Triton path uses too. Rounding in `W` changes step counts, never what CG
         converges to.
         """
-        C = self.decay.shape[-2]
-        w = chunk_start_factor(self.H.detach(), self.decay[..., C // 2, 0].detach(), self.lamb[:, :, 0].detach(),
-                               self.k.dtype)
+        w = chunk_start_factor(*self.chunk_start(), self.k.dtype)
         return lambda r: apply_factor(r, w)
+
+    def chunk_start(self):
+        """`(H_c, a_c, λ)` of every chunk's `M_c = a_c H_c + Λ`, `a_c` the decay to its middle token; detached."""
+        C = self.decay.shape[-2]
+        return self.H.detach(), self.decay[..., C // 2, 0].detach(), self.lamb[:, :, 0].detach()
 
     def preconditioner(self, precondition):
         """What `cg_solve` takes for the op's `precondition`: `True`, `False`, or 'chunk'."""
@@ -94,9 +97,7 @@ class ChunkPieces:
             precondition = True if precondition == 'auto' else precondition
             return (*cg_solve(self.matvec, b, self.diag, max_steps, tol, self.preconditioner(precondition),
                               flag_unconverged=flag_unconverged), None)
-        C = self.decay.shape[-2]
-        stall = jacobi_stall_score(self.H.detach(), self.decay[..., C // 2, 0].detach(),
-                                   self.lamb[:, :, 0].detach()) > JACOBI_STALL_FF2
+        stall = jacobi_stall_score(*self.chunk_start()) > JACOBI_STALL_FF2
         skip = (stall if skip_jacobi is None else stall | skip_jacobi)[..., None].expand(b.shape[:-1])
         x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True, rows=~skip)
         redo = (steps < 0) | skip
