@@ -123,25 +123,23 @@ def long_table(args, lines):
     gradient are finite, for float32 and bf16 q/k/v (g, β, Λ in float32)."""
     from fla_mesa.ops.mesa import chunk_mesa
     T, H, K = args.long_T, args.family_H, args.family_K
-    lines += [f"## 3. Long states: B = 1, T = {T}, H = {H}, K = V = {K}, β = 0.99, Λ = 0.25, defaults", "",
-              "| family | q/k/v | method | steps | unconverged | o error | float32 floor | o finite | grads finite |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"## 3. Long states: B = 1, T = {T}, H = {H}, K = V = {K}, β = 0.99, Λ = 0.25, cg_max_steps 30", "",
+              "| family | q/k/v | method | cg_tol | steps | unconverged | o error | float32 floor | o finite | grads finite |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, kw in LONG_FAMILIES.items():
         inputs64 = [x.to(args.device) for x in hard_inputs(T, H=H, K=K, V=K, **kw)]
         for dtype in (torch.float32, torch.bfloat16):
             rounded = [x.to(dtype).double() if i < 3 else x for i, x in enumerate(inputs64)]
             ref = last_outputs(*rounded)
             floor = benchmark_chunk.rel(last_outputs(*[x.float() for x in rounded]), ref)
-            for method, pc in METHODS.items():
-                if method not in args.methods:
-                    continue
+            for method, tol in [(m, tol) for m in args.methods for tol in args.long_tols]:
                 leaves = [x.to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(inputs64)]
-                o, _, steps, bad = chunk_mesa(*leaves, precondition=pc, return_cg_steps=True,
+                o, _, steps, bad = chunk_mesa(*leaves, precondition=METHODS[method], cg_tol=tol, return_cg_steps=True,
                                               return_cg_unconverged=True, check_values=False)
                 (o.float() * torch.randn_like(o, dtype=torch.float32)).sum().backward()
                 finite = all(torch.isfinite(x.grad).all().item() for x in leaves)
                 steps = steps.float()
-                lines.append(f"| {name} | {str(dtype)[6:]} | {method} | {steps.mean():.2f} | "
+                lines.append(f"| {name} | {str(dtype)[6:]} | {method} | {tol:g} | {steps.mean():.2f} | "
                              f"{bad.float().mean() * 100:.0f}% | "
                              f"{benchmark_chunk.rel(o[:, -ref.shape[1]:], ref):.1e} | {floor:.1e} | "
                              f"{torch.isfinite(o).all().item()} | {finite} |")
@@ -226,6 +224,8 @@ def main():
                    choices=['families', 'table', 'long'])
     p.add_argument('--long-T', type=int, default=None, help="the long states' length (cuda: 32768)")
     p.add_argument('--family-T', type=int, default=None, help="the families' length (cuda: 8192)")
+    p.add_argument('--long-tols', type=float, nargs='+', default=[1e-4],
+                   help="the long states' cg_tol values (default 1e-4; a smaller one shows where the stopping rule binds)")
     p.add_argument('--warm', action='store_true',
                    help="first compile every method and section in parallel processes at small sizes")
     p.add_argument('--out', default=None)
