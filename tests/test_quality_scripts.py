@@ -91,3 +91,20 @@ def test_mesa_config_reaches_the_model_and_the_cache_folder(tmp_path):
 def test_bad_mesa_config_is_refused(item):
     with pytest.raises(SystemExit):
         mqar.parse_args(['--mesa-config', item])
+
+
+def test_run_jobs_spreads_processes_over_gpus(tmp_path):
+    # each job records the CUDA_VISIBLE_DEVICES it was given; four at once over two GPUs: two each
+    script = ('import json, os, sys, time; time.sleep(1); '
+              'json.dump(dict(status="ok", gpu=os.environ.get("CUDA_VISIBLE_DEVICES")), open(sys.argv[1], "w"))')
+    jobs = [dict(key=f'j{i}', argv=[sys.executable, '-c', script, str(tmp_path / f'j{i}.json')], env=dict(os.environ),
+                 log=str(tmp_path / 'logs' / f'j{i}.log'), result=str(tmp_path / f'j{i}.json')) for i in range(4)]
+    assert mqar.common.run_jobs(jobs, 4, 'test', gpus=['3', '5']) == 0
+    gpus = sorted(mqar.common.read_json(job['result'])['gpu'] for job in jobs)
+    assert gpus == ['3', '3', '5', '5']
+
+
+def test_visible_gpus_is_none_off_a_multi_gpu_machine():
+    assert mqar.common.visible_gpus('cpu') is None
+    if torch.cuda.device_count() < 2:
+        assert mqar.common.visible_gpus('cuda') is None

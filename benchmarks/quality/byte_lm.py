@@ -213,7 +213,7 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int)
     p.add_argument('--lr', type=float)
     p.add_argument('--val-windows', type=int, help='validation windows of seq-len bytes')
-    p.add_argument('--parallel', type=int, help='training processes at once on the one device')
+    p.add_argument('--parallel', type=int, help='training processes at once (spread over the visible GPUs)')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
     common.add_kernel_options(p)
     common.add_model_options(p)
@@ -343,7 +343,7 @@ def main(argv=None):
             jobs.append(dict(key=key, result=result, log=os.path.join(folder, 'logs', key + '.log'),
                              env=common.worker_env(model, args.device),
                              argv=[sys.executable, os.path.abspath(__file__), '--worker', json.dumps(cell)]))
-    common.run_jobs(jobs, args.parallel, 'byte-LM runs', args.time_limit)
+    common.run_jobs(jobs, args.parallel, 'byte-LM runs', args.time_limit, gpus=common.visible_gpus(args.device))
     records = {(m, s): common.read_json(os.path.join(folder, f'{m}_s{s}.json')) for s in args.seeds
                for m in args.models}
     path = write_report(args, records, sizes, manifest, folder)

@@ -375,9 +375,22 @@ def worker_env(model, device):
     return env
 
 
-def run_jobs(jobs, parallel, desc, time_limit=None, job_timeout=None):
+def visible_gpus(device):
+    """The GPUs to spread worker processes over (their CUDA_VISIBLE_DEVICES values), or None for one device."""
+    if device != 'cuda':
+        return None
+    import torch
+    count = torch.cuda.device_count()
+    if count < 2:
+        return None
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    return visible.split(',')[:count] if visible else [str(i) for i in range(count)]
+
+
+def run_jobs(jobs, parallel, desc, time_limit=None, job_timeout=None, gpus=None):
     """
-    Runs `jobs` (dicts: key, argv, env, log, result) `parallel` at a time, one process each, with a progress bar.
+    Runs `jobs` (dicts: key, argv, env, log, result) `parallel` at a time, one process each, with a progress bar;
+    with `gpus` (CUDA_VISIBLE_DEVICES values) each process gets the one running the fewest at its start.
     A job whose process ends without writing its result gets a 'failed' record with its log's tail, unless it
     exits with `PAUSED` (checkpointed at its deadline; nothing is recorded, the next run resumes it). After
     `time_limit` seconds no new job starts (the running ones finish); returns the number left unstarted. A job
@@ -396,11 +409,15 @@ def run_jobs(jobs, parallel, desc, time_limit=None, job_timeout=None):
                 job = pending.pop(0)
                 os.makedirs(os.path.dirname(job['log']), exist_ok=True)
                 log = open(job['log'], 'w')
-                proc = subprocess.Popen(job['argv'], stdout=log, stderr=subprocess.STDOUT, env=job['env'])
-                running.append((job, proc, log, time.time()))
+                env = job['env']
+                if gpus:
+                    gpu = min(gpus, key=lambda g: sum(item[4] == g for item in running))
+                    env = dict(env, CUDA_VISIBLE_DEVICES=gpu)
+                proc = subprocess.Popen(job['argv'], stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((job, proc, log, time.time(), env.get('CUDA_VISIBLE_DEVICES')))
             time.sleep(0.5)
             for item in list(running):
-                job, proc, log, start = item
+                job, proc, log, start, _ = item
                 if proc.poll() is None:
                     if job_timeout is not None and time.time() - start > job_timeout:
                         proc.kill()
@@ -423,7 +440,7 @@ def run_jobs(jobs, parallel, desc, time_limit=None, job_timeout=None):
                 bar.set_postfix_str(f"{job['key']}: {record.get('status')} ({time.time() - start:.0f}s)")
         return bar.total - bar.n
     finally:
-        for _, proc, log, _ in running:
+        for _, proc, log, _, _ in running:
             proc.terminate()
             log.close()
         bar.close()

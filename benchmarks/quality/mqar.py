@@ -188,7 +188,7 @@ def parse_args(argv=None):
     p.add_argument('--head-dim', type=int, default=None, help='key dimension per head (default 64; tiny 16)')
     p.add_argument('--eval-batches', type=int, default=None,
                    help='test batches per pair count (default 48, about Zoology\'s 3000 sequences; quick 16; tiny 1)')
-    p.add_argument('--parallel', type=int, help='training processes at once on the one device')
+    p.add_argument('--parallel', type=int, help='training processes at once (spread over the visible GPUs)')
     p.add_argument('--disagree', type=float, default=10.0,
                    help='points between two seeds that add a third seed for that model and width')
     p.add_argument('--no-amp', action='store_true', help='float32 instead of bf16 autocast')
@@ -433,10 +433,13 @@ def main(argv=None):
     for w, s in sizes.items():
         print(f'width {w}: ' + ', '.join(f'{m} {v["params"]:,} (MLP {v["intermediate_size"]})' for m, v in s.items())
               + f'; target {next(iter(s.values()))["target"]:,} (±5%)')
-    cells = [(m, w, lr, s) for s in args.seeds for lr in args.lrs for w in args.widths for m in args.models]
+    # a cut run has every seed of the first learning rates; the widest (slowest) cells start first
+    cells = [(m, w, lr, s) for lr in args.lrs for s in args.seeds for w in sorted(args.widths, reverse=True)
+             for m in args.models]
     start = time.time()
     left = [] if args.report_only else common.run_jobs(
-        make_jobs(args, folder, settings, sizes, cells), args.parallel, 'MQAR cells', args.time_limit, args.cell_timeout)
+        make_jobs(args, folder, settings, sizes, cells), args.parallel, 'MQAR cells', args.time_limit, args.cell_timeout,
+        common.visible_gpus(args.device))
     records = load(folder, cells)
     if not left and len(args.seeds) >= 2:
         third = max(args.seeds) + 1
@@ -448,7 +451,7 @@ def main(argv=None):
             print(f'seeds disagree by > {args.disagree:g} points for {sorted(set(e[:2] for e in extra))}: seed {third}')
             remaining = None if args.time_limit is None else max(0.0, args.time_limit - (time.time() - start))
             common.run_jobs(make_jobs(args, folder, settings, sizes, extra), args.parallel, 'third seeds', remaining,
-                            args.cell_timeout)
+                            args.cell_timeout, common.visible_gpus(args.device))
             cells += extra
             records = load(folder, cells)
     path = write_report(args, records, summarise(args, records, sizes), sizes, folder)
