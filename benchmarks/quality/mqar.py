@@ -372,11 +372,17 @@ def write_report(args, records, table, sizes, folder):
            if r and r['status'] != 'ok'}
     if bad:
         lines += ['', '## Cells that did not train', '']
-        lines += [f'- {k[0]} w{k[1]} lr {k[2]:g} seed {k[3]}: **{status}**: {err}' for k, status, err in sorted(bad)]
+        # one line per model and reason (a refusal repeats for every cell)
+        groups = {}
+        for k, status, err in sorted(bad):
+            groups.setdefault((k[0], status, err), []).append(f'w{k[1]} lr {k[2]:g} seed {k[3]}')
+        lines += [f'- {model} ({len(cells)} cells: {", ".join(cells)}): **{status}**: {err}'
+                  for (model, status, err), cells in groups.items()]
     lines += ['', '## Against the targets', ''] + targets(args, table)
     missing = [k for k, r in records.items() if r is None]
     if missing:
-        lines += ['', f'{len(missing)} cells not yet run (run the same command again to resume).']
+        lines += ['', f'{len(missing)} cells not yet run (run the same command again to resume): '
+                  + ', '.join(f'{k[0]} w{k[1]} lr {k[2]:g} seed {k[3]}' for k in missing) + '.']
     lines += ['', f'{len(ok)} cells trained, {sum(r["train_seconds"] for r in ok) / 60:.1f} process-minutes of '
               'training in all (processes share the device).']
     path = os.path.join(RESULTS, f'mqar_{args.tag}.md')
