@@ -245,23 +245,26 @@ def test_first_pass_marks_the_chunks_to_rescue(monkeypatch, cu_seqlens):
 _SM90_SCRIPT = """
 from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import chunk_cg, factor
-types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32', scale='*fp32',
+types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32',
              v='*bf16', h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
-              FIRST=False, STALL_FF2=chunk_cg.JACOBI_STALL_FF2)
+              FIRST=False)
 kernels = [
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'), dict(consts, DO_IS_BF16=True),
                  num_warps=4, num_stages=1),
-    # the first passes: the map marked atomically (1 unconverged, 2 a predicted stall: its programs return before
-    # the loop); the adjoint's with the forward's rescued chunks skipped
+    # the first passes: the map marked atomically (1 unconverged; 2, skipped: a predicted stall or, in the adjoint's,
+    # a chunk the forward rescued)
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True),
                  num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'),
                  dict(consts, DO_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4, num_stages=1),
+    # the stall score that marks 2 before the first pass
+    compile_sm90(chunk_cg.chunk_stall_kernel, dict(h_kk='*fp32', scale='*fp32', lamb='*fp32', need='*i32'),
+                 dict(H=4, K=128, BK=128, STALL_FF2=chunk_cg.JACOBI_STALL_FF2), num_warps=8, num_stages=1),
     compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', a='*fp32', lamb='*fp32', w='*fp32', need='*i32'),
                  dict(K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True), num_warps=1, num_stages=1),
 ]
@@ -272,7 +275,7 @@ print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 def test_auto_kernels_compile_for_sm90():
     out = run_apart(_SM90_SCRIPT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 5
+    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 6
 
 
 def fwd_bwd_functions(backend):

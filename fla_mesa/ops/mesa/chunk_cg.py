@@ -99,6 +99,27 @@ def _cg_configs():
 CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
 
 
+@triton.jit
+def chunk_stall_kernel(h_kk, scale, lamb, need, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                       STALL_FF2: tl.constexpr):
+    # precondition='auto': `precond.jacobi_stall_score` of one chunk and head's M_c = a_c H_c + Λ; above STALL_FF2
+    # Jacobi is predicted to stall and the chunk and head are marked 2 (the first pass skips them, the second solves
+    # them with the chunk-start factor). A pass of its own, ahead of the first CG pass, so that the CG kernels carry
+    # no K x K temporaries for it; the backward reuses the forward's marks. Padded columns (H 0, λ 1) add nothing.
+    # `scale`: a_c, [chunks, H]
+    i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    p_h = h_kk + (i_c * H + i_h) * K * K
+    b_a = tl.load(scale + i_c * H + i_h).to(tl.float32)
+    b_ah = b_a * tl.load(p_h + o_k[:, None] * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_u = 1. / (b_a * tl.load(p_h + o_k * (K + 1), mask=m_k, other=0.).to(tl.float32)
+                + tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32))
+    b_f2 = tl.where(o_k[:, None] != o_k[None, :], b_ah * b_ah * b_u[:, None] * b_u[None, :], 0.)
+    if tl.sum(tl.sum(b_f2, 1), 0) > STALL_FF2:
+        tl.store(need + i_c * H + i_h, 2)
+
+
 def _prune_cg_configs(configs, named_args, **kwargs):
     # at least 16 rows per program (the smallest tl.dot); a 16-token chunk gets one 16-row program (below 64 rows
     # Triton does not use wgmma, so 4 warps are safe there)
@@ -116,7 +137,6 @@ def _chunk_mesa_cg(
     h_kk,
     factor,
     need,
-    scale,
     v,
     h_kv,
     do,
@@ -151,7 +171,6 @@ def _chunk_mesa_cg(
     F_IS_BF16: tl.constexpr,
     RESCUE: tl.constexpr,
     FIRST: tl.constexpr,
-    STALL_FF2: tl.constexpr,
 ):
     # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
     # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
@@ -166,7 +185,8 @@ def _chunk_mesa_cg(
         if tl.load(need + i_tg * H + i_h) == 0:
             return
     if FIRST:
-        # precondition='auto', first pass: a chunk and head marked 2 goes to the second pass whole, Jacobi skipped
+        # precondition='auto', first pass: a chunk and head marked 2 (`skip_jacobi`, or a stall predicted by
+        # `chunk_stall_kernel`) goes to the second pass whole, Jacobi skipped
         if tl.load(need + i_tg * H + i_h) == 2:
             return
 
@@ -201,25 +221,6 @@ def _chunk_mesa_cg(
     else:
         b_h_hi, b_h_lo = mesa_split(tl.load(p_ht, mask=m_kk, other=0.), PREC)
     b_hd = tl.load(h_kk + o_k * K + o_k, mask=m_k, other=0.)
-    if FIRST:
-        # precondition='auto', first pass: where Jacobi is predicted to stall (`precond.jacobi_stall_score` of
-        # M_c = a H_c + Λ above STALL_FF2), the chunk and head go to the second pass whole, as if marked 2. Every
-        # program of the chunk decides alike from the same tile; padded columns (H 0, λ 1) add nothing. `scale`:
-        # the chunks' a_c (`precond.chunk_middle_scale`), [chunks, H]
-        b_a = tl.load(scale + i_tg * H + i_h)
-        if H_IN_LOOP:
-            b_ah = b_a * tl.load(p_ht, mask=m_kk, other=0.).to(tl.float32)
-        elif PREC == 'bf16x3' or PREC == 'tf32x3':
-            # the split pair sums to H_c to the split's precision: enough for a decision
-            b_ah = b_a * (b_h_hi.to(tl.float32) + b_h_lo.to(tl.float32))
-        else:
-            # unsplit precisions hold H_c (rounded) in both parts
-            b_ah = b_a * b_h_hi.to(tl.float32)
-        b_u = 1. / (b_a * b_hd + b_lamb)
-        b_f2 = tl.where(o_k[:, None] != o_k[None, :], b_ah * b_ah * b_u[:, None] * b_u[None, :], 0.)
-        if tl.sum(tl.sum(b_f2, 1), 0) > STALL_FF2:
-            tl.atomic_max(need + i_tg * H + i_h, 2)
-            return
     # diag(A_t) = e^Γ diag(H_c) + Σ_j M_tj k_j² + λ
     b_kf = b_k.to(tl.float32)
     b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], PREC, False)
@@ -370,18 +371,18 @@ def _chunk_mesa_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_fwd_kernel_cg(
-    b, k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
-    RESCUE: tl.constexpr, FIRST: tl.constexpr, STALL_FF2: tl.constexpr,
+    RESCUE: tl.constexpr, FIRST: tl.constexpr,
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
-        b, k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps,
+        b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps,
         tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, STALL_FF2,
+        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
     )
 
 
@@ -400,18 +401,17 @@ def chunk_mesa_fwd_kernel_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(
-    k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
-    STALL_FF2: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, need, scale, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps,
+        None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps,
         tol2, T, H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, STALL_FF2,
+        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
     )
 
 
@@ -440,7 +440,6 @@ def chunk_mesa_cg(
     skip_jacobi: torch.Tensor | None = None,
     return_rescued: bool = False,
     _need: torch.Tensor | None = None,
-    _scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
@@ -522,9 +521,8 @@ def chunk_mesa_cg(
         raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
-    # `_need`, `_scale`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks
-    # (1, 2), and the chunks' a_c its stall score reads
-    need, a = _need, _scale
+    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1)
+    need, a = _need, None
     if precondition in ('chunk', 'auto') and (factor is None or rescue):
         # a_c of M_c = a_c H_c + Λ, [B, NT, H] in h_kk's chunk order: for the factor and the stall score
         a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices).view(*h_kk.shape[:3])
@@ -532,11 +530,16 @@ def chunk_mesa_cg(
         # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
         # (`skip_jacobi`), else 0, which the Jacobi pass sets to 1 where a row stops above tol, or to 2 where it
         # predicts a stall (no host sync)
-        need = (torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device) if skip_jacobi is None
-                else (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous())
+        if skip_jacobi is None:
+            need = torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device)
+            chunk_stall_kernel[(need.shape[0], H)](h_kk, a, lamb, need, H=H, K=K, BK=BK, STALL_FF2=float(JACOBI_STALL_FF2),
+                                                   num_warps=8 if BK > 64 else 4)
+        else:
+            # the backward: the forward's map, its predicted stalls included (the same matrices, the same scores)
+            need = (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous()
         x, steps, o = chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
-            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need, _scale=a,
+            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
         )
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
@@ -565,8 +568,7 @@ def chunk_mesa_cg(
         return (NT * meta['NR'], B * H)
 
     kw = dict(
-        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, scale=a if first else None, v=v,
-        h_kv=h_kv, x=x, steps=steps,
+        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, v=v, h_kv=h_kv, x=x, steps=steps,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps), tol2=tol2, T=T, H=H, K=K, V=V,
         BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if factor is not None else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
@@ -576,7 +578,6 @@ def chunk_mesa_cg(
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
         RESCUE=rescue,
         FIRST=first,
-        STALL_FF2=float(JACOBI_STALL_FF2),
     )
     if do is None:
         chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)
