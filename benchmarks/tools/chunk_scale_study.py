@@ -20,18 +20,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..')
 sys.path.insert(0, ROOT)
 
 from fla_mesa.ops.mesa import chunk_mesa, chunk_torch  # noqa: E402
-from tests.ops.test_hard_states import hard_inputs  # noqa: E402
+from tests.ops.test_hard_states import FAMILIES as HARD_FAMILIES, hard_inputs  # noqa: E402
 
-FAMILIES = {
-    '8 directions': dict(dirs=8),
-    '8 directions + noise': dict(dirs=8, noise=1e-2),
-    '8 directions, softplus Λ': dict(dirs=8, softplus_lamb=True),
-    '1 direction, γ = 1': dict(dirs=1, gamma=1.0),
-    '4 directions + noise, γ = 0.98': dict(dirs=4, noise=1e-2, gamma=0.98),
-    'anisotropic, γ = 0.9999': dict(dirs=0, anisotropic=True),
-    'random, γ = 0.98, softplus Λ': dict(dirs=0, gamma=0.98, softplus_lamb=True),
-    'benign: random keys, γ = 0.98, Λ = 1': dict(dirs=0, gamma=0.98),
-}
+# the hard families of the tests, and a benign row (its Λ set to 1 below)
+FAMILIES = dict(HARD_FAMILIES, **{'benign: random keys, γ = 0.98, Λ = 1': dict(dirs=0, gamma=0.98)})
 
 
 def scale_at(position):
