@@ -528,8 +528,8 @@ def chunk_mesa_cg(
         a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices).view(*h_kk.shape[:3])
     if rescue:
         # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
-        # (`skip_jacobi`), else 0, which the Jacobi pass sets to 1 where a row stops above tol, or to 2 where it
-        # predicts a stall (no host sync)
+        # (`skip_jacobi`, or where `chunk_stall_kernel` predicts a stall), else 0, which the Jacobi pass sets to 1
+        # where a row stops above tol (no host sync)
         if skip_jacobi is None:
             need = torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device)
             chunk_stall_kernel[(need.shape[0], H)](h_kk, a, lamb, need, H=H, K=K, BK=BK, STALL_FF2=float(JACOBI_STALL_FF2),
