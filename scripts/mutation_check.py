@@ -108,11 +108,11 @@ MUTANTS = [
            'fla_mesa/ops/mesa/chunk_torch.py',
            '            Hs.append(h_kk)\n            Ss.append(h_kv)\n'
            '            d = gc[:, :, i, -1, None, None].exp()\n'
-           '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'
-           '            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]\n',
+           '            h_kk, lo_kk = decay_add(h_kk, lo_kk, d, kw[:, :, i].transpose(-1, -2) @ k[:, :, i])\n'
+           '            h_kv, lo_kv = decay_add(h_kv, lo_kv, d, kw[:, :, i].transpose(-1, -2) @ v[:, :, i])\n',
            '            d = gc[:, :, i, -1, None, None].exp()\n'
-           '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'
-           '            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]\n'
+           '            h_kk, lo_kk = decay_add(h_kk, lo_kk, d, kw[:, :, i].transpose(-1, -2) @ k[:, :, i])\n'
+           '            h_kv, lo_kv = decay_add(h_kv, lo_kv, d, kw[:, :, i].transpose(-1, -2) @ v[:, :, i])\n'
            '            Hs.append(h_kk)\n            Ss.append(h_kv)\n',
            ['tests/ops/test_chunk.py'], 'fp32_matches and torch and B2-T63'),
     Mutant("layer: Λ without its lower bound",
