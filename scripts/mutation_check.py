@@ -108,13 +108,28 @@ MUTANTS = [
            'fla_mesa/ops/mesa/chunk_torch.py',
            '            Hs.append(h_kk)\n            Ss.append(h_kv)\n'
            '            d = gc[:, :, i, -1, None, None].exp()\n'
-           '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'
-           '            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]\n',
+           '            h_kk, lo_kk = decay_add(h_kk, lo_kk, d, kw[:, :, i].transpose(-1, -2) @ k[:, :, i])\n'
+           '            h_kv, lo_kv = decay_add(h_kv, lo_kv, d, kw[:, :, i].transpose(-1, -2) @ v[:, :, i])\n',
            '            d = gc[:, :, i, -1, None, None].exp()\n'
-           '            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]\n'
-           '            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]\n'
+           '            h_kk, lo_kk = decay_add(h_kk, lo_kk, d, kw[:, :, i].transpose(-1, -2) @ k[:, :, i])\n'
+           '            h_kv, lo_kv = decay_add(h_kv, lo_kv, d, kw[:, :, i].transpose(-1, -2) @ v[:, :, i])\n'
            '            Hs.append(h_kk)\n            Ss.append(h_kv)\n',
            ['tests/ops/test_chunk.py'], 'fp32_matches and torch and B2-T63'),
+    Mutant('state passes: the running state carried in plain float32 (TwoSum\'s compensation term dropped)',
+           'fla_mesa/ops/mesa/chunk_h.py',
+           'b_lo = (b_p - (b_h - b_z)) + (b_y - b_z)',
+           'b_lo = 0 * b_z',
+           ['tests/ops/test_long_states.py'], 'state_pass and ieee-1.0'),
+    Mutant("state passes: the decay's rounding error left out of the compensation term",
+           'fla_mesa/ops/mesa/chunk_h.py',
+           'b_lo = tl.fma(b_h, b_d, -b_p) + b_lo * b_d',
+           'b_lo = b_lo * b_d',
+           ['tests/ops/test_long_states.py'], 'state_pass and 0.9999'),
+    Mutant('PyTorch path: the running state carried in plain float32 (TwoSum\'s compensation term dropped)',
+           'fla_mesa/ops/mesa/chunk_torch.py',
+           'lo = (p - (h - z)) + (y - z)',
+           'lo = 0 * z',
+           ['tests/ops/test_long_states.py'], 'pytorch_path'),
     Mutant("layer: Λ without its lower bound",
            'fla_mesa/layers/mesa_net.py',
            'return (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound)',

@@ -1,8 +1,9 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
 The state passes of the Mesa chunk path, side by side: forward, the chunk-start states `H_c` (h_kk) and `S_c` (h_kv);
-reverse (the backward), the gradients of the state after every chunk. Both accumulate in float32, one program per
-[BK, BW] block of `[h_kk | h_kv]` and sequence-head, walking the chunks in order (forward) or back (reverse).
+reverse (the backward), the gradients of the state after every chunk. One program per [BK, BW] block of
+`[h_kk | h_kv]` and sequence-head, walking the chunks in order (forward) or back (reverse); each chunk's product is
+summed from zero and added to the running state, carried in float32 with a compensation term (`_decay_add`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,28 @@ from fla_mesa.utils import is_interpreting
 # every kernel's default is 'auto' (`resolve_precision`): tf32x3 (fp32 level) for fp32 inputs, bf16x3 for 16-bit
 # inputs, whose own rounding stays far above what bf16x3 adds (op README: "Solver precision")
 STATE_DOT_PRECISION = 'auto'
+# `_decay_add`'s TwoSum needs every add rounded on its own: with fused multiply-adds the compiler may fold the decay's
+# product into the add that follows it, and the stored state is then off the carried pair by up to that product's
+# rounding error. Off costs nothing measurable here: the products are tensor-core dots, `tl.fma` stays an fma
+STATE_FP_FUSION = False
+
+
+@triton.jit
+def _decay_add(b_h, b_lo, b_d, b_delta):
+    """
+    `b_d (b_h + b_lo) + b_delta` as a new pair `(b_h, b_lo)`: a running state carried at about twice float32's
+    precision (op README, "Compensated state passes"). `b_h` is the float32 nearest the pair (what the passes store),
+    `b_lo` the part it leaves out. `b_delta` is the chunk's product, summed from zero.
+    """
+    b_p = b_h * b_d
+    # the decay's rounding error, exact: the fma rounds once
+    b_lo = tl.fma(b_h, b_d, -b_p) + b_lo * b_d
+    b_y = b_delta + b_lo
+    # TwoSum: b_h + b_lo == b_p + b_y exactly (any order of magnitudes: the first chunk's b_p is 0)
+    b_h = b_p + b_y
+    b_z = b_h - b_p
+    b_lo = (b_p - (b_h - b_z)) + (b_y - b_z)
+    return b_h, b_lo
 
 
 @triton.jit
@@ -59,6 +82,7 @@ def _chunk_mesa_fwd_h_block(
     i_nh = i_n * H + i_h
 
     b_h = tl.zeros([BK, BW], dtype=tl.float32)
+    b_h_lo = tl.zeros([BK, BW], dtype=tl.float32)
     if USE_INITIAL_STATE:
         p_h0 = h0 + i_nh * K * W + o_k[:, None] * W + o_w[None, :]
         b_h += tl.load(p_h0, mask=m_kw, other=0.).to(tl.float32)
@@ -83,10 +107,12 @@ def _chunk_mesa_fwd_h_block(
         i_last = tl.minimum((i_t + 1) * BT, T) - 1
         b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
 
-        b_h *= exp2(b_g_last)
         # padded tokens have beta = 0 and k = 0: no contribution
         b_kd = b_k * (exp2(b_g_last - b_g) * b_beta)[None, :]
-        b_h = mesa_dot(b_kd, b_w, b_h, PREC, W_IS_BF16)
+        # the chunk's product from zero, added outside the tensor cores (they lose the product's low bits when
+        # adding it into a large accumulator), with the running state's compensation term
+        b_hc = mesa_dot(b_kd, b_w, tl.zeros([BK, BW], dtype=tl.float32), PREC, W_IS_BF16)
+        b_h, b_h_lo = _decay_add(b_h, b_h_lo, exp2(b_g_last), b_hc)
 
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh * K * W + o_k[:, None] * W + o_w[None, :]
@@ -131,6 +157,7 @@ def _chunk_mesa_bwd_dh_block(
     i_nh = i_n * H + i_h
 
     b_dh = tl.zeros([BK, BW], dtype=tl.float32)
+    b_dh_lo = tl.zeros([BK, BW], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         b_dh += tl.load(dht + i_nh * K * W + o_k[:, None] * W + o_w[None, :], mask=m_kw, other=0.).to(tl.float32)
 
@@ -151,7 +178,9 @@ def _chunk_mesa_bwd_dh_block(
         b_g_last = tl.load(g + (bos + i_last) * H + i_h).to(tl.float32)
 
         b_a = b_a.to(tl.float32) * (SIGN * exp2(b_g))[None, :]
-        b_dh = mesa_dot(b_a, b_b, b_dh * exp2(b_g_last), PREC, B_IS_BF16)
+        # as the forward: the chunk's product from zero, added with the compensation term
+        b_dhc = mesa_dot(b_a, b_b, tl.zeros([BK, BW], dtype=tl.float32), PREC, B_IS_BF16)
+        b_dh, b_dh_lo = _decay_add(b_dh, b_dh_lo, exp2(b_g_last), b_dhc)
 
     if STORE_INITIAL_STATE_GRADIENT:
         tl.store(dh0 + i_nh * K * W + o_k[:, None] * W + o_w[None, :], b_dh, mask=m_kw)
@@ -325,6 +354,7 @@ def chunk_mesa_fwd_states(
         PREC=precision,
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v.dtype == torch.bfloat16,
+        enable_fp_fusion=STATE_FP_FUSION,
     )
     return h_kk, h_kv, ((ht_kk, ht_kv) if output_final_state else None)
 
@@ -417,5 +447,6 @@ def chunk_mesa_bwd_dh(
         x=x, e=e, do=do, g=g_cum, dh_kk=dh_kk, dh_kv=dh_kv, dht_kk=dht_kk, dht_kv=dht_kv,
         dh0_kk=dh0_kk, dh0_kv=dh0_kv, cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
         T=T, H=H, K=K, V=V, BT=BT, PREC=precision, DO_IS_BF16=do.dtype == torch.bfloat16,
+        enable_fp_fusion=STATE_FP_FUSION,
     )
     return dh_kk, dh_kv, ((dh0_kk, dh0_kv) if output_dh0 else None)

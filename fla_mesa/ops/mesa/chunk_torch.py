@@ -7,12 +7,49 @@ differentiation").
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from fla_mesa.ops.mesa.precond import JACOBI_STALL_FF2, apply_factor, chunk_start_factor, jacobi_stall_score
 from fla_mesa.ops.mesa.solver import cg_solve
 from fla_mesa.ops.mesa.utils import compute_dtype, min_log_decay, pad_varlen, unpad_varlen, zero_state
+
+
+def _product_error(a, b, p):
+    """`a b − p` exactly, for `p` the rounded product `a * b` (Dekker's product with Veltkamp's split: torch has no
+    fma); the rounding error of a product is a number of the dtype, so nothing is lost."""
+    # Veltkamp's splitter 2^ceil(t/2) + 1, t the dtype's significand bits (4097 in float32, 2^27 + 1 in float64)
+    f = 2.0 ** ((round(-math.log2(torch.finfo(p.dtype).eps)) + 2) // 2) + 1
+
+    def split(x):
+        c = f * x
+        hi = c - (c - x)
+        return hi, x - hi
+
+    a_hi, a_lo = split(a)
+    b_hi, b_lo = split(b)
+    return ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def decay_add(h, lo, d, delta):
+    """
+    `d (h + lo) + delta` as a new pair `(h, lo)`: a running state carried at about twice the dtype's precision, the
+    Triton state pass's `chunk_h._decay_add` (op README, "Compensated state passes"). `h` is the number of the dtype
+    nearest the pair, `lo` the part it leaves out. Autograd sees `h ← d h + delta` plus a constant: `lo` is rounding
+    error, no function of the inputs.
+    """
+    p = d * h
+    with torch.no_grad():
+        lo = _product_error(h, d, p) + lo * d
+    y = delta + lo
+    h = p + y
+    with torch.no_grad():
+        # TwoSum: h + lo == p + y exactly
+        z = h - p
+        lo = (p - (h - z)) + (y - z)
+    return h, lo
 
 
 class ChunkPieces:
@@ -52,12 +89,14 @@ class ChunkPieces:
         w = (gc[..., -1:] - gc).exp() * beta
         kw = k * w[..., None]
         Hs, Ss = [], []
+        # the running states carried compensated, as the Triton state pass does (`decay_add`)
+        lo_kk, lo_kv = torch.zeros_like(h_kk), torch.zeros_like(h_kv)
         for i in range(NT):
             Hs.append(h_kk)
             Ss.append(h_kv)
             d = gc[:, :, i, -1, None, None].exp()
-            h_kk = d * h_kk + kw[:, :, i].transpose(-1, -2) @ k[:, :, i]
-            h_kv = d * h_kv + kw[:, :, i].transpose(-1, -2) @ v[:, :, i]
+            h_kk, lo_kk = decay_add(h_kk, lo_kk, d, kw[:, :, i].transpose(-1, -2) @ k[:, :, i])
+            h_kv, lo_kv = decay_add(h_kv, lo_kv, d, kw[:, :, i].transpose(-1, -2) @ v[:, :, i])
         self.H, self.S = torch.stack(Hs, 2), torch.stack(Ss, 2)
         self.final_state = (h_kk, h_kv)
         self.diag = self.decay * torch.diagonal(self.H, dim1=-2, dim2=-1)[..., None, :] + self.M @ k.pow(2) + self.lamb
