@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
+from fla_mesa.ops.mesa.chunk import qk_l2norm
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import use_triton
 
@@ -296,6 +298,22 @@ class MesaNet(nn.Module):
             return conv(x=x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
         return short_conv_torch(conv, x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
 
+    def _normalised_q(self, q, cu_seqlens, fla_kernels):
+        """q from its projection without a cache: the short conv (or SiLU), then the op's L2 norm, `[B, T, H, K]`."""
+        if self.use_short_conv:
+            q, _ = self._conv(self.q_conv1d, q, None, False, cu_seqlens, fla_kernels)
+        else:
+            q = F.silu(q)
+        return qk_l2norm(q.unflatten(-1, (-1, self.head_k_dim)))
+
+    def _log_decay(self, a, beta):
+        """log γ from the a projection and β."""
+        g = F.logsigmoid(a.float())
+        if self.use_gamma_cap:
+            # γ(1 − (1 − b)β²), in log space
+            g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
+        return g
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -330,12 +348,24 @@ class MesaNet(nn.Module):
         if last_state is not None and last_state.get('conv_state') is not None:
             conv_state_q, conv_state_k, *conv_state_v = last_state['conv_state']
             conv_state_v = conv_state_v[0] if conv_state_v else None
-        if self.use_short_conv:
-            conv_args = (use_cache, cu_seqlens, fla_kernels)
-            q, conv_state_q = self._conv(self.q_conv1d, self.q_proj(hidden_states), conv_state_q, *conv_args)
-            k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, *conv_args)
+        # With gradients (and no cache), the normalised q and log γ are recomputed in the backward instead of kept
+        # for it: the op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token
+        # and key unit in bf16), and log γ's float32 intermediates take 16 bytes per token and head. The checkpoints
+        # keep their inputs instead: q's projection (which the conv keeps anyway) and a's (bf16). Same ops and
+        # kernels: the same results to the bit
+        recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
+        q = self.q_proj(hidden_states)
+        if recompute:
+            q = checkpoint(self._normalised_q, q, cu_seqlens, fla_kernels, use_reentrant=False, preserve_rng_state=False)
+        elif self.use_short_conv:
+            q, conv_state_q = self._conv(self.q_conv1d, q, conv_state_q, use_cache, cu_seqlens, fla_kernels)
         else:
-            q, k = F.silu(self.q_proj(hidden_states)), F.silu(self.k_proj(hidden_states))
+            q = F.silu(q)
+        if self.use_short_conv:
+            k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, use_cache,
+                                         cu_seqlens, fla_kernels)
+        else:
+            k = F.silu(self.k_proj(hidden_states))
         if self.use_v_conv:
             v, conv_state_v = self._conv(self.v_conv1d, self.v_proj(hidden_states), conv_state_v, use_cache, cu_seqlens,
                                          fla_kernels)
@@ -343,13 +373,19 @@ class MesaNet(nn.Module):
             v = self.v_proj(hidden_states)
 
         # views, not einops: its parsing is host time in every layer of every decode step
-        q, k = q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim))
-        v = v.unflatten(-1, (-1, self.head_v_dim))
+        k, v = k.unflatten(-1, (-1, self.head_k_dim)), v.unflatten(-1, (-1, self.head_v_dim))
+        if recompute:
+            # q came normalised: k too, by the same norm (the op keeps the normalised k)
+            k = qk_l2norm(k)
+        else:
+            q = q.unflatten(-1, (-1, self.head_k_dim))
         beta = self.b_proj(hidden_states).float().sigmoid()
-        g = F.logsigmoid(self.a_proj(hidden_states).float())
-        if self.use_gamma_cap:
-            # γ(1 − (1 − b)β²), in log space
-            g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
+        a = self.a_proj(hidden_states)
+        if recompute:
+            # from a (bf16) and β, which the op keeps
+            g = checkpoint(self._log_decay, a, beta, use_reentrant=False, preserve_rng_state=False)
+        else:
+            g = self._log_decay(a, beta)
         lamb = self.get_lambda()
 
         if self.training:
@@ -367,7 +403,7 @@ class MesaNet(nn.Module):
             cg_tol=cg_tol,
             precondition=self.precondition,
             cu_seqlens=cu_seqlens,
-            use_qk_l2norm_in_kernel=True,
+            use_qk_l2norm_in_kernel=not recompute,
             return_cg_steps=True,
             return_cg_unconverged=True,
             warn_unconverged=self.warn_unconverged,
