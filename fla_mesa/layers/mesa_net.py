@@ -298,13 +298,13 @@ class MesaNet(nn.Module):
             return conv(x=x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
         return short_conv_torch(conv, x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
 
-    def _normalised_q(self, q, cu_seqlens, fla_kernels):
-        """q from its projection without a cache: the short conv (or SiLU), then the op's L2 norm, `[B, T, H, K]`."""
+    def _q(self, q, conv_state, use_cache, cu_seqlens, fla_kernels):
+        """q from its projection: the short conv (or SiLU), `[B, T, H, K]`, and the conv's state."""
         if self.use_short_conv:
-            q, _ = self._conv(self.q_conv1d, q, None, False, cu_seqlens, fla_kernels)
+            q, conv_state = self._conv(self.q_conv1d, q, conv_state, use_cache, cu_seqlens, fla_kernels)
         else:
             q = F.silu(q)
-        return qk_l2norm(q.unflatten(-1, (-1, self.head_k_dim)))
+        return q.unflatten(-1, (-1, self.head_k_dim)), conv_state
 
     def _log_decay(self, a, beta):
         """log γ from the a projection and β."""
@@ -313,6 +313,11 @@ class MesaNet(nn.Module):
             # γ(1 − (1 − b)β²), in log space
             g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
         return g
+
+    def _normalised_q_and_log_decay(self, q, a, beta, cu_seqlens, fla_kernels):
+        """q without a cache, L2-normalised as by the op, and log γ: what the layer recomputes in the backward."""
+        q, _ = self._q(q, None, False, cu_seqlens, fla_kernels)
+        return qk_l2norm(q), self._log_decay(a, beta)
 
     def forward(
         self,
@@ -350,17 +355,14 @@ class MesaNet(nn.Module):
             conv_state_v = conv_state_v[0] if conv_state_v else None
         # With gradients (and no cache), the normalised q and log γ are recomputed in the backward instead of kept
         # for it: the op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token
-        # and key unit in bf16), and log γ's float32 intermediates take 16 bytes per token and head. The checkpoints
-        # keep their inputs instead: q's projection (which the conv keeps anyway) and a's (bf16). Same ops and
-        # kernels: the same results to the bit
+        # and key unit in bf16), and log γ's float32 intermediates take 16 bytes per token and head. The checkpoint
+        # keeps its inputs instead: q's projection (which the conv keeps anyway), a's (bf16) and β (the op keeps
+        # it). One checkpoint, not two: each costs host time. Same ops and kernels, and the projections in the same
+        # order (the input's gradient sums theirs in it): the same results to the bit
         recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
         q = self.q_proj(hidden_states)
-        if recompute:
-            q = checkpoint(self._normalised_q, q, cu_seqlens, fla_kernels, use_reentrant=False, preserve_rng_state=False)
-        elif self.use_short_conv:
-            q, conv_state_q = self._conv(self.q_conv1d, q, conv_state_q, use_cache, cu_seqlens, fla_kernels)
-        else:
-            q = F.silu(q)
+        if not recompute:
+            q, conv_state_q = self._q(q, conv_state_q, use_cache, cu_seqlens, fla_kernels)
         if self.use_short_conv:
             k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, use_cache,
                                          cu_seqlens, fla_kernels)
@@ -374,16 +376,13 @@ class MesaNet(nn.Module):
 
         # views, not einops: its parsing is host time in every layer of every decode step
         k, v = k.unflatten(-1, (-1, self.head_k_dim)), v.unflatten(-1, (-1, self.head_v_dim))
-        if recompute:
-            # q came normalised: k too, by the same norm (the op keeps the normalised k)
-            k = qk_l2norm(k)
-        else:
-            q = q.unflatten(-1, (-1, self.head_k_dim))
         beta = self.b_proj(hidden_states).float().sigmoid()
         a = self.a_proj(hidden_states)
         if recompute:
-            # from a (bf16) and β, which the op keeps
-            g = checkpoint(self._log_decay, a, beta, use_reentrant=False, preserve_rng_state=False)
+            q, g = checkpoint(self._normalised_q_and_log_decay, q, a, beta, cu_seqlens, fla_kernels,
+                              use_reentrant=False, preserve_rng_state=False)
+            # k normalised by the same norm, here as q is (the op keeps the normalised k)
+            k = qk_l2norm(k)
         else:
             g = self._log_decay(a, beta)
         lamb = self.get_lambda()
