@@ -111,7 +111,8 @@ def test_recompute_saves_activations(varlen):
 @needs_interpreter
 def test_saved_activations_not_above_fla():
     # the measure: fla-mesa keeps no more per token and layer than fla's MesaNet of the same size (both bf16
-    # on their Triton paths; fla-mesa's CG step counts on the module included)
+    # on their Triton paths; fla-mesa's CG step counts on the module included). fla's log-sigmoid keeps a float32
+    # buffer (4 bytes per head) on the CPU only, none on CUDA: left out, so that this is the GPU's comparison
     from fla.layers import MesaNet as FlaMesaNet
     H, K = 2, 64
     kwargs = dict(hidden_size=H * K, num_heads=H, head_dim=K, layer_idx=0)
@@ -120,4 +121,5 @@ def test_saved_activations_not_above_fla():
     saved, kept = saved_bytes_per_token(mesa_net_module.MesaNet(**kwargs).to(torch.bfloat16).train(), x)
     saved_fla, kept_fla = saved_bytes_per_token(FlaMesaNet(**kwargs).to(torch.bfloat16).train(), x)
     assert kept_fla == 0
+    saved_fla -= 4 * H
     assert saved + kept <= saved_fla, f"fla-mesa {saved} + {kept}, fla {saved_fla} bytes per token"
