@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
+from fla_mesa.ops.mesa.chunk import qk_l2norm
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import use_triton
 
@@ -296,6 +298,27 @@ class MesaNet(nn.Module):
             return conv(x=x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
         return short_conv_torch(conv, x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
 
+    def _q(self, q, conv_state, use_cache, cu_seqlens, fla_kernels):
+        """q from its projection: the short conv (or SiLU), `[B, T, H, K]`, and the conv's state."""
+        if self.use_short_conv:
+            q, conv_state = self._conv(self.q_conv1d, q, conv_state, use_cache, cu_seqlens, fla_kernels)
+        else:
+            q = F.silu(q)
+        return q.unflatten(-1, (-1, self.head_k_dim)), conv_state
+
+    def _log_decay(self, a, beta):
+        """log γ from the a projection and β."""
+        g = F.logsigmoid(a.float())
+        if self.use_gamma_cap:
+            # γ(1 − (1 − b)β²), in log space
+            g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
+        return g
+
+    def _normalised_q_and_log_decay(self, q, a, beta, cu_seqlens, fla_kernels):
+        """q without a cache, L2-normalised as by the op, and log γ: what the layer recomputes in the backward."""
+        q, _ = self._q(q, None, False, cu_seqlens, fla_kernels)
+        return qk_l2norm(q), self._log_decay(a, beta)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -330,12 +353,21 @@ class MesaNet(nn.Module):
         if last_state is not None and last_state.get('conv_state') is not None:
             conv_state_q, conv_state_k, *conv_state_v = last_state['conv_state']
             conv_state_v = conv_state_v[0] if conv_state_v else None
+        # With gradients (and no cache), the normalised q and log γ are recomputed in the backward instead of kept
+        # for it: the op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token
+        # and key unit in bf16), and log γ's float32 intermediates take 16 bytes per token and head. The checkpoint
+        # keeps its inputs instead: q's projection (which the conv keeps anyway), a's (bf16) and β (the op keeps
+        # it). One checkpoint, not two: each costs host time. Same ops and kernels, and the projections in the same
+        # order (the input's gradient sums theirs in it): the same results to the bit
+        recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
+        q = self.q_proj(hidden_states)
+        if not recompute:
+            q, conv_state_q = self._q(q, conv_state_q, use_cache, cu_seqlens, fla_kernels)
         if self.use_short_conv:
-            conv_args = (use_cache, cu_seqlens, fla_kernels)
-            q, conv_state_q = self._conv(self.q_conv1d, self.q_proj(hidden_states), conv_state_q, *conv_args)
-            k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, *conv_args)
+            k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, use_cache,
+                                         cu_seqlens, fla_kernels)
         else:
-            q, k = F.silu(self.q_proj(hidden_states)), F.silu(self.k_proj(hidden_states))
+            k = F.silu(self.k_proj(hidden_states))
         if self.use_v_conv:
             v, conv_state_v = self._conv(self.v_conv1d, self.v_proj(hidden_states), conv_state_v, use_cache, cu_seqlens,
                                          fla_kernels)
@@ -343,13 +375,16 @@ class MesaNet(nn.Module):
             v = self.v_proj(hidden_states)
 
         # views, not einops: its parsing is host time in every layer of every decode step
-        q, k = q.unflatten(-1, (-1, self.head_k_dim)), k.unflatten(-1, (-1, self.head_k_dim))
-        v = v.unflatten(-1, (-1, self.head_v_dim))
+        k, v = k.unflatten(-1, (-1, self.head_k_dim)), v.unflatten(-1, (-1, self.head_v_dim))
         beta = self.b_proj(hidden_states).float().sigmoid()
-        g = F.logsigmoid(self.a_proj(hidden_states).float())
-        if self.use_gamma_cap:
-            # γ(1 − (1 − b)β²), in log space
-            g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
+        a = self.a_proj(hidden_states)
+        if recompute:
+            q, g = checkpoint(self._normalised_q_and_log_decay, q, a, beta, cu_seqlens, fla_kernels,
+                              use_reentrant=False, preserve_rng_state=False)
+            # k normalised by the same norm, here as q is (the op keeps the normalised k)
+            k = qk_l2norm(k)
+        else:
+            g = self._log_decay(a, beta)
         lamb = self.get_lambda()
 
         if self.training:
@@ -367,7 +402,7 @@ class MesaNet(nn.Module):
             cg_tol=cg_tol,
             precondition=self.precondition,
             cu_seqlens=cu_seqlens,
-            use_qk_l2norm_in_kernel=True,
+            use_qk_l2norm_in_kernel=not recompute,
             return_cg_steps=True,
             return_cg_unconverged=True,
             warn_unconverged=self.warn_unconverged,

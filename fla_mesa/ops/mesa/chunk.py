@@ -87,6 +87,18 @@ def _use_triton_path(q: torch.Tensor) -> bool:
     return use_triton(q) and q.dtype != torch.float64 and q.shape[-1] <= 128
 
 
+def qk_l2norm(x: torch.Tensor) -> torch.Tensor:
+    """
+    The L2 norm `chunk_mesa(..., use_qk_l2norm_in_kernel=True)` applies to q and to k: fla's `L2Norm` on the Triton
+    path, else `l2norm` in the solver's dtype. For callers that normalise outside the op (the layer, to recompute q's
+    norm in the backward instead of keeping it).
+    """
+    if _use_triton_path(x):
+        from fla.modules import L2Norm
+        return L2Norm()(x)
+    return l2norm(x.to(compute_dtype(x)))
+
+
 class ChunkMesaFunction(torch.autograd.Function):
 
     @staticmethod
@@ -240,11 +252,7 @@ def chunk_mesa(
     if not is_precondition(precondition):
         raise ValueError(f"`precondition` must be True (Jacobi), False (plain CG), 'chunk' or 'auto', got {precondition!r}")
     if use_qk_l2norm_in_kernel:
-        if _use_triton_path(q):
-            from fla.modules import L2Norm
-            q, k = L2Norm()(q), L2Norm()(k)
-        else:
-            q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
+        q, k = qk_l2norm(q), qk_l2norm(k)
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
     flag = (return_cg_unconverged or warn_unconverged) and cg_tol is not None and cg_max_steps > 0
     o, ht_kk, ht_kv, steps = ChunkMesaFunction.apply(
