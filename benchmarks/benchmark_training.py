@@ -372,7 +372,7 @@ def run_row(name, size, T, args, timed=True):
         row.update({'ms/step': f"{ms:.1f}", 'tokens/s': f"{B * T / ms * 1e3:,.0f}",
                     'enqueue ms': f"{statistics.median(enqueue) * 1e3:.1f}"})
         if args.device == 'cuda':
-            row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+            row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.3f}"
         if args.profile_steps > 0:
             busy_ms, wall_ms = profile_busy(do_step, args.device, args.profile_steps)
             if busy_ms is not None:

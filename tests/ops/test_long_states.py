@@ -67,9 +67,15 @@ def backward_sums(a, b, d):
     return out.flip(0), s
 
 
-def check(name, x, ref):
+def check(name, x, ref, bound=2):
     err, floor = rel_err(x, ref), rel_err(ref.float(), ref)
-    assert err <= 2 * floor, f"{name}: relative error {err:.2e}, {err / floor:.1f}x the storage floor {floor:.2e}"
+    assert err <= bound * floor, f"{name}: relative error {err:.2e}, {err / floor:.1f}x the storage floor {floor:.2e}"
+
+
+def product_bound(precision):
+    # on a GPU, tf32x3's chunk products themselves (the lo·lo term dropped) are 7-9x the storage floor at this T; the
+    # running sum without compensation was over 1000x (benchmarks/results/solver_h200.md, section 7)
+    return 2 if precision == 'ieee' or is_interpreting() else 16
 
 
 # γ < 1 on the interpreter only: a GPU's exp2 is approximate, so its decays are not the ones the reference rebuilds
@@ -81,6 +87,7 @@ gammas = pytest.mark.parametrize('gamma', [1.0, pytest.param(0.9999, marks=pytes
 @gammas
 @pytest.mark.parametrize('precision', ['ieee', 'auto'])
 def test_forward_state_pass(precision, gamma):
+    bound = product_bound(precision)
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
     k, v, _, _, beta = long_inputs()
     _, g_cum = log_decays(gamma)
@@ -99,6 +106,7 @@ def test_forward_state_pass(precision, gamma):
 @gammas
 @pytest.mark.parametrize('precision', ['ieee', 'auto'])
 def test_backward_state_pass(precision, gamma):
+    bound = product_bound(precision)
     from fla_mesa.ops.mesa.chunk_h import chunk_mesa_bwd_dh
     x, _, do, e, _ = long_inputs()
     _, g_cum = log_decays(gamma)
@@ -109,8 +117,8 @@ def test_backward_state_pass(precision, gamma):
     d = torch.exp2(gc[:, -1])
     for name, sign, a, b, state, first in (('dh_kk', -1.0, e, x, dh_kk, dh0[0]), ('dh_kv', 1.0, x, do, dh_kv, dh0[1])):
         ref, ref_first = backward_sums(chunked(a) * (sign * torch.exp2(gc))[..., None], chunked(b), d)
-        check(name, state[0, :, 0], ref)
-        check(name.replace('dh', 'dh0'), first[0, 0], ref_first)
+        check(name, state[0, :, 0], ref, bound)
+        check(name.replace('dh', 'dh0'), first[0, 0], ref_first, bound)
 
 
 @pytest.mark.parametrize('gamma', [1.0, 0.9999])
