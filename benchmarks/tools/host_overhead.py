@@ -11,6 +11,7 @@ launcher (argument binding, a C call per launch) is not in the times; aten ops r
 a CUDA launch. The numbers rank the parts of a step; the GPU's own enqueue times are in training_h200.md.
 
     python benchmarks/tools/host_overhead.py [--layers 8] [--out FILE]
+    python benchmarks/tools/host_overhead.py --op-only --T 2048     # the op alone, Jacobi against 'auto'
 """
 
 from __future__ import annotations
@@ -111,7 +112,24 @@ def op_alone(T, reps, precondition=True):
 
     def step():
         chunk_mesa(q, k, v, gate, beta, lamb, check_values=False, precondition=precondition)[0].sum().backward()
-    return host_ms(step, reps)
+    ms = host_ms(step, reps)
+    LAUNCHES.clear()
+    with CountOps() as counter:
+        step()
+    kernels = sum(n for op, n in counter.ops.items() if op not in NO_KERNEL)
+    return ms, kernels, sum(counter.ops.values()) - kernels, dict(LAUNCHES)
+
+
+def op_table(T, reps):
+    """The Mesa op alone, forward+backward, per `precondition`: host ms, aten ops, Triton launches by kernel."""
+    lines = [f"The Mesa op alone (`chunk_mesa` forward+backward, T = {T}, H = 2, K = V = 32), median of {reps}:", "",
+             "| precondition | host ms | aten ops (kernels) | views and allocations | Triton launches |",
+             "|---|---|---|---|---|"]
+    for precondition in (True, 'auto'):
+        ms, kernels, views, launches = op_alone(T, reps, precondition)
+        names = ', '.join(f'{k} {n}' for k, n in sorted(launches.items()))
+        lines.append(f"| {precondition!r} | {ms:.2f} | {kernels} | {views} | {sum(launches.values())}: {names} |")
+    return lines
 
 
 def saved_per_layer(name, T, L=2):
@@ -145,9 +163,13 @@ def main():
     p.add_argument('--T', type=int, default=128)
     p.add_argument('--reps', type=int, default=9)
     p.add_argument('--out', default=None)
+    p.add_argument('--op-only', action='store_true', help="only the Mesa op's table (Jacobi against 'auto')")
     args = p.parse_args()
     skip_kernels()
     torch.manual_seed(0)
+    if args.op_only:
+        print('\n'.join(op_table(args.T, args.reps)))
+        return
     lines = [
         "# Host time of an eager training step, kernels skipped (CPU)", "",
         f"`python benchmarks/tools/host_overhead.py --layers {args.layers} --T {args.T}`; {platform.machine()}, "
@@ -159,9 +181,7 @@ def main():
         ms, kernels, views, launches = measure(make, args.layers, args.T, args.reps)
         lines.append(f"| {name} | {ms:.2f} | {kernels:.1f} | {views:.1f} | {launches:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"The Mesa op alone (`chunk_mesa` forward+backward, T = {args.T}, H = 2, K = V = 32): "
-              f"{op_alone(args.T, args.reps):.2f} ms; with `precondition='auto'` "
-              f"{op_alone(args.T, args.reps, 'auto'):.2f} ms.", "",
+    lines += [""] + op_table(args.T, args.reps) + ["",
               "What the forward saves for the backward, MiB a layer (unique storages, parameters left out; hidden "
               "1024, 8 heads of 128, T = 2048, B = 1; fla's MesaNet at its default head size, the same here):", ""]
     for name in ('fla-mesa', 'fla-mesanet'):
