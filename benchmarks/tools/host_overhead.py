@@ -87,6 +87,15 @@ def host_ms(step, reps):
     return statistics.median(times) * 1e3
 
 
+def counted_step(step):
+    """One more `step()`, counted: aten ops that run a kernel, views and allocations, Triton launches by kernel."""
+    LAUNCHES.clear()
+    with CountOps() as counter:
+        step()
+    kernels = sum(n for op, n in counter.ops.items() if op not in NO_KERNEL)
+    return kernels, sum(counter.ops.values()) - kernels, dict(LAUNCHES)
+
+
 def measure(make, L, T, reps):
     model = make().to(torch.bfloat16).train()
     ids = torch.randint(0, 128, (1, T))
@@ -95,11 +104,8 @@ def measure(make, L, T, reps):
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
     ms = host_ms(step, reps)
-    LAUNCHES.clear()
-    with CountOps() as counter:
-        step()
-    kernels = sum(n for op, n in counter.ops.items() if op not in NO_KERNEL)
-    return ms / L, kernels / L, (sum(counter.ops.values()) - kernels) / L, sum(LAUNCHES.values()) / L
+    kernels, views, launches = counted_step(step)
+    return ms / L, kernels / L, views / L, sum(launches.values()) / L
 
 
 def op_alone(T, reps, precondition=True):
@@ -112,12 +118,7 @@ def op_alone(T, reps, precondition=True):
 
     def step():
         chunk_mesa(q, k, v, gate, beta, lamb, check_values=False, precondition=precondition)[0].sum().backward()
-    ms = host_ms(step, reps)
-    LAUNCHES.clear()
-    with CountOps() as counter:
-        step()
-    kernels = sum(n for op, n in counter.ops.items() if op not in NO_KERNEL)
-    return ms, kernels, sum(counter.ops.values()) - kernels, dict(LAUNCHES)
+    return (host_ms(step, reps), *counted_step(step))
 
 
 def op_table(T, reps):

@@ -22,7 +22,7 @@ from fla_mesa.utils import is_interpreting
 STATE_DOT_PRECISION = 'auto'
 # `_decay_add`'s TwoSum needs every add rounded on its own: with fused multiply-adds the compiler may fold the decay's
 # product into the add that follows it, and the stored state is then off the carried pair by up to that product's
-# rounding error. Off costs nothing measurable here: the products are tensor-core dots, `tl.fma` stays an fma
+# rounding error. Off leaves the products alone (tensor-core dots), and `tl.fma` stays an fma
 STATE_FP_FUSION = False
 
 
