@@ -1,6 +1,6 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
-The solver study of issue 14 (item 4): plain CG, Jacobi PCG, the chunk-start preconditioner ('chunk') and 'auto'
+The solver study of issue 14 (item 4): plain CG, Jacobi PCG, the chunk preconditioner ('chunk') and 'auto'
 (Jacobi, then 'chunk' for the tokens Jacobi leaves unconverged).
 
 1. Per method, on the hard families of `tests/ops/test_hard_states.py` (keys from a few directions, γ near 1,

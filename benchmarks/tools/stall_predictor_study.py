@@ -1,13 +1,13 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
-Predictor study: which (chunk, head) pairs should skip Jacobi PCG and go straight to the chunk-start preconditioner?
+Predictor study: which (chunk, head) pairs should skip Jacobi PCG and go straight to the chunk preconditioner?
 
     python benchmarks/tools/stall_predictor_study.py collect   # the solves (PyTorch path, float32) -> DATA
     python benchmarks/tools/stall_predictor_study.py analyse   # DATA -> benchmarks/results/stall_predictor_tables_cpu.md
     python benchmarks/tools/stall_predictor_study.py           # both
 
 Per-token step counts come from `ChunkPieces` + `cg_solve` (the library's PyTorch path, as chunk_mesa's 'auto' runs
-them: Jacobi with cg_tol 1e-4 / cap 30, the chunk-start preconditioner M_c = a H_c + Λ, its factor built once). Features
+them: Jacobi with cg_tol 1e-4 / cap 30, the chunk preconditioner M_c = a H_c + Λ, its factor built once). Features
 come from the chunk-start states `ChunkPieces.H` (float32 values, analysed in float64).
 """
 

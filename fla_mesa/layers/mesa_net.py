@@ -135,9 +135,9 @@ class MesaNet(nn.Module):
         cg_tol_inference (float, Optional):
             The relative residual at which CG stops in inference; `None` runs all steps. Default: 1e-4.
         precondition (bool or str, Optional):
-            `True`: Jacobi-preconditioned CG; `False`: the paper's plain CG; `'chunk'`: the chunk-start preconditioner
+            `True`: Jacobi-preconditioned CG; `False`: the paper's plain CG; `'chunk'`: the chunk preconditioner
             (op README) in the chunk mode, for long memories with keys on few directions, where Jacobi stalls;
-            `'auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves unconverged (straight
+            `'auto'`: Jacobi, then the chunk preconditioner for the tokens Jacobi leaves unconverged (straight
             away where Jacobi is predicted to stall). The `fused_recurrent` mode (decoding) has no chunk start and
             runs Jacobi then. Default: `'auto'`.
         chunk_size (int, Optional):

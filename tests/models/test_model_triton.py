@@ -50,12 +50,14 @@ def test_model_first_call_in_fresh_process():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def check(name, x, base, ref):
+def check(name, x, base, ref, model_floor=0.0):
     err, floor = rel_err(x, ref), rel_err(base, ref)
     # the rule's premise: the baseline itself near the float32 floor (see tests/layers/test_layer_triton.py)
     assert floor <= 4 * FP32_FLOOR, f"{name}: PyTorch path {floor:.2e} off float64"
-    # twice the op's rule: see tests/layers/test_layer_triton.py
-    assert err <= 2 * fp32_bound(floor), f"{name}: Triton path {err:.2e}, PyTorch path {floor:.2e}"
+    # twice the op's rule (see tests/layers/test_layer_triton.py), from the larger of this tensor's floor and
+    # `model_floor`
+    bound = 2 * fp32_bound(max(floor, model_floor))
+    assert err <= bound, f"{name}: Triton path {err:.2e}, PyTorch path {floor:.2e} (model {model_floor:.2e})"
 
 
 def test_generate_left_padded_matches_float64(monkeypatch):
@@ -88,8 +90,12 @@ def test_backward_matches_float64(monkeypatch):
     ref = on_torch_paths(monkeypatch, lambda: grads(copy.deepcopy(model).double()))
     base = on_torch_paths(monkeypatch, lambda: grads(model))
     out = grads(model)
+    # the float32 model's error over all its gradients together: a small gradient's own float32 error can be far
+    # below it by luck of rounding (a_proj.bias: 4e-8 on one CPU, where every gradient carries about 1e-6), and
+    # rounding that differs by CPU must not decide the test
+    model_floor = rel_err(torch.cat([b.flatten() for b in base[1:]]), torch.cat([r.flatten() for r in ref[1:]]))
     for name, a, b, r in zip(['loss'] + [n for n, _ in model.named_parameters()], out, base, ref):
-        check(name, a, b, r)
+        check(name, a, b, r, model_floor)
 
 
 def sdpa_attn(q, k, v, causal=True, window_size=(-1, -1), **kwargs):

@@ -1,11 +1,11 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""`precondition='auto'`: Jacobi, then the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol`,
+"""`precondition='auto'`: Jacobi, then the chunk preconditioner for the tokens Jacobi leaves above `cg_tol`,
 and straight away for the chunks where `precond.jacobi_stall_score` predicts that Jacobi stalls.
 
 Both chunk paths (the Triton one under `TRITON_INTERPRET=1` or on a GPU). On hard states the rescue reaches the
 float64 answer where Jacobi alone does not; on benign ones (nothing to rescue, nothing routed) it is Jacobi to the
 bit; the tokens Jacobi solved keep Jacobi's answer and steps; every gradient against float64; varlen; the chunk map
-it launches by. The hard states here are routed after their first chunk, so the tests of the rescue pass itself
+it launches by. The hard states here are routed from their first chunk on, so the tests of the rescue pass itself
 turn the routing off (`jacobi_first`).
 """
 
@@ -48,13 +48,13 @@ def one_cg_config():
 
 def stall_scores(q, k, v, g, beta, lamb, chunk_size=64):
     """The PyTorch path's `jacobi_stall_score` of every chunk and head, `[B, H, NT]` (no initial state)."""
-    return jacobi_stall_score(*ChunkPieces(k, v, g, beta, lamb, None, chunk_size).chunk_start())
+    return ChunkPieces(k, v, g, beta, lamb, None, chunk_size).stall_score()
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('family,T', [('8 directions', 512), ('1 direction, γ = 1', 256)])
 def test_auto_rescues_what_jacobi_leaves(monkeypatch, one_cg_config, backend, family, T):
-    # the rescue pass itself: these states are routed after their first chunk (`test_auto_routes_...`)
+    # the rescue pass itself: these states are routed (`test_auto_routes_...`)
     jacobi_first(monkeypatch)
     inputs = [x.float() for x in hard_inputs(T, K=32, V=16, **FAMILIES[family])]
     ref = last_outputs(*hard_inputs(T, K=32, V=16, **FAMILIES[family]))
@@ -113,24 +113,24 @@ def test_auto_is_jacobi_where_jacobi_converges(monkeypatch, one_cg_config, backe
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_auto_routes_where_jacobi_stalls(monkeypatch, backend):
-    # keys from 8 directions, long memory, K = 64: every chunk after the first scores above the threshold and goes
-    # straight to the chunk-start solve, a few steps a token where Jacobi runs to the cap first
+    # keys from 8 directions, long memory, K = 64: every chunk scores above the threshold (the first too: its M_c
+    # holds its end state) and goes straight to the chunk solve, a few steps a token where Jacobi runs to the cap
     fwd, _ = fwd_bwd_functions(backend)
     inputs = hard_inputs(512, K=64, V=16, **FAMILIES['8 directions'])
     ref = last_outputs(*inputs)
     inputs = [x.float() for x in inputs]
     floor = rel_err(last_outputs(*inputs), ref)
     routed = stall_scores(*inputs)[0, 0] > JACOBI_STALL_FF2
-    assert not routed[0] and routed[1:].all()
+    assert routed.all()
     o, _, steps, _, rescued = fwd(*inputs, None, 30, 1e-4, 'auto', None, 64, flag_unconverged=True)
     assert (steps >= 0).all()
     err = rel_err(o[:, -ref.shape[1]:], ref)
     assert err <= max(1e-3, 2 * floor), (err, floor)
-    mean = steps[:, 64:].float().mean().item()
+    mean = steps.float().mean().item()
     assert mean <= 5, mean
     if backend == 'torch':
-        # the chunks the second pass solved ([B, H, NT]): the routed ones (and the first if Jacobi left a row there)
-        assert rescued[0, 0, 1:].all()
+        # the chunks the second pass solved ([B, H, NT]): the routed ones
+        assert rescued[0, 0].all()
     else:
         # the kernel's own decision ([B * NT, H]: 2 routed, 1 rescued after Jacobi) is the PyTorch path's
         assert torch.equal(rescued[:, 0] == 2, routed), rescued
@@ -138,21 +138,23 @@ def test_auto_routes_where_jacobi_stalls(monkeypatch, backend):
     # kernels may autotune to different row splits, so to rounding)
     _, _, steps_c, _, _ = fwd(*inputs, None, 30, 1e-4, 'chunk', None, 64, flag_unconverged=True)
     if ON_GPU and backend != 'torch':
-        assert abs(mean - steps_c[:, 64:].float().mean().item()) <= 0.1, (mean, steps_c[:, 64:].float().mean())
+        assert abs(mean - steps_c.float().mean().item()) <= 0.1, (mean, steps_c.float().mean())
     else:
-        assert torch.equal(steps[:, 64:], steps_c[:, 64:])
+        assert torch.equal(steps, steps_c)
 
 
 @NEEDS_TRITON
 @pytest.mark.parametrize('cu_seqlens,precision', [(None, 'auto'), ([0, 40, 150], 'auto'), (None, 'ieee'), (None, 'bf16x3')])
 def test_first_pass_routes_the_chunks_that_stall(monkeypatch, cu_seqlens, precision):
     # the Triton first pass routes (2) exactly the chunks and heads whose PyTorch score is above the threshold, per
-    # sequence when varlen (a chunk's middle token counted in its sequence), from H_c split or not by the loop's
+    # sequence when varlen (a sequence's last chunk ends at its final state), from H_c split or not by the loop's
     # precision; states that cross it midway
     from fla_mesa.ops.mesa.chunk import chunk_mesa_fwd
     monkeypatch.setattr(chunk_cg, 'CG_DOT_PRECISION', precision)
     fwd = on_triton(chunk_mesa_fwd)
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2, beta=0.2))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2, beta=0.5))
+    # decays that vary by token, so that the score's a_c (to the chunk's middle token) decides some chunks
+    g = F.logsigmoid(3 * torch.randn(g.shape, generator=torch.Generator().manual_seed(4)) + 7)
     if cu_seqlens is None:
         q, k, v, g, beta = (x.reshape(2, 75, *x.shape[2:]) for x in (q, k, v, g, beta))
         seqs = [tuple(x[b:b + 1] for x in (q, k, v, g, beta)) for b in range(2)]
@@ -196,7 +198,7 @@ def grad_errors(monkeypatch, backend, inputs, do, **kwargs):
 @pytest.mark.parametrize('scale,routing', [(1.0, True), (1.0, False), (1e-8, True)])
 def test_auto_gradients_hard(monkeypatch, backend, scale, routing):
     # every buffer the kernels leave unwritten would be NaN; the upstream gradient at scale 1 and 1e-8; with the
-    # routing (every chunk after the first scores above the threshold here) and without it (the rescue pass)
+    # routing (every chunk scores above the threshold here) and without it (the rescue pass)
     poison_empty(monkeypatch)
     if not routing:
         jacobi_first(monkeypatch)
@@ -263,10 +265,15 @@ kernels = [
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'),
                  dict(consts, DO_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4, num_stages=1),
     # the stall score that marks 2 before the first pass
-    compile_sm90(chunk_cg.chunk_stall_kernel, dict(h_kk='*fp32', scale='*fp32', lamb='*fp32', need='*i32'),
-                 dict(H=4, K=128, BK=128, STALL_FF2=chunk_cg.JACOBI_STALL_FF2), num_warps=8, num_stages=1),
-    compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', a='*fp32', lamb='*fp32', w='*fp32', need='*i32'),
-                 dict(K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True), num_warps=1, num_stages=1),
+    # (reading each chunk's start and end states, varlen: the end of a sequence's last chunk from the final states)
+    compile_sm90(chunk_cg.chunk_stall_kernel, dict(h_kk='*fp32', ht_kk='*fp32', g='*fp32', lamb='*fp32', need='*i32',
+                                                   cu_seqlens='*i64', chunk_indices='*i64', T='i32', NT='i32'),
+                 dict(H=4, K=128, BK=128, BT=64, STALL_FF2=chunk_cg.JACOBI_STALL_FF2, IS_VARLEN=True), num_warps=8,
+                 num_stages=1),
+    compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', ht='*fp32', chunk_indices='*i64', lamb='*fp32',
+                                                        w='*fp32', need='*i32', NT='i32', scale='fp32'),
+                 dict(H=4, K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True, HAS_END=True, HAS_A=False, IS_VARLEN=True),
+                 num_warps=1, num_stages=1),
 ]
 print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 """
@@ -288,7 +295,7 @@ def fwd_bwd_functions(backend):
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
-    # the backward's adjoint solve starts the chunks the forward had to rescue with the chunk-start preconditioner:
+    # the backward's adjoint solve starts the chunks the forward had to rescue with the chunk preconditioner:
     # the same gradients, fewer steps there, the other chunks as before (routing off: else both backwards route
     # these chunks alike)
     jacobi_first(monkeypatch)

@@ -1,5 +1,5 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""The chunk-start preconditioner (`precondition='chunk'`) in the Triton chunk kernels, against float64.
+"""The chunk preconditioner (`precondition='chunk'`) in the Triton chunk kernels, against float64.
 
 Under `TRITON_INTERPRET=1` (CI) or on a GPU (inputs moved there, results back: `on_cuda`). The forward solve and the
 backward's adjoint solve both use it; the bounds are `test_hard_states.py`'s: the issue's 1e-3 or twice the float32
@@ -44,13 +44,18 @@ def test_triton_chunk_forward_hard(monkeypatch, family):
     assert abs(steps_plain.float().mean().item() - mean_torch) <= 0.1, (steps_plain.float().mean(), mean_torch)
 
 
-def test_factor_kernel_keeps_the_steps(monkeypatch):
+@pytest.mark.parametrize('cu_seqlens', [None, [0, 100, 256]])
+def test_factor_kernel_keeps_the_steps(monkeypatch, cu_seqlens):
     # the Triton path factorises M_c with factor.py's float32 kernel (here 4 x 4 blocks of 16), the PyTorch path in
-    # float64: without rounded directions both take the same steps (rounding in W may change step counts only)
+    # float64: without rounded directions both take the same steps (rounding in W may change step counts only);
+    # varlen: a sequence's last chunk (ending inside a chunk) ends at its own final state on both paths
     monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', False)
     inputs = [x.float() for x in hard_inputs(256, K=64, V=16, **FAMILIES['8 directions + noise'])]
-    _, _, steps = run(monkeypatch, 'auto', *inputs, precondition='chunk', return_cg_steps=True)
-    _, _, steps_torch = run(monkeypatch, 'torch', *inputs, precondition='chunk', return_cg_steps=True)
+    kw = dict(precondition='chunk', return_cg_steps=True)
+    if cu_seqlens is not None:
+        kw['cu_seqlens'] = torch.tensor(cu_seqlens)
+    _, _, steps = run(monkeypatch, 'auto', *inputs, **kw)
+    _, _, steps_torch = run(monkeypatch, 'torch', *inputs, **kw)
     mean, mean_torch = steps.float().mean().item(), steps_torch.float().mean().item()
     assert mean_torch < 8 and abs(mean - mean_torch) <= 0.1, (mean, mean_torch)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
-from fla_mesa.ops.mesa.precond import chunk_start_factor
+from fla_mesa.ops.mesa.precond import chunk_end_states, chunk_start_factor
 from tests.utils import NEEDS_TRITON, on_triton
 
 factor = on_triton(chunk_start_factor_triton)
@@ -77,6 +77,34 @@ def test_factor_falls_back_per_matrix():
     assert (w[0].double() - ref[0]).norm() / ref[0].norm() <= U32 * kappa + 2 ** -8
 
 
+@pytest.mark.parametrize('varlen', [False, True], ids=['dense', 'varlen'])
+def test_factor_of_start_and_end_states(varlen):
+    # with the final states, M = a (H_c + H_{c+1}) + Λ read in place: H_{c+1} the next chunk's start, or the final
+    # state of the chunk's sequence at its last chunk (varlen: sequences of 2, 1 and 3 chunks in one row)
+    B, NT, H, K = (1, 6, 2, 32) if varlen else (2, 3, 2, 32)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(B, NT, H, K, 3, generator=gen)
+    h = w @ w.mT
+    wt = torch.randn(3 if varlen else B, H, K, 3, generator=gen)
+    ht = wt @ wt.mT
+    lamb = torch.rand(H, K, generator=gen) + 0.1
+    chunk_indices = torch.tensor([[0, 0], [0, 1], [1, 0], [2, 0], [2, 1], [2, 2]]) if varlen else None
+    ends = chunk_end_states(h, ht, chunk_indices)
+    last = [1, 2, 5] if varlen else None
+    for c in range(NT):
+        for b in range(B):
+            seq = (last.index(c) if c in last else None) if varlen else (b if c == NT - 1 else None)
+            assert torch.equal(ends[b, c], h[b, c + 1] if seq is None else ht[seq])
+    got = factor(h, 0.5, lamb, torch.float32, ht_kk=ht, chunk_indices=chunk_indices).double()
+    m = form_m(h + ends, torch.full(h.shape[:3], 0.5), lamb)
+    kappa = torch.linalg.cond(m)
+    err = (got @ got.mT @ m - torch.eye(K, dtype=torch.float64)).norm(dim=(-1, -2))
+    assert (err <= 0.25 * K * U32 * kappa).all(), (err, kappa)
+    # against the factor of the start states alone: the end states change every matrix
+    alone = factor(h, 0.5, lamb, torch.float32).double()
+    assert ((alone - got).norm(dim=(-1, -2)) > 1e-3 * got.norm(dim=(-1, -2))).all()
+
+
 @pytest.mark.parametrize('kwargs, error, match', [
     (dict(h=torch.zeros(2, 3, 4)), ValueError, r'`h_kk` must be \[\.\.\., K, K\], got shape \(2, 3, 4\)'),
     (dict(h=torch.zeros(2, 130, 130), a=torch.ones(2), lamb=torch.ones(130)), ValueError, r'K <= 128, got K = 130'),
@@ -85,10 +113,17 @@ def test_factor_falls_back_per_matrix():
     (dict(a=torch.ones(2, dtype=torch.long)), TypeError, r'`a` must be a floating tensor, got torch.int64'),
     (dict(precision='fp8'), ValueError, r"`precision` must be one of .*, got 'fp8'"),
     (dict(block_size=64), ValueError, r'`block_size` must be 16 or 32, got 64'),
+    (dict(a='x'), TypeError, r'`a` must be a tensor or a number, got str'),
+    (dict(ht_kk=torch.zeros(2, 4, 4)), ValueError, r'with `ht_kk`, `h_kk` must be \[B, NT, H, K, K\], got shape \(2, 4, 4\)'),
+    (dict(h=torch.eye(4).repeat(1, 2, 1, 1, 1), a=torch.ones(1, 2, 1), ht_kk=torch.zeros(2, 1, 4, 4)), ValueError,
+     r'`ht_kk` must be \[N, H, K, K\] with H, K = 1, 4 \(N = 1 without chunk_indices\), got shape \(2, 1, 4, 4\)'),
+    (dict(h=torch.eye(4).repeat(2, 2, 1, 1, 1), a=torch.ones(2, 2, 1), ht_kk=torch.zeros(2, 1, 4, 4),
+          chunk_indices=torch.zeros(2, 2, dtype=torch.long)), ValueError,
+     r'`chunk_indices` must be \[NT, 2\] = \[2, 2\] with B = 1, got \(2, 2\) with B = 2'),
 ])
 def test_factor_bad_args(kwargs, error, match):
     args = dict(h=torch.eye(4).repeat(2, 1, 1), a=torch.ones(2), lamb=torch.ones(4))
     args.update(kwargs)
-    extra = {k: args.pop(k) for k in ('precision', 'block_size') if k in args}
+    extra = {k: args.pop(k) for k in ('precision', 'block_size', 'ht_kk', 'chunk_indices') if k in args}
     with pytest.raises(error, match=match):
         chunk_start_factor_triton(args['h'], args['a'], args['lamb'], torch.float32, **extra)

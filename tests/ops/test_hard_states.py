@@ -1,7 +1,7 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """The solver on hard states (issue 14, `docs/solver-study.md`): keys from a few directions, long memory, γ near 1.
 
-The chunk-start preconditioner (`precondition='chunk'`, PyTorch path) against float64, forward on states long
+The chunk preconditioner (`precondition='chunk'`, PyTorch path) against float64, forward on states long
 enough to be hard and every gradient on short ones. Its converged answer is CG's own, so the bounds are those of
 `cg_tol`: the issue's target of 1e-3 on the last tokens' output at the float32 floor, and at most 5 steps a token.
 """
@@ -116,7 +116,7 @@ def test_triton_chunk_cg_refuses_unknown_preconditioner():
 def test_fused_recurrent_refuses_chunk_preconditioner():
     from fla_mesa.ops.mesa import fused_recurrent_mesa
     q, k, v, g, beta, lamb = hard_inputs(4, K=16, V=8)
-    with pytest.raises(ValueError, match=r"got 'chunk'; the chunk-start preconditioner \('chunk'\) is chunk_mesa's"):
+    with pytest.raises(ValueError, match=r"got 'chunk'; the chunk preconditioner \('chunk'\) is chunk_mesa's"):
         fused_recurrent_mesa(q, k, v, g, beta, lamb, precondition='chunk')
 
 

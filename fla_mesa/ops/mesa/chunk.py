@@ -51,7 +51,7 @@ def chunk_mesa_fwd(
     x, steps, o, rescued = chunk_mesa_cg(
         q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size, v=v, h_kv=h_kv, o_dtype=v.dtype,
-        flag_unconverged=flag_unconverged, return_rescued=True,
+        flag_unconverged=flag_unconverged, return_rescued=True, ht_kk=final_state[0],
     )
     return o, x, steps, final_state, rescued
 
@@ -61,7 +61,7 @@ def chunk_mesa_bwd(
     flag_unconverged=False, rescued=None
 ):
     """The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`, as `chunk_mesa_bwd_torch`."""
-    chunk_indices, g_cum, beta, h_kk, h_kv, _ = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    chunk_indices, g_cum, beta, h_kk, h_kv, (ht_kk, _) = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     steps = None
     if cg_max_steps == 0:
@@ -73,7 +73,7 @@ def chunk_mesa_bwd(
         # the chunks the forward's 'auto' rescued skip Jacobi here: the adjoint solve has the same matrices
         dq, steps, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
                                      **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged,
-                                     skip_jacobi=rescued)
+                                     skip_jacobi=rescued, ht_kk=ht_kk)
         e = dq
     dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
@@ -201,10 +201,11 @@ def chunk_mesa(
             the same rule. Default: `1e-4`, which the paper found to match 30 fixed steps at about 9 steps on average.
         precondition (bool or str, Optional):
             Jacobi-preconditioned CG (with `diag(H_t) + Λ`); `False` is the paper's plain CG; `'chunk'` the
-            chunk-start preconditioner `M_c = a_c H_c + Λ` (op README), on both chunk paths; `'auto'` Jacobi, then
-            the chunk-start preconditioner for the tokens Jacobi leaves above `cg_tol` only (their chunks' factors
-            only; their steps count both solves), and straight away for the chunks where a static test of `M_c`
-            predicts that Jacobi stalls (`precond.jacobi_stall_score`). Default: `precond.DEFAULT_PRECONDITION`
+            chunk preconditioner `M_c = (H_c + H_{c+1}) / 2 + Λ`, the mean of chunk c's start and end states (op
+            README), on both chunk paths; `'auto'` Jacobi, then the chunk preconditioner for the tokens Jacobi
+            leaves above `cg_tol` only (their chunks' factors only; their steps count both solves), and straight away
+            for the chunks where a static test of the chunk's states predicts that Jacobi stalls
+            (`ChunkPieces.stall_score`). Default: `precond.DEFAULT_PRECONDITION`
             (`'auto'`).
         cu_seqlens (torch.LongTensor, Optional):
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.

@@ -10,12 +10,12 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.kernel_utils import (
-    INTERPRETING, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_bf16,
-    round_tf32, sum2,
+    INTERPRETING, chunk_end_state, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split,
+    resolve_precision, round_bf16, round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
 from fla_mesa.ops.mesa.precond import (
-    FACTOR_DTYPE, JACOBI_STALL_FF2, chunk_middle_scale, chunk_start_factor, is_precondition,
+    FACTOR_DTYPE, JACOBI_STALL_FF2, chunk_end_states, chunk_start_factor, is_precondition,
 )
 from fla_mesa.ops.mesa.utils import residual_floor2
 from fla_mesa.utils import is_interpreting
@@ -64,7 +64,7 @@ def _chunk_mesa_matvec(
 
 @triton.jit
 def _apply_factor(b_r, b_f_hi, b_f_lo, PREC: tl.constexpr, F_EXACT: tl.constexpr):
-    # the chunk-start preconditioner z = M⁻¹ r = (r W) Wᵀ for the rows of the tile (`precond.chunk_start_factor`);
+    # the chunk preconditioner z = M⁻¹ r = (r W) Wᵀ for the rows of the tile (`precond.chunk_start_factor`);
     # `F_EXACT`: W holds split-high values (bf16), its low part is zero and its products are skipped
     b_r_hi, b_r_lo = mesa_split(b_r, PREC)
     b_u = mesa_dot_split(b_r_hi, b_r_lo, b_f_hi, b_f_lo, tl.zeros(b_r.shape, dtype=tl.float32), PREC, False, F_EXACT)
@@ -100,20 +100,27 @@ CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
 
 
 @triton.jit
-def chunk_stall_kernel(h_kk, scale, lamb, need, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                       STALL_FF2: tl.constexpr):
-    # precondition='auto': `precond.jacobi_stall_score` of one chunk and head's M_c = a_c H_c + Λ; above STALL_FF2
-    # Jacobi is predicted to stall and the chunk and head are marked 2 (the first pass skips them, the second solves
-    # them with the chunk-start factor). A pass of its own, ahead of the first CG pass, so that the CG kernels carry
-    # no K x K temporaries for it; the backward reuses the forward's marks. Padded columns (H 0, λ 1) add nothing.
-    # `scale`: a_c, [chunks, H]
+def chunk_stall_kernel(h_kk, ht_kk, g, lamb, need, cu_seqlens, chunk_indices, T, NT, H: tl.constexpr, K: tl.constexpr,
+                       BK: tl.constexpr, BT: tl.constexpr, STALL_FF2: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # precondition='auto': `precond.jacobi_stall_score` of one chunk and head's a_c (H_c + H_{c+1}) / 2 + Λ
+    # (`ChunkPieces.stall_score`, a_c the decay to the chunk's middle token); above STALL_FF2 Jacobi is predicted to
+    # stall and the chunk and head are marked 2 (the first pass skips them, the second solves them with the chunk
+    # factor). A pass of its own, ahead of the first CG pass, so that the CG kernels carry no K x K temporaries for
+    # it; the backward reuses the forward's marks. Padded columns (H 0, λ 1) add nothing.
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    if IS_VARLEN:
+        _, i_t, bos, T = chunk_program(i_c, 0, chunk_indices, cu_seqlens, T, BT, True)
+    else:
+        _, i_t, bos, T = chunk_program(i_c % NT, i_c // NT, chunk_indices, cu_seqlens, T, BT, False)
+    b_a = 0.5 * exp2(tl.load(g + (bos + tl.minimum(i_t * BT + BT // 2, T - 1)) * H + i_h))
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     p_h = h_kk + (i_c * H + i_h) * K * K
-    b_a = tl.load(scale + i_c * H + i_h).to(tl.float32)
-    b_ah = b_a * tl.load(p_h + o_k[:, None] * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_u = 1. / (b_a * tl.load(p_h + o_k * (K + 1), mask=m_k, other=0.).to(tl.float32)
+    p_e = chunk_end_state(h_kk, ht_kk, chunk_indices, i_c, i_h, NT, H, K * K, IS_VARLEN)
+    m_kk = m_k[:, None] & m_k[None, :]
+    o_kk = o_k[:, None] * K + o_k[None, :]
+    b_ah = b_a * (tl.load(p_h + o_kk, mask=m_kk, other=0.) + tl.load(p_e + o_kk, mask=m_kk, other=0.))
+    b_u = 1. / (b_a * (tl.load(p_h + o_k * (K + 1), mask=m_k, other=0.) + tl.load(p_e + o_k * (K + 1), mask=m_k, other=0.))
                 + tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32))
     b_f2 = tl.where(o_k[:, None] != o_k[None, :], b_ah * b_ah * b_u[:, None] * b_u[None, :], 0.)
     if tl.sum(tl.sum(b_f2, 1), 0) > STALL_FF2:
@@ -439,6 +446,7 @@ def chunk_mesa_cg(
     factor: torch.Tensor | None = None,
     skip_jacobi: torch.Tensor | None = None,
     return_rescued: bool = False,
+    ht_kk: torch.Tensor | None = None,
     _need: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
@@ -457,9 +465,9 @@ def chunk_mesa_cg(
         cg_max_steps (int): at most this many iterations.
         cg_tol (float, Optional): relative residual tolerance; `None` runs every row for `cg_max_steps` (or to the
             residual floor, `residual_floor2`).
-        precondition (bool or str): `True` Jacobi PCG, `False` plain CG, 'chunk' the chunk-start preconditioner
+        precondition (bool or str): `True` Jacobi PCG, `False` plain CG, 'chunk' the chunk preconditioner
             (`precond.chunk_start_factor`, built here from `h_kk` unless `factor` is given), 'auto' Jacobi and then,
-            for the rows it leaves above `cg_tol` only, the chunk-start preconditioner from Jacobi's iterate (the
+            for the rows it leaves above `cg_tol` only, the chunk preconditioner from Jacobi's iterate (the
             factor built for their chunks only; steps count both passes); chunks where `precond.jacobi_stall_score`
             predicts a Jacobi stall skip Jacobi (marked 2, as `skip_jacobi`). Without `cg_tol`, 'auto' is Jacobi.
         cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
@@ -480,6 +488,8 @@ def chunk_mesa_cg(
         skip_jacobi (torch.Tensor, Optional): with 'auto', `[chunks, H]` (chunks in `h_kk`'s order): the chunks and
             heads, nonzero, whose rows skip the Jacobi pass and start the second one from the Jacobi start (the
             backward passes the forward's rescued chunks: the adjoint solve has the same matrices).
+        ht_kk (torch.Tensor, Optional): the final states `[N, H, K, K]` of `chunk_mesa_fwd_states`, for 'chunk' and
+            'auto' (`M_c` reads each chunk's end state, the final one at a sequence's last chunk).
         return_rescued (bool): also return the `[chunks, H]` int32 map of the chunks the second pass of 'auto'
             solved (`None` without one): 1 rescued after Jacobi, 2 Jacobi skipped (`skip_jacobi` or predicted).
 
@@ -522,18 +532,22 @@ def chunk_mesa_cg(
     if precondition == 'auto' and not rescue:
         precondition = True
     # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1)
-    need, a = _need, None
+    need = _need
     if precondition in ('chunk', 'auto') and (factor is None or rescue):
-        # a_c of M_c = a_c H_c + Λ, [B, NT, H] in h_kk's chunk order: for the factor and the stall score
-        a = chunk_middle_scale(g_cum, BT, cu_seqlens, chunk_indices).view(*h_kk.shape[:3])
+        # M_c = (H_c + H_{c+1}) / 2 + Λ, for the factor and the stall score: the state after each chunk too
+        if ht_kk is None:
+            raise ValueError(f"precondition={precondition!r} needs `ht_kk`, the final states (M_c takes each "
+                             "sequence's last chunk's end state from them)")
+        ht_kk = ht_kk.contiguous()
     if rescue:
         # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
         # (`skip_jacobi`, or where `chunk_stall_kernel` predicts a stall), else 0, which the Jacobi pass sets to 1
         # where a row stops above tol (no host sync)
         if skip_jacobi is None:
             need = torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device)
-            chunk_stall_kernel[(need.shape[0], H)](h_kk, a, lamb, need, H=H, K=K, BK=BK, STALL_FF2=float(JACOBI_STALL_FF2),
-                                                   num_warps=8 if BK > 64 else 4)
+            chunk_stall_kernel[(need.shape[0], H)](
+                h_kk, ht_kk, g_cum, lamb, need, cu_seqlens, chunk_indices, T, h_kk.shape[1], H=H, K=K, BK=BK, BT=BT,
+                STALL_FF2=float(JACOBI_STALL_FF2), IS_VARLEN=cu_seqlens is not None, num_warps=8 if BK > 64 else 4)
         else:
             # the backward: the forward's map, its predicted stalls included (the same matrices, the same scores)
             need = (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous()
@@ -544,9 +558,11 @@ def chunk_mesa_cg(
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
         if K <= 128:
-            factor = chunk_start_factor_triton(h_kk, a, lamb, FACTOR_DTYPE, need=need)
+            factor = chunk_start_factor_triton(h_kk, 0.5, lamb, FACTOR_DTYPE, need=need, ht_kk=ht_kk,
+                                               chunk_indices=chunk_indices if cu_seqlens is not None else None)
         else:
-            factor = chunk_start_factor(h_kk, a, lamb, FACTOR_DTYPE)
+            h_sum = h_kk + chunk_end_states(h_kk, ht_kk, chunk_indices if cu_seqlens is not None else None)
+            factor = chunk_start_factor(h_sum, h_kk.new_full(h_kk.shape[:3], 0.5), lamb, FACTOR_DTYPE)
     if precondition in ('chunk', 'auto'):
         if factor.shape != h_kk.shape or factor.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"`factor` must be float32 or bfloat16 of h_kk's shape {tuple(h_kk.shape)}, got "

@@ -103,18 +103,27 @@ class ChunkPieces:
 
     def chunk_start_preconditioner(self):
         """
-        `z = M_c⁻¹ r` for every token of chunk c, `M_c = a_c H_c + Λ` with `a_c` the decay from the chunk's start to
-        its middle token (op README, "Chunk-start preconditioner"), as `(r W) Wᵀ` with the factor `W` of
-        `precond.chunk_start_factor` that the Triton path uses too. Rounding in `W` changes step counts, never what CG
-        converges to.
+        `z = M_c⁻¹ r` for every token of chunk c, `M_c = (H_c + H_{c+1}) / 2 + Λ` (op README, "Chunk
+        preconditioner"), as `(r W) Wᵀ` with the factor `W` of `precond.chunk_start_factor` that the Triton path uses
+        too. Rounding in `W` changes step counts, never what CG converges to.
         """
         w = chunk_start_factor(*self.chunk_start(), self.k.dtype)
         return lambda r: apply_factor(r, w)
 
     def chunk_start(self):
-        """`(H_c, a_c, λ)` of every chunk's `M_c = a_c H_c + Λ`, `a_c` the decay to its middle token; detached."""
-        C = self.decay.shape[-2]
-        return self.H.detach(), self.decay[..., C // 2, 0].detach(), self.lamb[:, :, 0].detach()
+        """`(H_c + H_{c+1}, 1/2, λ)` of every chunk's `M_c`, `H_{c+1}` the state after the chunk; detached."""
+        h = self.H.detach()
+        h_end = torch.cat([h[:, :, 1:], self.final_state[0].detach()[:, :, None]], 2)
+        return h + h_end, torch.full_like(h[..., 0, 0], 0.5), self.lamb[:, :, 0].detach()
+
+    def stall_score(self):
+        """
+        'auto''s `precond.jacobi_stall_score` of every chunk, `[B, H, NT]`: of `a_c (H_c + H_{c+1}) / 2 + Λ`, `a_c`
+        the decay from the chunk's start to its middle token, so that a state that fades within its chunk (short
+        memory: each token sees mostly its own recent keys, which Jacobi handles) is left to Jacobi.
+        """
+        h, half, lamb = self.chunk_start()
+        return jacobi_stall_score(h, half * self.decay[..., self.decay.shape[-2] // 2, 0].detach(), lamb)
 
     def preconditioner(self, precondition):
         """What `cg_solve` takes for the op's `precondition`: `True`, `False`, or 'chunk'."""
@@ -124,7 +133,7 @@ class ChunkPieces:
 
     def solve(self, b, max_steps, tol, precondition, flag_unconverged, skip_jacobi=None):
         """
-        `cg_solve` for the op's `precondition`; 'auto' is Jacobi, then the chunk-start preconditioner for the rows
+        `cg_solve` for the op's `precondition`; 'auto' is Jacobi, then the chunk preconditioner for the rows
         Jacobi leaves above `tol`, from its iterate (steps count both), as the Triton path's rescue pass. The chunks
         of `skip_jacobi` (`[B, H, NT]` bool), and those where `precond.jacobi_stall_score` predicts a Jacobi stall,
         skip the Jacobi pass: all their rows go to the second, from the Jacobi start. Returns `(x, steps, rescued)`,
@@ -136,7 +145,7 @@ class ChunkPieces:
             precondition = True if precondition == 'auto' else precondition
             return (*cg_solve(self.matvec, b, self.diag, max_steps, tol, self.preconditioner(precondition),
                               flag_unconverged=flag_unconverged), None)
-        stall = jacobi_stall_score(*self.chunk_start()) > JACOBI_STALL_FF2
+        stall = self.stall_score() > JACOBI_STALL_FF2
         skip = (stall if skip_jacobi is None else stall | skip_jacobi)[..., None].expand(b.shape[:-1])
         x, steps = cg_solve(self.matvec, b, self.diag, max_steps, tol, True, flag_unconverged=True, rows=~skip)
         redo = (steps < 0) | skip

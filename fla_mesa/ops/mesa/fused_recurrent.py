@@ -477,7 +477,7 @@ def fused_recurrent_mesa(
         # 'chunk' has no token-by-token form that pays: a factorisation per token costs more than the CG steps it
         # saves (op README, "Chunk-start preconditioner")
         raise ValueError(f"fused_recurrent_mesa takes `precondition` True (Jacobi) or False, got {precondition!r}; "
-                         "the chunk-start preconditioner ('chunk') is chunk_mesa's only (op README)")
+                         "the chunk preconditioner ('chunk') is chunk_mesa's only (op README)")
     if use_qk_l2norm_in_kernel:
         if use_triton(q) and q.dtype != torch.float64:
             from fla.modules import L2Norm

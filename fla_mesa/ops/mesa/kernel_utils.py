@@ -173,3 +173,25 @@ def chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT: tl.constexpr, IS_V
         i_tg = i_b * tl.cdiv(T, BT) + i_t
         bos = i_b * T
     return i_tg, i_t, bos, T
+
+
+@triton.jit
+def chunk_end_state(h, ht, chunk_indices, i_c, i_h, NT, H: tl.constexpr, SIZE: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """
+    A pointer to the state after chunk `i_c` (of the `[B, NT, H, ...]` chunk-start states `h`, `i_c` over `B·NT`)
+    for head `i_h`: the next chunk's start state, or at a sequence's last chunk its final state in `ht`
+    (`[N, H, ...]`). `SIZE`: the elements of one state. Varlen (B = 1): sequences by fla's `chunk_indices`.
+    """
+    if IS_VARLEN:
+        i_s = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+        # the next chunk's sequence (read in bounds: the last chunk reads itself and is last anyway)
+        i_sn = tl.load(chunk_indices + tl.minimum(i_c + 1, NT - 1) * 2).to(tl.int64)
+        last = (i_c + 1 >= NT) | (i_sn != i_s)
+    else:
+        i_s = i_c // NT
+        last = i_c % NT == NT - 1
+    if last:
+        p = ht + (i_s * H + i_h) * SIZE
+    else:
+        p = h + ((i_c + 1) * H + i_h) * SIZE
+    return p

@@ -1,12 +1,13 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""The chunk-start preconditioner `M_c = a_c H_c + Λ` (op README, "Chunk-start preconditioner"), one definition for
-the PyTorch and Triton chunk paths: a factor `W` with `M_c⁻¹ = W Wᵀ`, applied to a chunk's rows as `z = (r W) Wᵀ`."""
+"""The chunk preconditioner `M_c = (H_c + H_{c+1}) / 2 + Λ`, the mean of chunk c's start and end states (op README,
+"Chunk preconditioner"), one definition for the PyTorch and Triton chunk paths: a factor `W` with `M_c⁻¹ = W Wᵀ`,
+applied to a chunk's rows as `z = (r W) Wᵀ`."""
 
 from __future__ import annotations
 
 import torch
 
-# the default `precondition` of chunk_mesa, the layer and the config: 'auto' (Jacobi, the chunk-start preconditioner
+# the default `precondition` of chunk_mesa, the layer and the config: 'auto' (Jacobi, the chunk preconditioner
 # only for the tokens Jacobi leaves unconverged, or for the chunks where Jacobi is predicted to stall): a small cost
 # where Jacobi converges, no silent failure where it does not (op README, "`precondition='auto'`");
 # fused_recurrent_mesa keeps Jacobi
@@ -22,9 +23,9 @@ def is_precondition(value) -> bool:
 # and saves a product in each of the two applications a step, for more steps on the hardest states (op README)
 FACTOR_DTYPE = torch.float32
 
-# 'auto' sends a chunk (and head) straight to the chunk-start preconditioner, Jacobi skipped, where
-# `jacobi_stall_score` exceeds this (‖F‖_F > 7): no benign state of the predictor study (K <= 128) scored above it,
-# most hard chunks after the first do (op README, "`precondition='auto'`")
+# 'auto' sends a chunk (and head) straight to the chunk preconditioner, Jacobi skipped, where its
+# `jacobi_stall_score` (`ChunkPieces.stall_score`) exceeds this (‖F‖_F > 7): almost no benign state of the predictor
+# study (K <= 128) scored above it, most hard chunks do (op README, "`precondition='auto'`")
 JACOBI_STALL_FF2 = 49.0
 
 
@@ -38,8 +39,8 @@ def chunk_start_factor(
     float64), `W = diag(M)^(-1/2)`.
 
     Args:
-        h_kk (torch.Tensor): chunk-start states `[..., K, K]`.
-        a (torch.Tensor): the decay from each chunk's start to its middle token, `[...]`.
+        h_kk (torch.Tensor): states `[..., K, K]` (the chunk paths: `H_c + H_{c+1}`, `chunk_end_states`).
+        a (torch.Tensor): the weight of each state, `[...]` (the chunk paths: 1/2).
         lamb (torch.Tensor): the ridge, broadcastable to `[..., K]`.
         dtype (torch.dtype): the dtype of `W`.
         compute_dtype (torch.dtype): the dtype of the factorisation. Default: float64.
@@ -66,8 +67,8 @@ def jacobi_stall_score(h_kk: torch.Tensor, a: torch.Tensor, lamb: torch.Tensor) 
     dtype if wider), no host sync.
 
     Args:
-        h_kk (torch.Tensor): chunk-start states `[..., K, K]`.
-        a (torch.Tensor): the decay from each chunk's start to its middle token, `[...]`.
+        h_kk (torch.Tensor): states `[..., K, K]` (the chunk paths: `H_c + H_{c+1}`).
+        a (torch.Tensor): the weight of each state, `[...]` (the chunk paths: 1/2).
         lamb (torch.Tensor): the ridge, broadcastable to `[..., K]`.
 
     Returns:
@@ -86,19 +87,20 @@ def apply_factor(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (r @ w) @ w.transpose(-1, -2)
 
 
-def chunk_middle_scale(g_cum: torch.Tensor, chunk_size: int, cu_seqlens: torch.LongTensor | None = None,
-                       chunk_indices: torch.LongTensor | None = None) -> torch.Tensor:
+def chunk_end_states(h_kk: torch.Tensor, ht_kk: torch.Tensor,
+                     chunk_indices: torch.LongTensor | None = None) -> torch.Tensor:
     r"""
-    `a_c = 2^{Γ_mid}`, the decay from each chunk's start to its middle token `C // 2` (its last token when the chunk
-    is shorter), from the Triton path's in-chunk cumulative log2-decay `g_cum [B, T, H]`. Returns `[B, NT, H]`, the
-    chunk layout of `chunk_mesa_fwd_states`'s states (`NT` over every sequence's chunks when varlen). No host sync.
+    The state after every chunk, `H_{c+1}`, in the layout of the chunk-start states `h_kk [B, NT, H, K, K]` of
+    `chunk_mesa_fwd_states`: the next chunk's start state, or at a sequence's last chunk its final state from
+    `ht_kk [N, H, K, K]` (varlen, B = 1: the sequences of fla's `chunk_indices`). A new tensor (the Triton factor and
+    stall kernels read both states in place instead); no host sync.
     """
-    B, T, H = g_cum.shape
-    if cu_seqlens is None:
-        start = torch.arange(0, T, chunk_size, device=g_cum.device)
-        idx = (start + chunk_size // 2).clamp_max(T - 1)
+    B, NT = h_kk.shape[:2]
+    flat = torch.cat([h_kk.flatten(0, 1), ht_kk])
+    c = torch.arange(B * NT, device=h_kk.device)
+    if chunk_indices is None:
+        seq, last = c // NT, c % NT == NT - 1
     else:
-        i_n, i_t = chunk_indices[:, 0].long(), chunk_indices[:, 1].long()
-        bos, eos = cu_seqlens[i_n].long(), cu_seqlens[i_n + 1].long()
-        idx = torch.minimum(bos + i_t * chunk_size + chunk_size // 2, eos - 1)
-    return torch.exp2(g_cum[:, idx].float())
+        seq = chunk_indices[:, 0].to(h_kk.device)
+        last = torch.cat([seq[1:] != seq[:-1], seq.new_ones(1, dtype=torch.bool)])
+    return flat[torch.where(last, B * NT + seq, c + 1)].view_as(h_kk)

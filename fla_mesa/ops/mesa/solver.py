@@ -39,7 +39,7 @@ def cg_solve(
             `||r||² <= residual_floor2(dtype) · ||b||²` (3e-10 relative in float32) stops it first.
         precondition (bool or Callable):
             `True`: Jacobi-preconditioned CG (`z = r / diag`); a callable maps `r [..., K]` to `z = M⁻¹ r` for an SPD
-            `M` of its own (the chunk-start preconditioner: `chunk_torch.ChunkPieces.chunk_start_preconditioner`); `False`:
+            `M` of its own (the chunk preconditioner: `chunk_torch.ChunkPieces.chunk_start_preconditioner`); `False`:
             plain CG. The start is the Jacobi one (`b / diag`) in every case. Default: `False`.
         round_p (Callable, Optional):
             Rounded directions, as the chunk kernel's `round_directions` (op README): the start and each direction

@@ -1,0 +1,93 @@
+# Copyright (c) 2026, fla-mesa contributors. MIT license.
+"""
+What is alive on the GPU at a training step's peak (issue 13's "peak memory <= fla's MesaNet"): for each model of
+`benchmark_training.py` (its sizes, inputs and step), torch's allocator history over the build and two steps, the
+moment of the largest allocated total, and the blocks alive then grouped by the first frame outside torch (the
+code that allocated them). Prints one markdown table a model.
+
+    python benchmarks/tools/peak_memory.py --models fla-mesa fla-mesanet [--T 2048] [--top 25]
+"""
+
+import argparse
+import collections
+import os
+import sys
+import traceback
+
+import torch
+
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
+
+import benchmark_training as bt  # noqa: E402
+
+
+def owner(frames):
+    """The first frame outside torch and Python's own files: `file:line function`."""
+    for f in frames:
+        name = f['filename']
+        if '/torch/' in name or name.startswith('<') or '/python3' in name and 'site-packages' not in name:
+            continue
+        short = name.split('site-packages/')[-1].split('fla_mesa/')[-1]
+        return f"{short}:{f['line']} {f['name']}"
+    return '(torch internals)'
+
+
+def live_at_peak(trace):
+    """`(peak bytes, {address: (size, frames)})` over a device trace of alloc / free_completed events."""
+    live, total, best, best_live = {}, 0, -1, {}
+    for e in trace:
+        if e['action'] == 'alloc':
+            live[e['addr']] = (e['size'], e.get('frames', []))
+            total += e['size']
+            if total > best:
+                best, best_live = total, dict(live)
+        elif e['action'] == 'free_completed' and e['addr'] in live:
+            total -= live.pop(e['addr'])[0]
+    return best, best_live
+
+
+def run(name, args):
+    mesa = bt.mesa_config('small', False, 'cuda')
+    config, _, _ = bt.matched_config(name, mesa, args.T, 'cuda')
+    B = args.tokens // args.T
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    model, opt = bt.build(name, config, 'cuda')
+    for _ in range(2):
+        bt.step(model, opt, B, args.T, config.vocab_size, 'cuda')
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak = torch.cuda.max_memory_allocated()
+    best, blocks = live_at_peak(snap['device_traces'][0])
+    groups = collections.Counter()
+    for size, frames in blocks.values():
+        groups[owner(frames)] += size
+    print(f"\n### {name}, T = {args.T}, B = {B}: max_memory_allocated {peak / 2**20:.1f} MiB, traced peak "
+          f"{best / 2**20:.1f} MiB ({len(blocks)} blocks)\n")
+    print("| allocated by | MiB |\n|---|---|")
+    for where, size in groups.most_common(args.top):
+        print(f"| `{where}` | {size / 2**20:.2f} |")
+    del model, opt
+    bt.free('cuda')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', nargs='+', default=['fla-mesa', 'fla-mesanet'])
+    p.add_argument('--T', type=int, default=2048)
+    p.add_argument('--tokens', type=int, default=16384)
+    p.add_argument('--top', type=int, default=25)
+    args = p.parse_args()
+    print(bt.header(argparse.Namespace(device='cuda', tiny=False, tokens=args.tokens, steps=2, warmup=0, profile_steps=0)))
+    for name in args.models:
+        try:
+            run(name, args)
+        except Exception:
+            traceback.print_exc()
+
+
+if __name__ == '__main__':
+    main()
