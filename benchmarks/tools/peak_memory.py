@@ -5,7 +5,7 @@ What is alive on the GPU at a training step's peak (issue 13's "peak memory <= f
 moment of the largest allocated total, and the blocks alive then grouped by the first frame outside torch (the
 code that allocated them). Prints one markdown table a model.
 
-    python benchmarks/tools/peak_memory.py --models fla-mesa fla-mesanet [--T 2048] [--top 25]
+    python benchmarks/tools/peak_memory.py --models fla-mesa fla-mesanet [--Ts 2048 8192] [--top 25]
 """
 
 import argparse
@@ -23,10 +23,10 @@ import benchmark_training as bt  # noqa: E402
 
 
 def owner(frames):
-    """The first frame outside torch and Python's own files: `file:line function`."""
+    """The first Python frame outside torch and Python's own files: `file:line function`."""
     for f in frames:
         name = f['filename']
-        if '/torch/' in name or name.startswith('<') or '/python3' in name and 'site-packages' not in name:
+        if not name.endswith('.py') or '/torch/' in name or '/python3' in name and 'site-packages' not in name:
             continue
         short = name.split('site-packages/')[-1].split('fla_mesa/')[-1]
         return f"{short}:{f['line']} {f['name']}"
@@ -34,17 +34,21 @@ def owner(frames):
 
 
 def live_at_peak(trace):
-    """`(peak bytes, {address: (size, frames)})` over a device trace of alloc / free_completed events."""
-    live, total, best, best_live = {}, 0, -1, {}
+    """
+    `(peak bytes, {address: (size, frames)}, the allocation that reached the peak)` over a device trace: a block
+    counts from its alloc to its free request (as torch's allocated bytes do; a block used on another stream
+    completes its free later).
+    """
+    live, total, best, best_live, last = {}, 0, -1, {}, None
     for e in trace:
         if e['action'] == 'alloc':
             live[e['addr']] = (e['size'], e.get('frames', []))
             total += e['size']
             if total > best:
-                best, best_live = total, dict(live)
-        elif e['action'] == 'free_completed' and e['addr'] in live:
+                best, best_live, last = total, dict(live), e
+        elif e['action'] in ('free_requested', 'free_completed') and e['addr'] in live:
             total -= live.pop(e['addr'])[0]
-    return best, best_live
+    return best, best_live, last
 
 
 def run(name, args):
@@ -61,12 +65,13 @@ def run(name, args):
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.cuda.max_memory_allocated()
-    best, blocks = live_at_peak(snap['device_traces'][0])
+    best, blocks, last = live_at_peak(snap['device_traces'][0])
     groups = collections.Counter()
     for size, frames in blocks.values():
         groups[owner(frames)] += size
     print(f"\n### {name}, T = {args.T}, B = {B}: max_memory_allocated {peak / 2**20:.1f} MiB, traced peak "
-          f"{best / 2**20:.1f} MiB ({len(blocks)} blocks)\n")
+          f"{best / 2**20:.1f} MiB ({len(blocks)} blocks), reached by {last['size'] / 2**20:.2f} MiB at "
+          f"`{owner(last.get('frames', []))}`\n")
     print("| allocated by | MiB |\n|---|---|")
     for where, size in groups.most_common(args.top):
         print(f"| `{where}` | {size / 2**20:.2f} |")
@@ -77,16 +82,17 @@ def run(name, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', nargs='+', default=['fla-mesa', 'fla-mesanet'])
-    p.add_argument('--T', type=int, default=2048)
+    p.add_argument('--Ts', type=int, nargs='+', default=[2048])
     p.add_argument('--tokens', type=int, default=16384)
     p.add_argument('--top', type=int, default=25)
     args = p.parse_args()
     print(bt.header(argparse.Namespace(device='cuda', tiny=False, tokens=args.tokens, steps=2, warmup=0, profile_steps=0)))
-    for name in args.models:
-        try:
-            run(name, args)
-        except Exception:
-            traceback.print_exc()
+    for args.T in args.Ts:
+        for name in args.models:
+            try:
+                run(name, args)
+            except Exception:
+                traceback.print_exc()
 
 
 if __name__ == '__main__':

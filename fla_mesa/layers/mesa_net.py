@@ -17,7 +17,7 @@ from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
 from fla_mesa.ops.mesa.chunk import qk_l2norm
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
-from fla_mesa.ops.mesa.utils import use_triton
+from fla_mesa.ops.mesa.utils import pack_cg_steps, split_cg_steps, use_triton
 
 if TYPE_CHECKING:
     from fla.models.utils import Cache
@@ -243,6 +243,7 @@ class MesaNet(nn.Module):
         self.precondition = precondition
         self.chunk_size = chunk_size
         self.warn_unconverged = warn_unconverged
+        self._cg_record = None
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -288,6 +289,16 @@ class MesaNet(nn.Module):
             f"cg_inference=({self.cg_max_steps_inference}, {self.cg_tol_inference}), precondition={self.precondition}, "
             f"use_gamma_cap={self.use_gamma_cap}"
         )
+
+    @property
+    def last_cg_steps(self) -> torch.Tensor | None:
+        """The CG steps of the last call, `[B, T, H]` int32 (both solves of 'auto'), on the device; `None` before one."""
+        return None if self._cg_record is None else split_cg_steps(self._cg_record)[0].int()
+
+    @property
+    def last_cg_unconverged(self) -> torch.Tensor | None:
+        """The tokens and heads of the last call whose solve stopped short of `cg_tol`, `[B, T, H]` bool."""
+        return None if self._cg_record is None else self._cg_record < 0
 
     def get_lambda(self) -> torch.Tensor:
         """`Λ` as `[H, K]` float32."""
@@ -420,10 +431,10 @@ class MesaNet(nn.Module):
             o, recurrent_state, cg_steps, unconverged = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
         else:
             raise NotImplementedError(f"Not supported mode `{mode}`.")
-        # the CG steps of the last call per token and head, and the tokens whose solve stopped short of cg_tol
-        # (for monitoring; not differentiable, on the device: reading them is the only sync)
-        self.last_cg_steps = cg_steps
-        self.last_cg_unconverged = unconverged
+        # the CG steps of the last call per token and head, and the tokens whose solve stopped short of cg_tol, kept
+        # packed (`last_cg_steps`, `last_cg_unconverged` decode them): in training they stay alive through the
+        # step's peak, so they take 1 byte a token and head instead of 5
+        self._cg_record = pack_cg_steps(cg_steps, unconverged, cg_max_steps)
 
         update_layer_cache(
             self,

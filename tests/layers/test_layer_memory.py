@@ -13,6 +13,7 @@ import torch
 from fla.models.utils import Cache
 
 from fla_mesa.layers import mesa_net as mesa_net_module
+from fla_mesa.ops.mesa.utils import pack_cg_steps, split_cg_steps
 from tests.layers.test_mesa_net_layer import inputs, make_layer
 from tests.utils import torch_chunk_path
 
@@ -87,8 +88,8 @@ def saved_bytes_per_token(layer, x, **kwargs):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x.detach().requires_grad_(), **kwargs)
-    kept = sum(t.nbytes for t in (getattr(layer, 'last_cg_steps', None), getattr(layer, 'last_cg_unconverged', None))
-               if t is not None)
+    record = getattr(layer, '_cg_record', None)
+    kept = 0 if record is None else record.nbytes
     return sum(storages.values()) / x.shape[:2].numel(), kept / x.shape[:2].numel()
 
 
@@ -122,4 +123,19 @@ def test_saved_activations_not_above_fla():
     saved_fla, kept_fla = saved_bytes_per_token(FlaMesaNet(**kwargs).to(torch.bfloat16).train(), x)
     assert kept_fla == 0
     saved_fla -= 4 * H
+    # the CG record: 1 byte a token and head at the default 30 steps
+    assert kept == H
     assert saved + kept <= saved_fla, f"fla-mesa {saved} + {kept}, fla {saved_fla} bytes per token"
+
+
+@pytest.mark.parametrize('cg_max_steps, dtype', [(30, torch.int8), (63, torch.int8), (64, torch.int16),
+                                                 (20000, torch.int32)])
+def test_cg_record_round_trip(cg_max_steps, dtype):
+    # what the layer keeps: steps and the unconverged mask in one tensor, in the narrowest dtype that holds 'auto''s
+    # two solves (up to 2 * cg_max_steps), decoded exactly
+    steps = torch.tensor([0, 1, cg_max_steps, 2 * cg_max_steps, 2 * cg_max_steps], dtype=torch.int32)
+    unconverged = torch.tensor([False, True, False, False, True])
+    packed = pack_cg_steps(steps, unconverged, cg_max_steps)
+    assert packed.dtype == dtype
+    got_steps, got_unconverged = split_cg_steps(packed)
+    assert torch.equal(got_steps.int(), steps) and torch.equal(got_unconverged, unconverged)

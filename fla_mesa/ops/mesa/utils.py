@@ -56,6 +56,17 @@ def split_cg_steps(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(unconverged, ~steps, steps), unconverged
 
 
+def pack_cg_steps(steps: torch.Tensor, unconverged: torch.Tensor, cg_max_steps: int) -> torch.Tensor:
+    """
+    Step counts and the unconverged mask in one tensor as the kernels encode them (`~n` where unconverged;
+    `split_cg_steps` decodes), in the narrowest integer dtype that holds every count ('auto' runs up to two solves of
+    `cg_max_steps` each): what `MesaNet` keeps of each call, 1 byte a token and head at the default 30 steps.
+    """
+    bound = 2 * cg_max_steps + 1
+    dtype = torch.int8 if bound <= 127 else torch.int16 if bound <= 32767 else torch.int32
+    return torch.where(unconverged, ~steps, steps).to(dtype)
+
+
 def op_outputs(
     op: str, o, final_state, steps, flagged: bool, cg_max_steps: int, cg_tol: float | None,
     return_cg_steps: bool, return_cg_unconverged: bool, warn_unconverged: bool,
