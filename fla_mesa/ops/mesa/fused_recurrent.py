@@ -475,7 +475,7 @@ def fused_recurrent_mesa(
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_max_steps, cg_tol, check_values=check_values)
     if not isinstance(precondition, bool):
         # 'chunk' has no token-by-token form that pays: a factorisation per token costs more than the CG steps it
-        # saves (op README, "Chunk-start preconditioner")
+        # saves (op README, "Chunk preconditioner")
         raise ValueError(f"fused_recurrent_mesa takes `precondition` True (Jacobi) or False, got {precondition!r}; "
                          "the chunk preconditioner ('chunk') is chunk_mesa's only (op README)")
     if use_qk_l2norm_in_kernel:
