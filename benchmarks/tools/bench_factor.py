@@ -25,7 +25,7 @@ from fla.ops.utils.constant import RCP_LN2  # noqa: E402
 
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states  # noqa: E402
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton  # noqa: E402
-from fla_mesa.ops.mesa.precond import chunk_middle_scale, chunk_start_factor  # noqa: E402
+from fla_mesa.ops.mesa.precond import chunk_end_states, chunk_start_factor  # noqa: E402
 from tests.ops.test_hard_states import hard_inputs  # noqa: E402
 
 from benchmark_chunk import header, make_inputs  # noqa: E402
@@ -62,7 +62,11 @@ def torch_factor_fp32(h_kk, a, lamb, dtype):
 
 
 def states(T, family):
-    """(h_kk [1, NT, H, K, K], a [1, NT, H], lamb [H, K]) of the Triton chunk path at B = 1."""
+    """
+    (h [1, NT, H, K, K], a [1, NT, H], lamb [H, K]) of the Triton chunk path at B = 1: `h = H_c + H_{c+1}` and
+    `a = 1/2`, so that `a h + Λ` is the chunk preconditioner's `M_c` (summed here once: the library's kernel reads
+    the two states in place, `ht_kk=`).
+    """
     if family == 'random keys (benchmark_chunk)':
         _, k, v, g, beta, lamb = make_inputs(1, T, H, K, device='cuda')
     else:
@@ -70,9 +74,8 @@ def states(T, family):
         _, k, v, g, beta, lamb = (x.cuda() for x in hard_inputs(T, H=H, K=K, V=K, **kw))
         k, v = k.bfloat16(), v.bfloat16()
     g_cum = chunk_local_cumsum(g.float(), BT, scale=RCP_LN2)
-    h_kk, _, _ = chunk_mesa_fwd_states(k, v, g_cum, beta.float(), chunk_size=BT)
-    a = chunk_middle_scale(g_cum, BT).view(*h_kk.shape[:3])
-    return h_kk, a, lamb.float()
+    h_kk, _, (ht_kk, _) = chunk_mesa_fwd_states(k, v, g_cum, beta.float(), output_final_state=True, chunk_size=BT)
+    return h_kk + chunk_end_states(h_kk, ht_kk), h_kk.new_full(h_kk.shape[:3], 0.5), lamb.float()
 
 
 def residual(w, h_kk, a, lamb):
@@ -101,7 +104,7 @@ def main():
     args = parser.parse_args()
     configs = [CONFIGS[int(i)] for i in args.configs.split(',')]
     meths = methods(configs)
-    log(f"# Chunk-start factor: Triton kernel against torch (issue 14)\n\n{header()}\n", args.out)
+    log(f"# Chunk preconditioner factor: Triton kernel against torch (issue 14)\n\n{header()}\n", args.out)
     log("`python benchmarks/tools/bench_factor.py`. H = 16, K = 128, chunk 64, the chunk path's float32 states; "
         "W in float32. Time: `triton.testing.do_bench` median (ms) on the random-key states. Accuracy: "
         "‖W Wᵀ M − I‖_F per matrix for W rounded to float32 (every method), median / max over the 4096 "
@@ -117,11 +120,11 @@ def main():
         h, a, lamb = data[16384] if fam == families[0] else states(16384, fam)
         m = a.double()[..., None, None] * h.double()
         m = (m + m.transpose(-1, -2)) / 2 + torch.diag_embed(lamb.double().expand(*a.shape, K))
-        # every 8th chunk from the second (the first has H = 0): an eigensolver over all 4096 takes longer than the rest
+        # every 8th chunk from the second: an eigensolver over all 4096 takes longer than the rest
         ev = torch.linalg.eigvalsh(m[:, 1::8])
         kappa = ev[..., -1] / ev[..., 0]
         acc[fam, 'kappa'] = f"{kappa.median().item():.1e} / {kappa.max().item():.1e}"
-        # a diagonal W is a fallback unless M is diagonal itself (the first chunk's: H = 0)
+        # a diagonal W is a fallback unless M is diagonal itself
         full = (m.triu(1) != 0).flatten(-2).any(-1)
         del m, ev
         for name, fn in meths:
