@@ -3,7 +3,7 @@
 Where chunk_mesa's time goes: forward and forward+backward under torch.profiler, CUDA time per kernel (ms per call,
 averaged over the profiled iterations), at B·T = 16384, H = 16, D = 128, bf16, the inputs of benchmark_chunk.py.
 
-    python benchmarks/tools/profile_chunk.py [--T 4096] [--modes steps30 tol]
+    python benchmarks/tools/profile_chunk.py [--T 4096] [--modes steps30 tol] [--pin-config 0]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from benchmark_chunk import header, make_inputs  # noqa: E402
 MODES = {
     'steps30': dict(cg_max_steps=30, cg_tol=None, check_values=False),
     'tol': dict(cg_max_steps=30, cg_tol=1e-4, check_values=False),
+    # the default 'auto' above against Jacobi alone: what 'auto' adds where nothing is routed
+    'tol_jacobi': dict(cg_max_steps=30, cg_tol=1e-4, check_values=False, precondition=True),
     # the value checks' host sync, as a direct call of the op pays it
     'tol_checked': dict(cg_max_steps=30, cg_tol=1e-4),
 }
@@ -55,7 +57,13 @@ def main():
     p.add_argument('--tokens', type=int, default=16384)
     p.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
     p.add_argument('--iters', type=int, default=10)
+    p.add_argument('--pin-config', type=int, default=None,
+                   help="every chunk kernel at this config (no autotuning: one compile each)")
     args = p.parse_args()
+    if args.pin_config is not None:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        from tests.gpu_configs import pin_all
+        pin_all(args.pin_config)
     print('# ' + header())
     B, T = max(args.tokens // args.T, 1), args.T
     inputs = make_inputs(B, T, 16, 128)
