@@ -34,10 +34,6 @@ from tests.ops.test_hard_states import FAMILIES, hard_inputs  # noqa: E402
 LIBRARY = chunk_torch.ChunkPieces.chunk_start, chunk_torch.ChunkPieces.stall_score
 
 
-def end_states(self):
-    return torch.cat([self.H.detach()[:, :, 1:], self.final_state[0].detach()[:, :, None]], 2)
-
-
 def middle(self):
     return self.decay[..., self.decay.shape[-2] // 2, 0].detach()
 
@@ -51,7 +47,7 @@ def variant(name):
         h, lamb = self.H.detach(), self.lamb[:, :, 0].detach()
         one = torch.ones_like(h[..., 0, 0])
         return {'start·a': lambda: (h, middle(self), lamb), 'start': lambda: (h, one, lamb),
-                'end': lambda: (end_states(self), one, lamb), 'mean': lambda: (h + end_states(self), one / 2, lamb)}[name]()
+                'end': lambda: (self.end_states(), one, lamb), 'mean': lambda: (h + self.end_states(), one / 2, lamb)}[name]()
 
     def stall_score(self):
         return jacobi_stall_score(*self.chunk_start())

@@ -298,7 +298,7 @@ class MesaNet(nn.Module):
     @property
     def last_cg_unconverged(self) -> torch.Tensor | None:
         """The tokens and heads of the last call whose solve stopped short of `cg_tol`, `[B, T, H]` bool."""
-        return None if self._cg_record is None else self._cg_record < 0
+        return None if self._cg_record is None else split_cg_steps(self._cg_record)[1]
 
     def get_lambda(self) -> torch.Tensor:
         """`Λ` as `[H, K]` float32."""

@@ -557,11 +557,12 @@ def chunk_mesa_cg(
         )
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
+        seq_chunks = chunk_indices if cu_seqlens is not None else None
         if K <= 128:
             factor = chunk_start_factor_triton(h_kk, 0.5, lamb, FACTOR_DTYPE, need=need, ht_kk=ht_kk,
-                                               chunk_indices=chunk_indices if cu_seqlens is not None else None)
+                                               chunk_indices=seq_chunks)
         else:
-            h_sum = h_kk + chunk_end_states(h_kk, ht_kk, chunk_indices if cu_seqlens is not None else None)
+            h_sum = h_kk + chunk_end_states(h_kk, ht_kk, seq_chunks)
             factor = chunk_start_factor(h_sum, h_kk.new_full(h_kk.shape[:3], 0.5), lamb, FACTOR_DTYPE)
     if precondition in ('chunk', 'auto'):
         if factor.shape != h_kk.shape or factor.dtype not in (torch.float32, torch.bfloat16):

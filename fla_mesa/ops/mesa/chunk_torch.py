@@ -110,11 +110,14 @@ class ChunkPieces:
         w = chunk_start_factor(*self.chunk_start(), self.k.dtype)
         return lambda r: apply_factor(r, w)
 
+    def end_states(self):
+        """`H_{c+1}`, the state after every chunk (the next chunk's start, the final state after the last), detached."""
+        return torch.cat([self.H.detach()[:, :, 1:], self.final_state[0].detach()[:, :, None]], 2)
+
     def chunk_start(self):
         """`(H_c + H_{c+1}, 1/2, λ)` of every chunk's `M_c`, `H_{c+1}` the state after the chunk; detached."""
         h = self.H.detach()
-        h_end = torch.cat([h[:, :, 1:], self.final_state[0].detach()[:, :, None]], 2)
-        return h + h_end, torch.full_like(h[..., 0, 0], 0.5), self.lamb[:, :, 0].detach()
+        return h + self.end_states(), torch.full_like(h[..., 0, 0], 0.5), self.lamb[:, :, 0].detach()
 
     def stall_score(self):
         """
