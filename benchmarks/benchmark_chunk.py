@@ -118,6 +118,9 @@ def op_table(only=None):
         # rounded CG directions: 5 products a step instead of 7, the same accuracy (op README)
         ops['fla-mesa 30 steps, plain p'] = ops['fla-mesa 30 steps']
         ops['fla-mesa tol 1e-4, plain p'] = ops['fla-mesa tol 1e-4']
+        # the default precondition='auto' against Jacobi alone: what its stall score and second pass cost
+        ops['fla-mesa tol 1e-4, jacobi'] = lambda q, k, v, g, b, l: chunk_mesa(
+            q, k, v, g, b, l, cg_max_steps=30, cg_tol=1e-4, precondition=True, check_values=False)[0]
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         ops['fla-mesa 30 steps'] = ops['fla-mesa tol 1e-4'] = reason

@@ -52,8 +52,11 @@ def timed(fn, device):
 
 
 def fwd_bwd(fn, inputs):
+    """A forward+backward of `fn` to time, as benchmark_chunk.py times it: leaves and an upstream gradient made once,
+    so that the time is the op's alone (no clones, casts or reductions inside)."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    fn(*leaves).float().sum().backward()
+    do = torch.randn(fn(*leaves).shape, generator=torch.Generator().manual_seed(0)).to(inputs[2])
+    return lambda: fn(*leaves).backward(do)
 
 
 def adjoint_steps(inputs, precondition, skip=True):
@@ -98,8 +101,8 @@ def family_table(args, lines):
                 steps = steps.float()
                 err = benchmark_chunk.rel(o[:, -ref.shape[1]:], ref)
                 t_f = timed(lambda: chunk_mesa(*inputs, precondition=pc, check_values=False), args.device)
-                t_b = timed(lambda: fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0],
-                                            inputs), args.device)
+                t_b = timed(fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0], inputs),
+                            args.device)
                 adj = f"{adjoint_steps(inputs, pc):.2f}"
                 if pc == 'auto':
                     adj += f" ({adjoint_steps(inputs, pc, skip=False):.2f})"
@@ -173,8 +176,8 @@ def chunk_table(args, lines):
             try:
                 _, _, steps = chunk_mesa(*inputs, precondition=pc, return_cg_steps=True, check_values=False)
                 t_f = timed(lambda: chunk_mesa(*inputs, precondition=pc, check_values=False), args.device)
-                t_b = timed(lambda: fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0],
-                                            inputs), args.device)
+                t_b = timed(fwd_bwd(lambda *x: chunk_mesa(*x, precondition=pc, check_values=False)[0], inputs),
+                            args.device)
                 row = f"{steps.float().mean():.2f} | {t_f:.2f} | {t_b:.2f}"
             except Exception as e:
                 traceback.print_exc()

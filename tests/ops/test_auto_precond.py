@@ -242,13 +242,51 @@ def test_first_pass_marks_the_chunks_to_rescue(monkeypatch, cu_seqlens):
     assert torch.equal(need.cpu(), want)
 
 
+@NEEDS_TRITON
+@pytest.mark.parametrize('N', [1, 700, 2500])
+def test_rescue_items_lists_the_map(N):
+    # the second pass's work list: every nonzero entry of the map once (1 rescued, 2 routed), after their count;
+    # 2500 entries span three programs of the kernel's 1024
+    device = 'cuda' if ON_GPU else 'cpu'
+    need = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(N), dtype=torch.int32).to(device)
+    items = torch.zeros(N + 1, dtype=torch.int32, device=device)
+    chunk_cg.rescue_items_kernel[(-(-N // 1024),)](need, items, N, BLOCK=1024)
+    want = need.nonzero().flatten().cpu()
+    n = int(items[0])
+    assert n == len(want)
+    assert torch.equal(items[1:1 + n].cpu().sort().values.long(), want)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize('routing', [True, False])
+def test_rescue_pass_any_program_count(monkeypatch, one_cg_config, routing):
+    # the second pass's programs walk the list in strides: one program, or more programs than chunks, give the same
+    # outputs, steps and gradients to the bit as the default count (routed chunks, and chunks Jacobi left)
+    if not routing:
+        jacobi_first(monkeypatch)
+    inputs = [x.float().requires_grad_() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2)]
+    do = torch.randn(1, 160, 2, 8, generator=torch.Generator().manual_seed(3))
+
+    def outputs():
+        o, _, steps, bad = triton_chunk_mesa(*inputs, cg_tol=1e-6, chunk_size=32, precondition='auto',
+                                             return_cg_steps=True, return_cg_unconverged=True)
+        return [o, steps, bad, *torch.autograd.grad(o, inputs, do.to(o))]
+
+    base = outputs()
+    assert not base[2].any() and (base[1] > 0).all()
+    for programs in (1, 1000):
+        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index, n=programs: n)
+        for want, got in zip(base, outputs()):
+            assert torch.equal(want, got)
+
+
 # the two passes' kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
 # apart as the interpreter replaces triton.jit: the early returns of the programs with nothing to do must compile
 _SM90_SCRIPT = """
 from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import chunk_cg, factor
 types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32',
-             v='*bf16', h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
+             items='*i32', v='*bf16', h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
               FIRST=False)
@@ -268,12 +306,15 @@ kernels = [
     # (reading each chunk's start and end states, varlen: the end of a sequence's last chunk from the final states)
     compile_sm90(chunk_cg.chunk_stall_kernel, dict(h_kk='*fp32', ht_kk='*fp32', g='*fp32', lamb='*fp32', need='*i32',
                                                    cu_seqlens='*i64', chunk_indices='*i64', T='i32', NT='i32'),
-                 dict(H=4, K=128, BK=128, BT=64, STALL_FF2=chunk_cg.JACOBI_STALL_FF2, IS_VARLEN=True), num_warps=8,
+                 dict(H=4, K=128, BK=128, BR=16, BT=64, STALL_FF2=chunk_cg.JACOBI_STALL_FF2, IS_VARLEN=True), num_warps=4,
                  num_stages=1),
     compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', ht='*fp32', chunk_indices='*i64', lamb='*fp32',
                                                         w='*fp32', need='*i32', NT='i32', scale='fp32'),
                  dict(H=4, K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True, HAS_END=True, HAS_A=False, IS_VARLEN=True),
                  num_warps=1, num_stages=1),
+    # the second pass's work list
+    compile_sm90(chunk_cg.rescue_items_kernel, dict(need='*i32', items='*i32', N='i32'), dict(BLOCK=1024),
+                 num_warps=4, num_stages=1),
 ]
 print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 """
@@ -282,7 +323,7 @@ print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 def test_auto_kernels_compile_for_sm90():
     out = run_apart(_SM90_SCRIPT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 6
+    assert all(int(n) > 0 for n in out.stdout.split()) and len(out.stdout.split()) == 7
 
 
 def fwd_bwd_functions(backend):

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices
-from fla.utils import autotune_cache_kwargs
+from fla.utils import autotune_cache_kwargs, get_multiprocessor_count
 
 from fla_mesa.ops.mesa.kernel_utils import (
     INTERPRETING, chunk_end_state, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split,
@@ -101,7 +103,8 @@ CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
 
 @triton.jit
 def chunk_stall_kernel(h_kk, ht_kk, g, lamb, need, cu_seqlens, chunk_indices, T, NT, H: tl.constexpr, K: tl.constexpr,
-                       BK: tl.constexpr, BT: tl.constexpr, STALL_FF2: tl.constexpr, IS_VARLEN: tl.constexpr):
+                       BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr, STALL_FF2: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
     # precondition='auto': `precond.jacobi_stall_score` of one chunk and head's a_c (H_c + H_{c+1}) / 2 + Λ
     # (`ChunkPieces.stall_score`, a_c the decay to the chunk's middle token); above STALL_FF2 Jacobi is predicted to
     # stall and the chunk and head are marked 2 (the first pass skips them, the second solves them with the chunk
@@ -117,14 +120,39 @@ def chunk_stall_kernel(h_kk, ht_kk, g, lamb, need, cu_seqlens, chunk_indices, T,
     m_k = o_k < K
     p_h = h_kk + (i_c * H + i_h) * K * K
     p_e = chunk_end_state(h_kk, ht_kk, chunk_indices, i_c, i_h, NT, H, K * K, IS_VARLEN)
-    m_kk = m_k[:, None] & m_k[None, :]
-    o_kk = o_k[:, None] * K + o_k[None, :]
-    b_ah = b_a * (tl.load(p_h + o_kk, mask=m_kk, other=0.) + tl.load(p_e + o_kk, mask=m_kk, other=0.))
     b_u = 1. / (b_a * (tl.load(p_h + o_k * (K + 1), mask=m_k, other=0.) + tl.load(p_e + o_k * (K + 1), mask=m_k, other=0.))
                 + tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32))
-    b_f2 = tl.where(o_k[:, None] != o_k[None, :], b_ah * b_ah * b_u[:, None] * b_u[None, :], 0.)
-    if tl.sum(tl.sum(b_f2, 1), 0) > STALL_FF2:
+    # BR rows at a time (small programs, many resident: the pass is bound by its loads); the states are symmetric,
+    # so the entries above the diagonal, twice
+    b_ff = tl.zeros([BR, BK], dtype=tl.float32)
+    for i_r in range(0, tl.cdiv(K, BR)):
+        o_r = i_r * BR + tl.arange(0, BR)
+        m_r = o_r < K
+        m_up = m_r[:, None] & m_k[None, :] & (o_r[:, None] < o_k[None, :])
+        o_rk = o_r[:, None] * K + o_k[None, :]
+        b_ah = b_a * (tl.load(p_h + o_rk, mask=m_up, other=0.) + tl.load(p_e + o_rk, mask=m_up, other=0.))
+        b_ur = 1. / (b_a * (tl.load(p_h + o_r * (K + 1), mask=m_r, other=0.) + tl.load(p_e + o_r * (K + 1), mask=m_r,
+                                                                                       other=0.))
+                     + tl.load(lamb + i_h * K + o_r, mask=m_r, other=1.).to(tl.float32))
+        b_ff += b_ah * b_ah * b_ur[:, None] * b_u[None, :]
+    if 2 * tl.sum(tl.sum(b_ff, 1), 0) > STALL_FF2:
         tl.store(need + i_c * H + i_h, 2)
+
+
+@triton.jit
+def rescue_items_kernel(need, items, N, BLOCK: tl.constexpr):
+    # precondition='auto': the entries of the `[chunks, H]` map that the second pass solves (nonzero), appended to
+    # `items` after their count `items[0]` (zeroed by the caller); the order is the atomics', and no result depends on it
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b_f = (tl.load(need + o, mask=o < N, other=0) != 0).to(tl.int32)
+    base = tl.atomic_add(items, tl.sum(b_f, 0))
+    tl.store(items + 1 + base + tl.cumsum(b_f, 0) - b_f, o.to(tl.int32), mask=b_f != 0)
+
+
+@functools.lru_cache
+def _rescue_programs(device_index):
+    # the second pass's program count: a few a multiprocessor (the interpreter: 3, so that its programs loop)
+    return 3 if is_interpreting() else 4 * get_multiprocessor_count(device_index)
 
 
 def _prune_cg_configs(configs, named_args, **kwargs):
@@ -135,7 +163,20 @@ def _prune_cg_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _chunk_mesa_cg(
+def _rescue_rows(need, steps, i_c, bos, o_r, m_r, H: tl.constexpr, BR: tl.constexpr):
+    # precondition='auto', second pass: (the rows to solve, the steps the first pass ran on them, whether the chunk
+    # skipped the first pass: marked 2, every row from 0 steps)
+    b_whole = (tl.load(need + i_c) + tl.zeros([BR], dtype=tl.int32)) == 2
+    b_prev = tl.where(b_whole, 0, tl.load(steps + (bos + o_r) * H + i_c % H, mask=m_r, other=0))
+    return (b_prev < 0) | b_whole, tl.where(b_prev < 0, -1 - b_prev, b_prev), b_whole
+
+
+@triton.jit
+def _chunk_mesa_cg_item(
+    i_t,
+    i_r,
+    i_b,
+    i_h,
     b,
     k,
     g,
@@ -179,23 +220,15 @@ def _chunk_mesa_cg(
     RESCUE: tl.constexpr,
     FIRST: tl.constexpr,
 ):
-    # the CG solve of one program, (BR rows of a chunk, head): the rows interact only through the chunk's keys. The
-    # forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed here from do) are
-    # two kernels over this body, so that profiles and autotuning tell them apart
-    i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # the CG solve of one program's rows: BR rows of chunk `i_t` (the program's chunk axis: over every sequence's
+    # chunks when varlen) of batch `i_b`, head `i_h`; the rows interact only through the chunk's keys
     BR: tl.constexpr = BT // NR
-    i_t, i_r = i_tr // NR, i_tr % NR
-    i_b, i_h = i_bh // H, i_bh % H
     i_tg, i_t, bos, T = chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
-    if RESCUE:
-        # precondition='auto', second pass: a chunk and head with no unconverged row (`need` [chunks, H] is 0) is done
-        if tl.load(need + i_tg * H + i_h) == 0:
-            return
     if FIRST:
         # precondition='auto', first pass: a chunk and head marked 2 (`skip_jacobi`, or a stall predicted by
-        # `chunk_stall_kernel`) goes to the second pass whole, Jacobi skipped
-        if tl.load(need + i_tg * H + i_h) == 2:
-            return
+        # `chunk_stall_kernel`) goes to the second pass whole, Jacobi skipped; the mark is read below, after the
+        # chunk's first loads are issued, so that its latency hides behind theirs
+        b_mark = tl.load(need + i_tg * H + i_h)
 
     # rows of this program and columns (all tokens of the chunk)
     o_r = i_t * BT + i_r * BR + tl.arange(0, BR)
@@ -214,6 +247,9 @@ def _chunk_mesa_cg(
     b_beta = tl.load(beta + (bos + o_c) * H + i_h, mask=m_c, other=0.).to(tl.float32)
     # padded columns get λ = 1: their d stays positive and p, x stay 0 there
     b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
+    if FIRST:
+        if b_mark == 2:
+            return
     # [BR, BT] M_ij = 2^(Γ_i − Γ_j) β_j for j <= i (Γ in log2 space)
     m_rc = (o_r[:, None] >= o_c[None, :]) & m_r[:, None] & m_c[None, :]
     b_m = tl.where(m_rc, exp2(b_gr[:, None] - b_gc[None, :]) * b_beta[None, :], 0.)
@@ -260,11 +296,7 @@ def _chunk_mesa_cg(
         # iterate (any finite start converges to the same x: non-finite entries start at 0)
         # a chunk marked 2 skipped the first pass: every row, from the Jacobi start (what x and steps hold there,
         # unwritten, is not used)
-        b_whole = (tl.load(need + i_tg * H + i_h) + tl.zeros([BR], dtype=tl.int32)) == 2
-        b_prev = tl.load(steps + (bos + o_r) * H + i_h, mask=m_r, other=0)
-        b_prev = tl.where(b_whole, 0, b_prev)
-        m_redo = (b_prev < 0) | b_whole
-        b_prev = tl.where(b_prev < 0, -1 - b_prev, b_prev)
+        m_redo, _, b_whole = _rescue_rows(need, steps, i_tg * H + i_h, bos, o_r, m_r, H, BR)
         b_x = tl.load(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.)
         b_x = b_x / tl.where(m_nz, b_s, 1.)[:, None]
         b_x = tl.where(tl.abs(b_x) < float('inf'), b_x, 0.)
@@ -326,6 +358,8 @@ def _chunk_mesa_cg(
         i += 1
 
     if RESCUE:
+        # read again rather than kept through the loop, which is short of registers
+        m_redo, b_prev, _ = _rescue_rows(need, steps, i_tg * H + i_h, bos, o_r, m_r, H, BR)
         b_steps += b_prev
     if FLAG_UNCONVERGED:
         # a row that stopped above tol (at max_steps or a breakdown), or with a NaN residual, stores ~steps
@@ -362,6 +396,45 @@ def _chunk_mesa_cg(
             tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_w[:, None] & m_v[None, :])
 
 
+@triton.jit
+def _chunk_mesa_cg(
+    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, steps, o, cu_seqlens, chunk_indices, max_steps,
+    tol2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
+    K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, RHS_DX: tl.constexpr, DO_IS_BF16: tl.constexpr,
+    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
+):
+    # the forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed from do) are
+    # two kernels over this body, so that profiles and autotuning tell them apart
+    if RESCUE:
+        # precondition='auto', second pass: a few programs walk the `items` list (`rescue_items_kernel`: their count,
+        # then the chunks and heads to solve), NR items a chunk; with nothing to rescue they end at once,
+        # where a program per chunk would each start and return
+        n_items = tl.load(items)
+        for i_w in range(tl.program_id(0), n_items * NR, tl.num_programs(0)):
+            i_c = tl.load(items + 1 + i_w // NR).to(tl.int64)
+            i_tg, i_h = i_c // H, i_c % H
+            if IS_VARLEN:
+                i_t, i_b = i_tg, i_tg * 0
+            else:
+                i_t, i_b = i_tg % tl.cdiv(T, BT), i_tg // tl.cdiv(T, BT)
+            _chunk_mesa_cg_item(
+                i_t, i_w % NR, i_b, i_h, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, o,
+                cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION,
+                ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
+                FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+            )
+    else:
+        i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        _chunk_mesa_cg_item(
+            i_tr // NR, i_tr % NR, i_bh // H, i_bh % H, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps,
+            o, cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION,
+            ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
+            FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+        )
+
+
 @triton.heuristics({
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
     'READOUT': lambda args: args['o'] is not None,
@@ -378,8 +451,8 @@ def _chunk_mesa_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_fwd_kernel_cg(
-    b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
+    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
@@ -387,7 +460,7 @@ def chunk_mesa_fwd_kernel_cg(
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
-        b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps,
+        b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps,
         tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
         READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
     )
@@ -408,15 +481,15 @@ def chunk_mesa_fwd_kernel_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(
-    k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
+    k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
 ):
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps,
+        None, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps,
         tol2, T, H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
         False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
     )
@@ -546,8 +619,8 @@ def chunk_mesa_cg(
         if skip_jacobi is None:
             need = torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device)
             chunk_stall_kernel[(need.shape[0], H)](
-                h_kk, ht_kk, g_cum, lamb, need, cu_seqlens, chunk_indices, T, h_kk.shape[1], H=H, K=K, BK=BK, BT=BT,
-                STALL_FF2=float(JACOBI_STALL_FF2), IS_VARLEN=cu_seqlens is not None, num_warps=8 if BK > 64 else 4)
+                h_kk, ht_kk, g_cum, lamb, need, cu_seqlens, chunk_indices, T, h_kk.shape[1], H=H, K=K, BK=BK,
+                BR=min(BK, 16), BT=BT, STALL_FF2=float(JACOBI_STALL_FF2), IS_VARLEN=cu_seqlens is not None, num_warps=4)
         else:
             # the backward: the forward's map, its predicted stalls included (the same matrices, the same scores)
             need = (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous()
@@ -555,6 +628,9 @@ def chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
             precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
         )
+        # the second pass's work list, built on the device (no host sync)
+        items = torch.zeros(need.numel() + 1, dtype=torch.int32, device=k.device)
+        rescue_items_kernel[(triton.cdiv(need.numel(), 1024),)](need, items, need.numel(), BLOCK=1024)
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
         seq_chunks = chunk_indices if cu_seqlens is not None else None
@@ -582,11 +658,14 @@ def chunk_mesa_cg(
     first = need is not None and not rescue
 
     def grid(meta):
+        if rescue:
+            return (min(NT * meta['NR'] * B * H, _rescue_programs(k.device.index)), 1)
         return (NT * meta['NR'], B * H)
 
     kw = dict(
-        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, v=v, h_kv=h_kv, x=x, steps=steps,
-        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps), tol2=tol2, T=T, H=H, K=K, V=V,
+        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, items=items if rescue else None, v=v,
+        h_kv=h_kv, x=x, steps=steps, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps),
+        tol2=tol2, T=T, H=H, K=K, V=V,
         BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if factor is not None else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
