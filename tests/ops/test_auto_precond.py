@@ -280,6 +280,26 @@ def test_rescue_pass_any_program_count(monkeypatch, one_cg_config, routing):
             assert torch.equal(want, got)
 
 
+@NEEDS_TRITON
+def test_rescue_with_a_given_factor(monkeypatch):
+    # 'auto' with the factor given (no factor kernel runs, so `rescue_items_kernel` lists the map): the same x and
+    # steps to the bit as with the factor built for the chunks that need it
+    from fla_mesa.ops.mesa.chunk import _prepare
+    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
+    from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
+    jacobi_first(monkeypatch)
+    device = 'cuda' if ON_GPU else 'cpu'
+    q, k, v, g, beta, lamb = (x.float().to(device) for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    _, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, None, None, 32)
+    run = dict(cg_max_steps=30, cg_tol=1e-6, precondition='auto', chunk_size=32, ht_kk=final_state[0],
+               return_rescued=True)
+    x, steps, _, rescued = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, **run)
+    assert rescued.any()
+    w = chunk_start_factor_triton(h_kk, 0.5, lamb, torch.float32, ht_kk=final_state[0])
+    x_w, steps_w, _, rescued_w = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, factor=w, **run)
+    assert torch.equal(rescued_w, rescued) and torch.equal(steps_w, steps) and torch.equal(x_w, x)
+
+
 # the two passes' kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
 # apart as the interpreter replaces triton.jit: the early returns of the programs with nothing to do must compile
 _SM90_SCRIPT = """
@@ -309,8 +329,9 @@ kernels = [
                  dict(H=4, K=128, BK=128, BR=16, BT=64, STALL_FF2=chunk_cg.JACOBI_STALL_FF2, IS_VARLEN=True), num_warps=4,
                  num_stages=1),
     compile_sm90(factor.chunk_start_factor_kernel, dict(h='*fp32', ht='*fp32', chunk_indices='*i64', lamb='*fp32',
-                                                        w='*fp32', need='*i32', NT='i32', scale='fp32'),
-                 dict(H=4, K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True, HAS_END=True, HAS_A=False, IS_VARLEN=True),
+                                                        w='*fp32', need='*i32', items='*i32', NT='i32', scale='fp32'),
+                 dict(H=4, K=32, BS=16, NB=2, PREC='tf32x3', HAS_NEED=True, HAS_ITEMS=True, HAS_END=True, HAS_A=False,
+                      IS_VARLEN=True),
                  num_warps=1, num_stages=1),
     # the second pass's work list
     compile_sm90(chunk_cg.rescue_items_kernel, dict(need='*i32', items='*i32', N='i32'), dict(BLOCK=1024),

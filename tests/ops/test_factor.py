@@ -13,7 +13,7 @@ import torch
 
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
 from fla_mesa.ops.mesa.precond import chunk_end_states, chunk_start_factor
-from tests.utils import NEEDS_TRITON, on_triton
+from tests.utils import NEEDS_TRITON, ON_GPU, on_triton
 
 factor = on_triton(chunk_start_factor_triton)
 pytestmark = NEEDS_TRITON
@@ -55,6 +55,21 @@ def test_factor_inverts_m(K, block_size):
     ref = chunk_start_factor(h, a, lamb, torch.float64)
     diff = (w - ref).norm(dim=(-1, -2)) / ref.norm(dim=(-1, -2))
     assert (diff <= U32 * kappa).all(), (diff, kappa)
+
+
+def test_factor_only_where_needed_and_listed():
+    # with `need`, only the matrices asked for are factorised (bit for bit those of the full call), and with `items`
+    # each of them is listed once after the count: the work list of 'auto''s second CG pass
+    # (called in place, not through `factor`: `items` is written where it lies)
+    device = 'cuda' if ON_GPU else 'cpu'
+    h, a, lamb = (x.to(device) for x in spd_inputs(3, 2, 16, 1e3))
+    need = torch.tensor([[0, 2], [1, 0], [0, 1]], dtype=torch.int32)
+    items = torch.zeros(7, dtype=torch.int32, device=device)
+    w = chunk_start_factor_triton(h, a, lamb, torch.float32, need=need.view(1, 3, 2).to(device), items=items).cpu()
+    full = chunk_start_factor_triton(h, a, lamb, torch.float32).cpu()
+    on = need.view(1, 3, 2) != 0
+    assert torch.equal(w[on], full[on])
+    assert int(items[0]) == 3 and sorted(items[1:4].tolist()) == [1, 2, 5]
 
 
 def test_factor_falls_back_per_matrix():
@@ -120,10 +135,14 @@ def test_factor_of_start_and_end_states(varlen):
     (dict(h=torch.eye(4).repeat(2, 2, 1, 1, 1), a=torch.ones(2, 2, 1), ht_kk=torch.zeros(2, 1, 4, 4),
           chunk_indices=torch.zeros(2, 2, dtype=torch.long)), ValueError,
      r'`chunk_indices` must be \[NT, 2\] = \[2, 2\] with B = 1, got \(2, 2\) with B = 2'),
+    (dict(items=torch.zeros(3, dtype=torch.int32)), ValueError, r'`items` must be 3 int32 on cpu with `need`, got '
+     r'torch.int32 \(3,\) on cpu without `need`'),
+    (dict(need=torch.ones(2, dtype=torch.int32), items=torch.zeros(2, dtype=torch.int32)), ValueError,
+     r'`items` must be 3 int32 on cpu with `need`, got torch.int32 \(2,\) on cpu$'),
 ])
 def test_factor_bad_args(kwargs, error, match):
     args = dict(h=torch.eye(4).repeat(2, 1, 1), a=torch.ones(2), lamb=torch.ones(4))
     args.update(kwargs)
-    extra = {k: args.pop(k) for k in ('precision', 'block_size', 'ht_kk', 'chunk_indices') if k in args}
+    extra = {k: args.pop(k) for k in ('precision', 'block_size', 'ht_kk', 'chunk_indices', 'need', 'items') if k in args}
     with pytest.raises(error, match=match):
         chunk_start_factor_triton(args['h'], args['a'], args['lamb'], torch.float32, **extra)

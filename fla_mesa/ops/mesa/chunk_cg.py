@@ -408,9 +408,9 @@ def _chunk_mesa_cg(
     # the forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed from do) are
     # two kernels over this body, so that profiles and autotuning tell them apart
     if RESCUE:
-        # precondition='auto', second pass: a few programs walk the `items` list (`rescue_items_kernel`: their count,
-        # then the chunks and heads to solve), NR items a chunk; with nothing to rescue they end at once,
-        # where a program per chunk would each start and return
+        # precondition='auto', second pass: a few programs walk the `items` list (its count, then the chunks and heads
+        # to solve, appended by the factor kernel or `rescue_items_kernel`), NR items a chunk; with nothing to rescue
+        # they end at once, where a program per chunk would each start and return
         n_items = tl.load(items)
         for i_w in range(tl.program_id(0), n_items * NR, tl.num_programs(0)):
             i_c = tl.load(items + 1 + i_w // NR).to(tl.int64)
@@ -613,33 +613,37 @@ def chunk_mesa_cg(
                              "sequence's last chunk's end state from them)")
         ht_kk = ht_kk.contiguous()
     if rescue:
-        # the map the second pass launches by, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass
-        # (`skip_jacobi`, or where `chunk_stall_kernel` predicts a stall), else 0, which the Jacobi pass sets to 1
-        # where a row stops above tol (no host sync)
+        # the map, `[chunks, H]` in h_kk's order: 2 where the rows skip the Jacobi pass (`skip_jacobi`, or where
+        # `chunk_stall_kernel` predicts a stall), else 0, which the Jacobi pass sets to 1 where a row stops above tol;
+        # then the second pass's work list (its count, then the chunks and heads), built on the device by the factor
+        # kernel, which visits the same chunks, else by `rescue_items_kernel`. One zeroed buffer, no host sync
+        n = h_kk.shape[0] * h_kk.shape[1] * H
+        buf = torch.zeros(2 * n + 1, dtype=torch.int32, device=k.device)
+        need, items = buf[:n].view(-1, H), buf[n:]
         if skip_jacobi is None:
-            need = torch.zeros(h_kk.shape[0] * h_kk.shape[1], H, dtype=torch.int32, device=k.device)
             chunk_stall_kernel[(need.shape[0], H)](
                 h_kk, ht_kk, g_cum, lamb, need, cu_seqlens, chunk_indices, T, h_kk.shape[1], H=H, K=K, BK=BK,
                 BR=min(BK, 16), BT=BT, STALL_FF2=float(JACOBI_STALL_FF2), IS_VARLEN=cu_seqlens is not None, num_warps=4)
         else:
             # the backward: the forward's map, its predicted stalls included (the same matrices, the same scores)
-            need = (skip_jacobi != 0).to(torch.int32).mul_(2).view(-1, H).contiguous()
+            need.masked_fill_(skip_jacobi.reshape(-1, H) != 0, 2)
         x, steps, o = chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
             precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
         )
-        # the second pass's work list, built on the device (no host sync)
-        items = torch.zeros(need.numel() + 1, dtype=torch.int32, device=k.device)
-        rescue_items_kernel[(triton.cdiv(need.numel(), 1024),)](need, items, need.numel(), BLOCK=1024)
+        listed = False
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
         seq_chunks = chunk_indices if cu_seqlens is not None else None
         if K <= 128:
             factor = chunk_start_factor_triton(h_kk, 0.5, lamb, FACTOR_DTYPE, need=need, ht_kk=ht_kk,
-                                               chunk_indices=seq_chunks)
+                                               chunk_indices=seq_chunks, items=items if rescue else None)
+            listed = rescue
         else:
             h_sum = h_kk + chunk_end_states(h_kk, ht_kk, seq_chunks)
             factor = chunk_start_factor(h_sum, h_kk.new_full(h_kk.shape[:3], 0.5), lamb, FACTOR_DTYPE)
+    if rescue and not listed:
+        rescue_items_kernel[(triton.cdiv(need.numel(), 1024),)](need, items, need.numel(), BLOCK=1024)
     if precondition in ('chunk', 'auto'):
         if factor.shape != h_kk.shape or factor.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"`factor` must be float32 or bfloat16 of h_kk's shape {tuple(h_kk.shape)}, got "

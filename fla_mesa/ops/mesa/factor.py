@@ -84,6 +84,7 @@ def chunk_start_factor_kernel(
     lamb,
     w,
     need,
+    items,
     NT,
     scale,
     H: tl.constexpr,
@@ -92,6 +93,7 @@ def chunk_start_factor_kernel(
     NB: tl.constexpr,
     PREC: tl.constexpr,
     HAS_NEED: tl.constexpr,
+    HAS_ITEMS: tl.constexpr,
     HAS_END: tl.constexpr,
     HAS_A: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -106,6 +108,9 @@ def chunk_start_factor_kernel(
         # W stays unset elsewhere
         if tl.load(need + i_n) == 0:
             return
+        if HAS_ITEMS:
+            # and listed, after the list's count (the work list of 'auto''s second CG pass: `chunk_cg`)
+            tl.store(items + 1 + tl.atomic_add(items, 1), i_n.to(tl.int32))
     he = h
     if HAS_END:
         # M = a (H_c + H_{c+1}) + Λ: the state after the chunk, the next chunk's start or the sequence's final state
@@ -174,6 +179,7 @@ def chunk_start_factor_triton(
     need: torch.Tensor | None = None,
     ht_kk: torch.Tensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
+    items: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     `precond.chunk_start_factor` by a Triton kernel: `W = L⁻ᵀ` for `L Lᵀ = M = a H + Λ`, so that `M⁻¹ = W Wᵀ`,
@@ -198,6 +204,8 @@ def chunk_start_factor_triton(
             sequence's last chunk ends there. Default: `None` (`H = H_c`).
         chunk_indices (torch.LongTensor, Optional): with `ht_kk` and varlen (B = 1), fla's
             `prepare_chunk_indices(cu_seqlens, chunk_size)`: which chunk is a sequence's last.
+        items (torch.Tensor, Optional): with `need`, int32 `[N + 1]`, zeroed: the index (in `need`'s flat order) of
+            each matrix factorised is appended after the count `items[0]`, in no set order. Default: `None`.
 
     Returns:
         W (torch.Tensor): `[..., K, K]`, upper triangular.
@@ -237,6 +245,10 @@ def chunk_start_factor_triton(
     if need is not None and (need.numel() != N or need.is_floating_point() or need.device != h_kk.device):
         raise ValueError(f"`need` must hold {N} integers on {h_kk.device} (one per matrix), got {need.dtype} "
                          f"{tuple(need.shape)} on {need.device}")
+    if items is not None and (need is None or items.dtype != torch.int32 or items.numel() != N + 1
+                              or items.device != h_kk.device):
+        raise ValueError(f"`items` must be {N + 1} int32 on {h_kk.device} with `need`, got {items.dtype} "
+                         f"{tuple(items.shape)} on {items.device}" + ('' if need is not None else ' without `need`'))
     w = h_kk.new_empty(N, K, K, dtype=torch.float32)
     if N > 0:
         chunk_start_factor_kernel[(N,)](
@@ -247,6 +259,7 @@ def chunk_start_factor_triton(
             lamb=lamb.reshape(N, K).contiguous(),
             w=w,
             need=None if need is None else need.reshape(N).contiguous(),
+            items=items,
             NT=h_kk.shape[1] if ht_kk is not None else 1,
             scale=1.0 if has_a else float(a),
             H=h_kk.shape[2] if ht_kk is not None else 1,
@@ -255,6 +268,7 @@ def chunk_start_factor_triton(
             NB=triton.cdiv(K, BS),
             PREC=precision,
             HAS_NEED=need is not None,
+            HAS_ITEMS=items is not None,
             HAS_END=ht_kk is not None,
             HAS_A=has_a,
             IS_VARLEN=chunk_indices is not None,
