@@ -225,6 +225,16 @@ MUTANTS = [
            '* u[..., None, :] * off).sum((-2, -1))',
            '* u[..., None, :]).sum((-2, -1))',
            ['tests/ops/test_auto_precond.py'], 'stall_score'),
+    Mutant("return_cg_steps='encoded' without the flag in the solve (the unconverged tokens' counts plain)",
+           'fla_mesa/ops/mesa/utils.py',
+           "wanted = return_cg_unconverged or warn_unconverged or return_cg_steps == 'encoded'",
+           "wanted = return_cg_unconverged or warn_unconverged",
+           ['tests/ops/test_extreme_inputs.py'], 'encoded'),
+    Mutant("MesaNet keeps the plain step counts (return_cg_steps=True): its unconverged tokens lost",
+           'fla_mesa/layers/mesa_net.py',
+           "return_cg_steps='encoded',",
+           "return_cg_steps=True,",
+           ['tests/layers/test_mesa_net_layer.py'], 'unconverged'),
 ]
 
 

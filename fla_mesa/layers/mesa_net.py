@@ -414,27 +414,27 @@ class MesaNet(nn.Module):
             precondition=self.precondition,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=not recompute,
-            return_cg_steps=True,
-            return_cg_unconverged=True,
+            # the steps with the unconverged tokens as ~n, one tensor, decoded only when asked for
+            return_cg_steps='encoded',
             warn_unconverged=self.warn_unconverged,
             # Λ = softplus + a positive bound, g a log-sigmoid (plus the log of a factor in (0, 1]): valid by
             # construction, so no host sync to check them
             check_values=False,
         )
         if mode == 'chunk':
-            o, recurrent_state, cg_steps, unconverged = chunk_mesa(
+            o, recurrent_state, cg_steps = chunk_mesa(
                 q, k, v, g, beta, lamb, chunk_size=self.chunk_size, **op_kwargs
             )
         elif mode == 'fused_recurrent':
             # one token at a time has no chunk start to factor: Jacobi there
             op_kwargs['precondition'] = op_kwargs['precondition'] is not False
-            o, recurrent_state, cg_steps, unconverged = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
+            o, recurrent_state, cg_steps = fused_recurrent_mesa(q, k, v, g, beta, lamb, **op_kwargs)
         else:
             raise NotImplementedError(f"Not supported mode `{mode}`.")
         # the CG steps of the last call per token and head, and the tokens whose solve stopped short of cg_tol, kept
         # packed (`last_cg_steps`, `last_cg_unconverged` decode them): in training they stay alive through the
         # step's peak, so they take 1 byte a token and head instead of 5
-        self._cg_record = pack_cg_steps(cg_steps, unconverged, cg_max_steps)
+        self._cg_record = pack_cg_steps(cg_steps, cg_max_steps)
 
         update_layer_cache(
             self,

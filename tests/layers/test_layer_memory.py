@@ -135,7 +135,7 @@ def test_cg_record_round_trip(cg_max_steps, dtype):
     # two solves (up to 2 * cg_max_steps), decoded exactly
     steps = torch.tensor([0, 1, cg_max_steps, 2 * cg_max_steps, 2 * cg_max_steps], dtype=torch.int32)
     unconverged = torch.tensor([False, True, False, False, True])
-    packed = pack_cg_steps(steps, unconverged, cg_max_steps)
+    packed = pack_cg_steps(torch.where(unconverged, ~steps, steps), cg_max_steps)
     assert packed.dtype == dtype
     got_steps, got_unconverged = split_cg_steps(packed)
     assert torch.equal(got_steps.int(), steps) and torch.equal(got_unconverged, unconverged)

@@ -14,6 +14,7 @@ import torch
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa, naive_chunk_mesa, naive_exact_mesa, naive_recurrent_mesa
 from fla_mesa.ops.mesa import chunk as chunk_module
+from fla_mesa.ops.mesa.utils import split_cg_steps
 from tests.utils import fp32_bound, make_inputs, rel_err, run_with_grads, torch_chunk_path
 
 BACKENDS = ['torch']
@@ -125,7 +126,6 @@ def _solve_paths():
 def run_flagged(path, q, k, v, g, beta, lamb, cg_max_steps=30, cg_tol=1e-4, flag=True):
     """`(o, x or None, steps, unconverged)` of one path, the steps decoded."""
     from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_fwd_torch
-    from fla_mesa.ops.mesa.utils import split_cg_steps
     if path == 'fused_recurrent':
         o, _, steps, unconverged = fused_recurrent_mesa(
             q, k, v, g, beta, lamb, cg_max_steps=cg_max_steps, cg_tol=cg_tol, return_cg_steps=True,
@@ -224,6 +224,24 @@ def test_chunk_mesa_flags(backend):
     assert torch.equal(steps, steps0)
     o, _, unconverged = chunk_mesa(q, k, v, g, beta, lamb, chunk_size=C, return_cg_unconverged=True)
     assert not unconverged.any()
+
+
+@pytest.mark.parametrize('op', ['chunk', 'fused_recurrent'])
+def test_encoded_steps(backend, op):
+    # return_cg_steps='encoded' (what MesaNet keeps): one tensor, the steps with the unconverged tokens as ~n, the
+    # same the decoded pair gives; with cg_tol=None nothing is encoded
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 24, 2, 16, 8, dtype=torch.float32)
+    tiny = torch.full_like(lamb, 1e-8)
+    fn = (lambda *x, **kw: chunk_mesa(*x, chunk_size=C, precondition=True, **kw)) if op == 'chunk' else fused_recurrent_mesa
+    o, _, steps, unconverged = fn(q, k, v, g, beta, tiny, return_cg_steps=True, return_cg_unconverged=True)
+    o_e, _, encoded = fn(q, k, v, g, beta, tiny, return_cg_steps='encoded')
+    assert unconverged.any() and encoded.dtype == torch.int32
+    assert torch.equal(encoded, torch.where(unconverged, ~steps, steps)) and torch.equal(o_e, o)
+    assert torch.equal(split_cg_steps(encoded)[0], steps)
+    _, _, plain = fn(q, k, v, g, beta, tiny, cg_max_steps=3, cg_tol=None, return_cg_steps='encoded')
+    assert (plain == 3).all()
+    with pytest.raises(ValueError, match=r"`return_cg_steps` must be True, False or 'encoded', got 'packed'"):
+        fn(q, k, v, g, beta, lamb, return_cg_steps='packed')
 
 
 def test_chunk_mesa_backward_warns(backend):

@@ -14,7 +14,8 @@ from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_t
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import (
-    check_inputs, compute_dtype, l2norm, min_log_decay, op_outputs, split_cg_steps, use_triton, warn_if_unconverged,
+    check_inputs, compute_dtype, flags_unconverged, l2norm, min_log_decay, op_outputs, split_cg_steps, use_triton,
+    warn_if_unconverged,
 )
 
 
@@ -161,7 +162,7 @@ def chunk_mesa(
     precondition: bool | str = DEFAULT_PRECONDITION,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
-    return_cg_steps: bool = False,
+    return_cg_steps: bool | str = False,
     chunk_size: int = 64,
     check_values: bool = True,
     return_cg_unconverged: bool = False,
@@ -211,8 +212,10 @@ def chunk_mesa(
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
             L2-normalise q and k inside the op. Default: `False`.
-        return_cg_steps (bool, Optional):
-            also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
+        return_cg_steps (bool or str, Optional):
+            also return the CG iterations of every token, `[B, T, H]` int32; `'encoded'`: with the tokens that
+            stopped without reaching `cg_tol` as `~n` (= -n - 1) for their `n` steps, in the same tensor
+            (`utils.split_cg_steps` decodes; no extra ops, what `MesaNet` keeps). Default: `False`.
         chunk_size (int, Optional):
             16, 32 or 64. Default: `64`.
         check_values (bool, Optional):
@@ -230,7 +233,7 @@ def chunk_mesa(
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
         final_state (Tuple[torch.Tensor, torch.Tensor]): the final state if `output_final_state`, else `None`.
-        cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps`.
+        cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps` (encoded if `'encoded'`).
         cg_unconverged (torch.Tensor): `[B, T, H]` bool, only if `return_cg_unconverged`.
 
     Examples::
@@ -255,7 +258,7 @@ def chunk_mesa(
     if use_qk_l2norm_in_kernel:
         q, k = qk_l2norm(q), qk_l2norm(k)
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
-    flag = (return_cg_unconverged or warn_unconverged) and cg_tol is not None and cg_max_steps > 0
+    flag = flags_unconverged(return_cg_steps, return_cg_unconverged, warn_unconverged, cg_max_steps, cg_tol)
     o, ht_kk, ht_kv, steps = ChunkMesaFunction.apply(
         q, k, v, g, beta, lamb, h0_kk, h0_kv, output_final_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
         chunk_size, flag, warn_unconverged and flag,

@@ -11,7 +11,7 @@ from fla.utils import autotune_cache_kwargs, input_guard
 from fla_mesa.ops.mesa.kernel_utils import sum2
 from fla_mesa.ops.mesa.recurrent_torch import recurrent_mesa_torch
 from fla_mesa.ops.mesa.utils import (
-    check_inputs, compute_dtype, l2norm, op_outputs, residual_floor2, use_triton,
+    check_inputs, compute_dtype, flags_unconverged, l2norm, op_outputs, residual_floor2, use_triton,
 )
 from fla_mesa.utils import is_interpreting
 
@@ -396,7 +396,7 @@ def fused_recurrent_mesa(
     precondition: bool = True,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
-    return_cg_steps: bool = False,
+    return_cg_steps: bool | str = False,
     check_values: bool = True,
     return_cg_unconverged: bool = False,
     warn_unconverged: bool = False,
@@ -438,8 +438,10 @@ def fused_recurrent_mesa(
             cumulative sequence lengths `[N + 1]` of packed sequences (then `B` must be 1). Default: `None`.
         use_qk_l2norm_in_kernel (bool, Optional):
             L2-normalise q and k inside the op. Default: `False`.
-        return_cg_steps (bool, Optional):
-            also return the CG iterations of every token, `[B, T, H]` int32. Default: `False`.
+        return_cg_steps (bool or str, Optional):
+            also return the CG iterations of every token, `[B, T, H]` int32; `'encoded'`: with the tokens that
+            stopped without reaching `cg_tol` as `~n` (= -n - 1) for their `n` steps, in the same tensor
+            (`utils.split_cg_steps` decodes; no extra ops, what `MesaNet` keeps). Default: `False`.
         check_values (bool, Optional):
             check that `lamb > 0`, `g <= 0` (`-inf` allowed: γ = 0) and `beta >= 0` everywhere and that every input
             is finite (a `ValueError` otherwise), at the price of one host sync per call. `MesaNet`, whose inputs
@@ -454,7 +456,7 @@ def fused_recurrent_mesa(
     Returns:
         o (torch.Tensor): `[B, T, H, V]`, in the dtype of `v`.
         final_state (Tuple[torch.Tensor, torch.Tensor]): the final state if `output_final_state`, else `None`.
-        cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps`.
+        cg_steps (torch.Tensor): `[B, T, H]`, only if `return_cg_steps` (encoded if `'encoded'`).
         cg_unconverged (torch.Tensor): `[B, T, H]` bool, only if `return_cg_unconverged`.
 
     Examples::
@@ -485,7 +487,7 @@ def fused_recurrent_mesa(
         else:
             q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
-    flag = (return_cg_unconverged or warn_unconverged) and cg_tol is not None and cg_max_steps > 0
+    flag = flags_unconverged(return_cg_steps, return_cg_unconverged, warn_unconverged, cg_max_steps, cg_tol)
     args = (q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag)
     # the autograd node (whose backward raises) only where a gradient could be asked for: decoding skips its cost
     tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)

@@ -56,34 +56,44 @@ def split_cg_steps(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(unconverged, ~steps, steps), unconverged
 
 
-def pack_cg_steps(steps: torch.Tensor, unconverged: torch.Tensor, cg_max_steps: int) -> torch.Tensor:
+def pack_cg_steps(steps: torch.Tensor, cg_max_steps: int) -> torch.Tensor:
     """
-    Step counts and the unconverged mask in one tensor as the kernels encode them (`~n` where unconverged;
-    `split_cg_steps` decodes), in the narrowest integer dtype that holds every count ('auto' runs up to two solves of
+    Step counts encoded as the kernels encode them (`~n` where unconverged: an op's `return_cg_steps='encoded'`;
+    `split_cg_steps` decodes) in the narrowest integer dtype that holds every count ('auto' runs up to two solves of
     `cg_max_steps` each): what `MesaNet` keeps of each call, 1 byte a token and head at the default 30 steps.
     """
     bound = 2 * cg_max_steps + 1
-    dtype = torch.int8 if bound <= 127 else torch.int16 if bound <= 32767 else torch.int32
-    return torch.where(unconverged, ~steps, steps).to(dtype)
+    return steps.to(torch.int8 if bound <= 127 else torch.int16 if bound <= 32767 else torch.int32)
+
+
+def flags_unconverged(return_cg_steps, return_cg_unconverged: bool, warn_unconverged: bool, cg_max_steps: int,
+                      cg_tol: float | None) -> bool:
+    """Whether an op's solve must flag the tokens that stop above `cg_tol` (`~n` steps): for any output that tells."""
+    if return_cg_steps not in (True, False, 'encoded'):
+        raise ValueError(f"`return_cg_steps` must be True, False or 'encoded', got {return_cg_steps!r}")
+    wanted = return_cg_unconverged or warn_unconverged or return_cg_steps == 'encoded'
+    return bool(wanted) and cg_tol is not None and cg_max_steps > 0
 
 
 def op_outputs(
     op: str, o, final_state, steps, flagged: bool, cg_max_steps: int, cg_tol: float | None,
-    return_cg_steps: bool, return_cg_unconverged: bool, warn_unconverged: bool,
+    return_cg_steps: bool | str, return_cg_unconverged: bool, warn_unconverged: bool,
 ) -> tuple:
     """
     What `chunk_mesa` and `fused_recurrent_mesa` return: `(o, final_state)`, then the steps and the unconverged mask
-    as asked, both decoded from `steps` when the solve ran with the flag (`flagged`); the opt-in warning.
+    as asked, decoded from `steps` when the solve ran with the flag (`flagged`), or the steps as the kernels encode
+    them (`return_cg_steps='encoded'`: nothing decoded); the opt-in warning.
     """
-    if flagged:
+    encoded, unconverged = steps, None
+    if flagged and (return_cg_steps is True or return_cg_unconverged or warn_unconverged):
         steps, unconverged = split_cg_steps(steps)
-    else:
-        unconverged = torch.zeros_like(steps, dtype=torch.bool) if return_cg_unconverged else None
+    elif return_cg_unconverged:
+        unconverged = torch.zeros_like(steps, dtype=torch.bool)
     if warn_unconverged and flagged:
         warn_if_unconverged(op, unconverged, cg_max_steps, cg_tol, stacklevel=5)
     out = (o, final_state)
     if return_cg_steps:
-        out += (steps,)
+        out += (encoded if return_cg_steps == 'encoded' else steps,)
     if return_cg_unconverged:
         out += (unconverged,)
     return out
