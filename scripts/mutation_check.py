@@ -235,6 +235,13 @@ MUTANTS = [
            "return_cg_steps='encoded',",
            "return_cg_steps=True,",
            ['tests/layers/test_mesa_net_layer.py'], 'unconverged'),
+    Mutant("chunk-start factor kernel: Λ's first row for every matrix (the row period read in place ignored)",
+           'fla_mesa/ops/mesa/factor.py',
+           'b_lamb = tl.load(lamb + (i_n % NL) * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)\n'
+           '        b_s = ',
+           'b_lamb = tl.load(lamb + (i_n % 1) * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)\n'
+           '        b_s = ',
+           ['tests/ops/test_factor.py'], 'lamb_broadcast'),
 ]
 
 

@@ -72,6 +72,19 @@ def test_factor_only_where_needed_and_listed():
     assert int(items[0]) == 3 and sorted(items[1:4].tolist()) == [1, 2, 5]
 
 
+@pytest.mark.parametrize('shape', ['K', 'H K', '1 NT H K', 'NT 1 K'])
+def test_factor_lamb_broadcast(shape):
+    # Λ of any shape that broadcasts (read in place where its rows repeat along the batch, else copied per matrix):
+    # the same W to the bit as Λ given for every matrix
+    NT, H, K = 3, 2, 16
+    h, a, _ = spd_inputs(NT, H, K, 1e3)
+    sizes = {'K': K, 'H': H, 'NT': NT, '1': 1}
+    lamb = torch.rand(*(sizes[d] for d in shape.split()), generator=torch.Generator().manual_seed(5)) + 0.1
+    w = factor(h, a, lamb, torch.float32)
+    w_full = factor(h, a, lamb.expand(1, NT, H, K).contiguous(), torch.float32)
+    assert torch.equal(w, w_full)
+
+
 def test_factor_falls_back_per_matrix():
     # M indefinite (a 2×2 minor with a negative determinant, positive diagonal) in the first and in the second
     # 16-wide block column: those two matrices get diag(M)^(-1/2), the good one its factor, nothing NaN

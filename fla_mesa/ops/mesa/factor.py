@@ -85,6 +85,7 @@ def chunk_start_factor_kernel(
     w,
     need,
     items,
+    NL,
     NT,
     scale,
     H: tl.constexpr,
@@ -124,7 +125,7 @@ def chunk_start_factor_kernel(
     o_b = tl.arange(0, BS)
     bad = tl.zeros([], dtype=tl.int32)
     for i in range(NB):
-        b_lamb = tl.load(lamb + i_n * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)
+        b_lamb = tl.load(lamb + (i_n % NL) * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)
         b_s = _load_m(h, he, b_a, b_lamb, i, i, o_b, K, BS, HAS_END)
         for k in range(i):
             b_g = tl.zeros([BS, BS], dtype=tl.float32)
@@ -157,7 +158,7 @@ def chunk_start_factor_kernel(
         # a non-positive pivot (M indefinite in float32): W = diag(M)^(-1/2), as `chunk_start_factor` falls back
         tl.debug_barrier()
         for i in range(NB):
-            b_lamb = tl.load(lamb + i_n * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)
+            b_lamb = tl.load(lamb + (i_n % NL) * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)
             b_m = _load_m(h, he, b_a, b_lamb, i, i, o_b, K, BS, HAS_END)
             b_d = tl.sum(tl.where(o_b[:, None] == o_b[None, :], b_m, 0.), axis=1)
             b_d = 1. / tl.sqrt(tl.maximum(b_d, 1.1754943508222875e-38))
@@ -229,9 +230,18 @@ def chunk_start_factor_triton(
         if x.device != h_kk.device:
             raise ValueError(f"`{name}` must be on h_kk's device {h_kk.device}, got {x.device}")
     try:
-        lamb = lamb.expand(*batch, K)
+        lamb_full = lamb.expand(*batch, K)
     except RuntimeError:
         raise ValueError(f"`lamb` must broadcast to {(*batch, K)}, got shape {tuple(lamb.shape)}") from None
+    lead = list(lamb.shape[:-1])
+    while lead and lead[0] == 1:
+        lead.pop(0)
+    if lamb.shape[-1] == K and (not lead or tuple(lead) == batch[len(batch) - len(lead):]):
+        # one row per matrix of the last dims (`[H, K]` for `[B, NT, H]` states): the kernel reads row n % rows in
+        # place, no copy of Λ for every matrix
+        lamb = lamb.reshape(-1, K).contiguous()
+    else:
+        lamb = lamb_full.reshape(-1, K).contiguous()
     if ht_kk is not None:
         _check_end_states(h_kk, ht_kk, chunk_indices)
     precision = FACTOR_DOT_PRECISION if precision is None else precision
@@ -241,7 +251,7 @@ def chunk_start_factor_triton(
     if BS not in (16, 32):
         raise ValueError(f"`block_size` must be 16 or 32, got {block_size}")
 
-    N = lamb.shape[:-1].numel()
+    N = lamb_full.shape[:-1].numel()
     if need is not None and (need.numel() != N or need.is_floating_point() or need.device != h_kk.device):
         raise ValueError(f"`need` must hold {N} integers on {h_kk.device} (one per matrix), got {need.dtype} "
                          f"{tuple(need.shape)} on {need.device}")
@@ -256,7 +266,8 @@ def chunk_start_factor_triton(
             ht=None if ht_kk is None else ht_kk.contiguous(),
             chunk_indices=chunk_indices,
             a=a.reshape(N).contiguous() if has_a else None,
-            lamb=lamb.reshape(N, K).contiguous(),
+            lamb=lamb,
+            NL=lamb.shape[0],
             w=w,
             need=None if need is None else need.reshape(N).contiguous(),
             items=items,
