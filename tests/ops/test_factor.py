@@ -75,14 +75,17 @@ def test_factor_only_where_needed_and_listed():
 @pytest.mark.parametrize('shape', ['K', 'H K', '1 NT H K', 'NT 1 K'])
 def test_factor_lamb_broadcast(shape):
     # Λ of any shape that broadcasts (read in place where its rows repeat along the batch, else copied per matrix):
-    # the same W to the bit as Λ given for every matrix
+    # the same W to the bit as Λ given for every matrix, and the right one
     NT, H, K = 3, 2, 16
     h, a, _ = spd_inputs(NT, H, K, 1e3)
     sizes = {'K': K, 'H': H, 'NT': NT, '1': 1}
     lamb = torch.rand(*(sizes[d] for d in shape.split()), generator=torch.Generator().manual_seed(5)) + 0.1
+    full = lamb.expand(1, NT, H, K).contiguous()
     w = factor(h, a, lamb, torch.float32)
-    w_full = factor(h, a, lamb.expand(1, NT, H, K).contiguous(), torch.float32)
-    assert torch.equal(w, w_full)
+    assert torch.equal(w, factor(h, a, full, torch.float32))
+    # and Λ's own rows: against the float64 factor (κ <= 1e3 here: float32's error is far below the bound)
+    ref = chunk_start_factor(h, a, full, torch.float64)
+    assert ((w.double() - ref).norm(dim=(-1, -2)) / ref.norm(dim=(-1, -2)) <= 1e-3).all()
 
 
 def test_factor_falls_back_per_matrix():
