@@ -102,6 +102,13 @@ CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
 
 
 @triton.jit
+def _jacobi_scale(p_h, p_e, lamb, b_a, o, m, K: tl.constexpr):
+    # u_i = 1 / (a (H_c + H_{c+1})_ii + λ_i) at the indices `o`: the stall score's Jacobi scaling (padded entries 1)
+    return 1. / (b_a * (tl.load(p_h + o * (K + 1), mask=m, other=0.) + tl.load(p_e + o * (K + 1), mask=m, other=0.))
+                 + tl.load(lamb + o, mask=m, other=1.).to(tl.float32))
+
+
+@triton.jit
 def chunk_stall_kernel(h_kk, ht_kk, g, lamb, need, cu_seqlens, chunk_indices, T, NT, H: tl.constexpr, K: tl.constexpr,
                        BK: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr, STALL_FF2: tl.constexpr,
                        IS_VARLEN: tl.constexpr):
@@ -120,8 +127,7 @@ def chunk_stall_kernel(h_kk, ht_kk, g, lamb, need, cu_seqlens, chunk_indices, T,
     m_k = o_k < K
     p_h = h_kk + (i_c * H + i_h) * K * K
     p_e = chunk_end_state(h_kk, ht_kk, chunk_indices, i_c, i_h, NT, H, K * K, IS_VARLEN)
-    b_u = 1. / (b_a * (tl.load(p_h + o_k * (K + 1), mask=m_k, other=0.) + tl.load(p_e + o_k * (K + 1), mask=m_k, other=0.))
-                + tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32))
+    b_u = _jacobi_scale(p_h, p_e, lamb + i_h * K, b_a, o_k, m_k, K)
     # BR rows at a time (small programs, many resident: the pass is bound by its loads); the states are symmetric,
     # so the entries above the diagonal, twice
     b_ff = tl.zeros([BR, BK], dtype=tl.float32)
@@ -131,10 +137,7 @@ def chunk_stall_kernel(h_kk, ht_kk, g, lamb, need, cu_seqlens, chunk_indices, T,
         m_up = m_r[:, None] & m_k[None, :] & (o_r[:, None] < o_k[None, :])
         o_rk = o_r[:, None] * K + o_k[None, :]
         b_ah = b_a * (tl.load(p_h + o_rk, mask=m_up, other=0.) + tl.load(p_e + o_rk, mask=m_up, other=0.))
-        b_ur = 1. / (b_a * (tl.load(p_h + o_r * (K + 1), mask=m_r, other=0.) + tl.load(p_e + o_r * (K + 1), mask=m_r,
-                                                                                       other=0.))
-                     + tl.load(lamb + i_h * K + o_r, mask=m_r, other=1.).to(tl.float32))
-        b_ff += b_ah * b_ah * b_ur[:, None] * b_u[None, :]
+        b_ff += b_ah * b_ah * _jacobi_scale(p_h, p_e, lamb + i_h * K, b_a, o_r, m_r, K)[:, None] * b_u[None, :]
     if 2 * tl.sum(tl.sum(b_ff, 1), 0) > STALL_FF2:
         tl.store(need + i_c * H + i_h, 2)
 
@@ -604,8 +607,9 @@ def chunk_mesa_cg(
         raise ValueError("`skip_jacobi` is for precondition='auto' with cg_tol and cg_max_steps > 0")
     if precondition == 'auto' and not rescue:
         precondition = True
-    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1)
-    need = _need
+    # `_need`: given when 'auto' calls this for its first pass, the map that pass reads (2: skip) and marks (1);
+    # `listed`: whether the factor kernel wrote the second pass's work list
+    need, listed = _need, False
     if precondition in ('chunk', 'auto') and (factor is None or rescue):
         # M_c = (H_c + H_{c+1}) / 2 + Λ, for the factor and the stall score: the state after each chunk too
         if ht_kk is None:
@@ -631,7 +635,6 @@ def chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
             precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
         )
-        listed = False
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
         seq_chunks = chunk_indices if cu_seqlens is not None else None
@@ -669,8 +672,8 @@ def chunk_mesa_cg(
     kw = dict(
         k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, items=items if rescue else None, v=v,
         h_kv=h_kv, x=x, steps=steps, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps),
-        tol2=tol2, T=T, H=H, K=K, V=V,
-        BT=BT, BK=BK, BV=BV, PREC=precision, PRECONDITION=2 if factor is not None else int(bool(precondition)),
+        tol2=tol2, T=T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=precision,
+        PRECONDITION=2 if factor is not None else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
         V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
