@@ -36,6 +36,9 @@ in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes w
 --cuda-graph: the same rows with the whole step (forward, backward, AdamW with capturable=True) captured once in a
 CUDA graph and replayed: what the step costs when the host launches nothing but the graph.
 
+--kernels N: below the table, each row's N kernels with the most GPU time a step over the profiled steps (where a
+model's GPU time goes, beside its peers').
+
 --profile-host: for the first of --models/--sizes/--Ts, one step under cProfile (synchronised only at its end):
 the top 40 functions by cumulative and by total time, then torch.profiler's key_averages() sorted by self CPU
 time (top 40), to --out.
@@ -238,13 +241,15 @@ def trace_events(prof):
 DEVICE_CATS = {'kernel', 'gpu_memcpy', 'gpu_memset'}
 
 
-def device_busy_us(prof):
+def device_busy_us(prof, events=None):
     """
     Union of the device intervals (kernels, memcpy, memset) of a finished torch.profiler run, in microseconds:
-    from its Chrome trace, else from its CUDA events' time ranges.
+    from its Chrome trace (`events`, `trace_events`'s list, if read already: a trace is exported once), else from
+    its CUDA events' time ranges.
     """
     try:
-        spans = [(float(e['ts']), float(e['ts']) + float(e['dur'])) for e in trace_events(prof)
+        events = trace_events(prof) if events is None else events
+        spans = [(float(e['ts']), float(e['ts']) + float(e['dur'])) for e in events
                  if str(e.get('cat', '')).lower() in DEVICE_CATS]
         if spans:
             return union_us(spans), 'trace'
@@ -313,8 +318,21 @@ def graphed_step(model, opt, B, T, vocab):
     return replay
 
 
-def profile_busy(do_step, device, n):
-    """(device busy ms per step, wall ms per step) over n steps under torch.profiler."""
+def kernel_ms(events, n):
+    """{kernel name: GPU ms per step} from the Chrome trace events (`trace_events`) of a profiled run of n steps."""
+    from collections import Counter
+    total = Counter()
+    for e in events:
+        if str(e.get('cat', '')).lower() in DEVICE_CATS:
+            total[e['name']] += float(e['dur']) / 1e3 / n
+    return dict(total)
+
+
+def profile_busy(do_step, device, n, kernels=None):
+    """
+    (device busy ms per step, wall ms per step) over n steps under torch.profiler; a dict given as `kernels` is
+    filled with `kernel_ms`'s table.
+    """
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
     with profile(activities=activities) as prof:
@@ -324,7 +342,16 @@ def profile_busy(do_step, device, n):
             do_step()
         sync(device)
         wall = time.perf_counter() - t0
-    busy, _ = device_busy_us(prof) if device == 'cuda' else (None, 'cpu')
+    busy = None
+    if device == 'cuda':
+        try:
+            events = trace_events(prof)
+        except Exception as e:  # noqa: BLE001 - device_busy_us falls back to the profiler's events
+            log(f"  chrome trace unreadable ({type(e).__name__}: {e})")
+            events = []
+        busy, _ = device_busy_us(prof, events)
+        if kernels is not None:
+            kernels.update(kernel_ms(events, n))
     return (busy / 1e3 / n if busy is not None else None), wall * 1e3 / n
 
 
@@ -374,7 +401,8 @@ def run_row(name, size, T, args, timed=True):
         if args.device == 'cuda':
             row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.3f}"
         if args.profile_steps > 0:
-            busy_ms, wall_ms = profile_busy(do_step, args.device, args.profile_steps)
+            row['kernels'] = {}
+            busy_ms, wall_ms = profile_busy(do_step, args.device, args.profile_steps, row['kernels'])
             if busy_ms is not None:
                 row.update({'GPU ms/step': f"{busy_ms:.1f}", 'busy': f"{busy_ms / wall_ms:.1%}",
                             'busy/med': f"{busy_ms / ms:.1%}"})
@@ -449,6 +477,21 @@ def table(rows):
     for r in rows:
         out.append('| ' + ' | '.join(str(r.get(c, 'n/a' if c != 'note' else '')) for c in COLUMNS) + ' |')
     return '\n'.join(out) + '\n'
+
+
+def kernel_tables(rows, top):
+    """Per row, the `top` kernels with the most GPU time a step (--kernels), and what the rest add up to."""
+    out = []
+    for r in rows:
+        ms = r.get('kernels')
+        if not ms:
+            continue
+        ranked = sorted(ms.items(), key=lambda kv: -kv[1])
+        out += [f"### {r['model']}, {r['size']}, T = {r['T']}: GPU ms a step by kernel (sum {sum(ms.values()):.1f})", '',
+                '| kernel | ms / step |', '|---|---|']
+        out += [f"| {name[:110].replace('|', '/')} | {t:.2f} |" for name, t in ranked[:top]]
+        out += [f"| ({len(ranked) - top} others) | {sum(t for _, t in ranked[top:]):.2f} |", '']
+    return '\n'.join(out)
 
 
 def default_out(args, kind):
@@ -579,6 +622,8 @@ def main(argv=None):
     p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
     p.add_argument('--cuda-graph', action='store_true',
                    help='time the whole step captured in one CUDA graph (model rows say "graph")')
+    p.add_argument('--kernels', type=int, default=0, metavar='N',
+                   help='below the table, each row\'s N kernels with the most GPU time a step (profiled steps)')
     p.add_argument('--verbose', action='store_true', help='tracebacks of failed rows')
     args = p.parse_args(argv)
     args.Ts = args.Ts or ([64] if args.tiny else [2048, 4096, 8192])
@@ -620,7 +665,10 @@ def main(argv=None):
                     + f"  ({time.time() - t0:.0f} s)")
                 with open(out, 'w') as f:
                     f.write(head + '\n' + table(rows))
-    log('\n' + table(rows))
+    if args.kernels > 0:
+        with open(out, 'a') as f:
+            f.write('\n' + kernel_tables(rows, args.kernels))
+    log('\n' + table(rows) + ('\n' + kernel_tables(rows, args.kernels) if args.kernels > 0 else ''))
     log(f"wrote {out}; {time.time() - t_start:.0f} s in all")
 
 

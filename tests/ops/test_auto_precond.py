@@ -307,21 +307,24 @@ from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import chunk_cg, factor
 types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32',
              items='*i32', v='*bf16', h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
+# the adjoint solve's dq in bfloat16 beside e
+bwd_types = dict(types, do='*bf16', xl='*bf16')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
               FIRST=False)
 kernels = [
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
-    compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'), dict(consts, DO_IS_BF16=True),
+    compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, bwd_types, dict(consts, DO_IS_BF16=True, XL=True),
                  num_warps=4, num_stages=1),
-    # the first passes: the map marked atomically (1 unconverged; 2, skipped: a predicted stall or, in the adjoint's,
+    # the first passes: the map marked (1 unconverged; 2, skipped: a predicted stall or, in the adjoint's,
     # a chunk the forward rescued)
     compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
                  dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True),
                  num_warps=4, num_stages=1),
-    compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, dict(types, do='*bf16'),
-                 dict(consts, DO_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4, num_stages=1),
+    compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, bwd_types,
+                 dict(consts, DO_IS_BF16=True, XL=True, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4,
+                 num_stages=1),
     # the stall score that marks 2 before the first pass
     # (reading each chunk's start and end states, varlen: the end of a sequence's last chunk from the final states)
     compile_sm90(chunk_cg.chunk_stall_kernel, dict(h_kk='*fp32', ht_kk='*fp32', g='*fp32', lamb='*fp32', need='*i32',
@@ -390,6 +393,44 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
         hit = rescued.view(1, -1, 2)[:, chunk].bool()     # [B * NT, H] -> [B, T, H]
     assert (steps_s[hit] <= 30).all() and steps_s[hit].sum() < steps_f[hit].sum()
     assert torch.equal(steps_s[~hit], steps_f[~hit])
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize('precondition,routing', [(True, False), ('auto', False), ('auto', True)])
+def test_adjoint_writes_dq_in_bf16(monkeypatch, one_cg_config, precondition, routing):
+    # for bfloat16 q the adjoint CG kernel writes dq = e rounded to bfloat16 beside e (no cast pass): e's own
+    # rounding to the bit, in both passes of 'auto' (a buffer left unwritten would be NaN), every other output as
+    # with a float32 dq
+    poison_empty(monkeypatch)
+    if not routing:
+        jacobi_first(monkeypatch)
+    fwd, bwd = fwd_bwd_functions('triton')
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    args = (30, 1e-6, precondition, None, 32)
+    _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
+    assert (rescued is not None and rescued.any()) == (precondition == 'auto')
+    if rescued is not None and not routing:
+        # the first chunk unmarked: its rows take the adjoint's first (Jacobi) pass, the others its second
+        rescued = rescued.clone()
+        rescued[0] = 0
+    do = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(v)
+    low, full = (bwd(x, do, None, k, v, g, beta, lamb, None, *args, flag_unconverged=True, rescued=rescued,
+                     dq_dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
+    assert low[0].dtype == torch.bfloat16 and full[0].dtype == torch.float32
+    assert torch.equal(low[0], full[0].to(torch.bfloat16))
+    for a, b in zip(low[1:6] + low[7:], full[1:6] + full[7:]):
+        assert torch.equal(a, b)
+
+
+@NEEDS_TRITON
+def test_adjoint_dq_buffer_checked():
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(32, K=16, V=8, dirs=4))
+    h_kk = torch.zeros(1, 1, 1, 16, 16)
+    h_kv = torch.zeros(1, 1, 1, 16, 8)
+    for xl in (torch.empty(1, 32, 1, 16), torch.empty(1, 32, 1, 8, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match='`xl`'):
+            chunk_cg.chunk_mesa_cg(None, k, g, beta, lamb, h_kk, 30, 1e-4, True, v=v, h_kv=h_kv, do=v, xl=xl,
+                                   chunk_size=32)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

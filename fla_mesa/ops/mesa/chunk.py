@@ -59,9 +59,12 @@ def chunk_mesa_fwd(
 
 def chunk_mesa_bwd(
     x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-    flag_unconverged=False, rescued=None
+    flag_unconverged=False, rescued=None, dq_dtype=torch.float32
 ):
-    """The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`, as `chunk_mesa_bwd_torch`."""
+    """
+    The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`, as `chunk_mesa_bwd_torch`; dq in `dq_dtype`
+    where the adjoint solve writes it so (bfloat16), else in float32.
+    """
     chunk_indices, g_cum, beta, h_kk, h_kv, (ht_kk, _) = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     steps = None
@@ -71,11 +74,13 @@ def chunk_mesa_bwd(
         e = torch.zeros_like(dq)
     else:
         # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed inside the CG kernel
-        # the chunks the forward's 'auto' rescued skip Jacobi here: the adjoint solve has the same matrices
-        dq, steps, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
-                                     **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged,
-                                     skip_jacobi=rescued, ht_kk=ht_kk)
-        e = dq
+        # the chunks the forward's 'auto' rescued skip Jacobi here: the adjoint solve has the same matrices; e in
+        # float32 for the gradients below, and for bfloat16 q the kernel writes dq = e in bfloat16 beside it
+        dq = torch.empty_like(k, dtype=torch.bfloat16) if dq_dtype == torch.bfloat16 else None
+        e, steps, _ = chunk_mesa_cg(None, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,
+                                    **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged,
+                                    skip_jacobi=rescued, ht_kk=ht_kk, xl=dq)
+        dq = e if dq is None else dq
     dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
     )
@@ -131,9 +136,10 @@ class ChunkMesaFunction(torch.autograd.Function):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
         bwd = chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
+        kw = dict(dq_dtype=ctx.q_dtype) if ctx.triton else {}
         dq, dk, dv, dg, dbeta, dlamb, dh0, steps = bwd(
             x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-            flag_unconverged=ctx.warn_adjoint, rescued=rescued,
+            flag_unconverged=ctx.warn_adjoint, rescued=rescued, **kw
         )
         if ctx.warn_adjoint:
             # the adjoint solve has the forward's matrices and stopping rule, not its right-hand sides: it can stall

@@ -192,6 +192,7 @@ def _chunk_mesa_cg_item(
     h_kv,
     do,
     x,
+    xl,
     steps,
     o,
     cu_seqlens,
@@ -222,6 +223,7 @@ def _chunk_mesa_cg_item(
     F_IS_BF16: tl.constexpr,
     RESCUE: tl.constexpr,
     FIRST: tl.constexpr,
+    XL: tl.constexpr,
 ):
     # the CG solve of one program's rows: BR rows of chunk `i_t` (the program's chunk axis: over every sequence's
     # chunks when varlen) of batch `i_b`, head `i_h`; the rows interact only through the chunk's keys
@@ -370,12 +372,17 @@ def _chunk_mesa_cg_item(
         b_steps = tl.where(m_bad, -1 - b_steps, b_steps)
         if FIRST:
             # precondition='auto', first pass: a row above tol marks its chunk and head for the second (1; the map
-            # starts at 0, and every program of the chunk that marks writes the same 1)
-            tl.atomic_max(need + i_tg * H + i_h, tl.max((m_bad & m_r).to(tl.int32), 0))
+            # starts at 0, and every program of the chunk that marks writes the same 1). A plain store: an atomic
+            # keeps each program waiting for its reply before it exits
+            tl.store(need + i_tg * H + i_h, 1, mask=tl.max((m_bad & m_r).to(tl.int32), 0) > 0)
     b_x = b_x * b_s[:, None]
     # a rescue pass writes its own rows only
     m_w = m_r & m_redo
     tl.store(x + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], b_x, mask=m_w[:, None] & m_k[None, :])
+    if XL:
+        # x in bfloat16 as well (the adjoint solve's dq in q's dtype: no cast pass after the kernel)
+        tl.store(xl + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], round_bf16(b_x),
+                 mask=m_w[:, None] & m_k[None, :])
     tl.store(steps + (bos + o_r) * H + i_h, b_steps, mask=m_w)
 
     if READOUT:
@@ -401,12 +408,13 @@ def _chunk_mesa_cg_item(
 
 @triton.jit
 def _chunk_mesa_cg(
-    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, steps, o, cu_seqlens, chunk_indices, max_steps,
-    tol2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
+    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, o, cu_seqlens, chunk_indices,
+    max_steps, tol2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
     READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, RHS_DX: tl.constexpr, DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
+    XL: tl.constexpr,
 ):
     # the forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed from do) are
     # two kernels over this body, so that profiles and autotuning tell them apart
@@ -423,18 +431,18 @@ def _chunk_mesa_cg(
             else:
                 i_t, i_b = i_tg % tl.cdiv(T, BT), i_tg // tl.cdiv(T, BT)
             _chunk_mesa_cg_item(
-                i_t, i_w % NR, i_b, i_h, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps, o,
+                i_t, i_w % NR, i_b, i_h, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, xl, steps, o,
                 cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION,
                 ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
-                FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+                FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
             )
     else:
         i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         _chunk_mesa_cg_item(
-            i_tr // NR, i_tr % NR, i_bh // H, i_bh % H, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, steps,
-            o, cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION,
-            ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
-            FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+            i_tr // NR, i_tr % NR, i_bh // H, i_bh % H, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, xl,
+            steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC,
+            PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
+            FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
         )
 
 
@@ -463,15 +471,16 @@ def chunk_mesa_fwd_kernel_cg(
 ):
     # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
     _chunk_mesa_cg(
-        b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, None, x, steps, o, cu_seqlens, chunk_indices, max_steps,
-        tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+        b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, None, x, None, steps, o, cu_seqlens, chunk_indices,
+        max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP,
+        IS_VARLEN, READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, False,
     )
 
 
 @triton.heuristics({
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
     'DO_IS_BF16': lambda args: args['do'].dtype == torch.bfloat16,
+    'XL': lambda args: args['xl'] is not None,
     'F_IS_BF16': lambda args: args['factor'] is not None and args['factor'].dtype == torch.bfloat16,
 })
 @triton.autotune(
@@ -484,17 +493,19 @@ def chunk_mesa_fwd_kernel_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(
-    k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, steps, cu_seqlens, chunk_indices, max_steps, tol2,
+    k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices, max_steps, tol2,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
+    XL: tl.constexpr,
 ):
-    # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x`
+    # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x` (and
+    # in bfloat16 to `xl`, if given)
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, steps, None, cu_seqlens, chunk_indices, max_steps,
-        tol2, T, H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN,
-        False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+        None, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, None, cu_seqlens, chunk_indices,
+        max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP,
+        IS_VARLEN, False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
     )
 
 
@@ -523,6 +534,7 @@ def chunk_mesa_cg(
     skip_jacobi: torch.Tensor | None = None,
     return_rescued: bool = False,
     ht_kk: torch.Tensor | None = None,
+    xl: torch.Tensor | None = None,
     _need: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
@@ -566,6 +578,8 @@ def chunk_mesa_cg(
             backward passes the forward's rescued chunks: the adjoint solve has the same matrices).
         ht_kk (torch.Tensor, Optional): the final states `[N, H, K, K]` of `chunk_mesa_fwd_states`, for 'chunk' and
             'auto' (`M_c` reads each chunk's end state, the final one at a sequence's last chunk).
+        xl (torch.Tensor, Optional): a bfloat16 `[B, T, H, K]` tensor that receives x too, rounded to bfloat16 (the
+            backward's dq in q's dtype, with no cast pass after the kernel). Only with `do`.
         return_rescued (bool): also return the `[chunks, H]` int32 map of the chunks the second pass of 'auto'
             solved (`None` without one): 1 rescued after Jacobi, 2 Jacobi skipped (`skip_jacobi` or predicted).
 
@@ -593,6 +607,9 @@ def chunk_mesa_cg(
         raise ValueError(f"`chunk_size` must be 16, 32 or 64, got {chunk_size!r}")
     if (v is None) != (h_kv is None):
         raise ValueError("`v` and `h_kv` must be given together (the fused readout needs both)")
+    if xl is not None and (do is None or xl.dtype != torch.bfloat16 or xl.shape != k.shape or not xl.is_contiguous()):
+        raise ValueError(f"`xl` must be a contiguous bfloat16 tensor of k's shape {tuple(k.shape)}, given with `do`, "
+                         f"got {xl.dtype} {tuple(xl.shape)}")
     BT = chunk_size
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
@@ -633,7 +650,7 @@ def chunk_mesa_cg(
             need.masked_fill_(skip_jacobi.reshape(-1, H) != 0, 2)
         x, steps, o = chunk_mesa_cg(
             b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
-            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, _need=need,
+            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, xl=xl, _need=need,
         )
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
@@ -685,7 +702,7 @@ def chunk_mesa_cg(
     if do is None:
         chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)
     else:
-        chunk_mesa_bwd_kernel_cg[grid](do=do, **kw)
+        chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl, **kw)
     if return_rescued:
         return x, steps, o, need if rescue else None
     return x, steps, o
