@@ -409,12 +409,12 @@ def _chunk_mesa_cg_item(
 @triton.jit
 def _chunk_mesa_cg(
     b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, o, cu_seqlens, chunk_indices,
-    max_steps, tol2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
-    K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, RHS_DX: tl.constexpr, DO_IS_BF16: tl.constexpr,
-    FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
-    XL: tl.constexpr,
+    max_steps, tol2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr,
+    ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr,
+    IS_VARLEN: tl.constexpr, READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, RHS_DX: tl.constexpr,
+    DO_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr,
+    FIRST: tl.constexpr, XL: tl.constexpr,
 ):
     # the forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed from do) are
     # two kernels over this body, so that profiles and autotuning tell them apart
