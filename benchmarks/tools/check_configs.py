@@ -12,6 +12,7 @@ The config lists, the pinning and the measurement are tests/gpu_configs.py's (th
 
     python benchmarks/tools/check_configs.py                                   # GPU: bf16 and fp32, three (K, V)
     python benchmarks/tools/check_configs.py --kernels grads --shapes 32x16 --dtypes bf16 --jobs 16
+    python benchmarks/tools/check_configs.py --kernels grads --indices 2 5            # two configs of one kernel
     python benchmarks/tools/check_configs.py --dtypes bf16 --shapes 32x16 --sanitize   # a fault names its kernel
 
 Under TRITON_INTERPRET=1 (CPU) the same runs check the kernels' logic in every GPU config, with no compiler in
@@ -57,6 +58,8 @@ def cell(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--kernels', nargs='+', default=None)
+    parser.add_argument('--indices', type=int, nargs='+', default=None,
+                        help="only these configs of each kernel's list (e.g. one just added)")
     parser.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], choices=list(DTYPES))
     parser.add_argument('--shapes', nargs='+', default=['32x16', '64x32', '128x128'], help='KxV')
     parser.add_argument('--jobs', type=int, default=min(16, os.cpu_count() or 1), help='runs at a time')
@@ -76,7 +79,8 @@ def main():
     if unknown:
         raise SystemExit(f"unknown kernels {unknown}; choose from {list(table)}")
     columns = [(d, *map(int, s.split('x'))) for d in args.dtypes for s in args.shapes]
-    rows = [(n, i, describe(c)) for n in names for i, c in enumerate(table[n][1])]
+    rows = [(n, i, describe(c)) for n in names for i, c in enumerate(table[n][1])
+            if args.indices is None or i in args.indices]
 
     def launch(job):
         (kernel, index, _), (dtype, K, V) = job
