@@ -42,8 +42,9 @@ def check(names, out, base, ref):
         # move both paths alike and the baseline with them)
         assert floor <= 4 * FP32_FLOOR, f"{name}: PyTorch path {floor:.2e} off float64"
         # twice the op's rule: a parameter's gradient sums the op's gradients over tokens, which the two paths' kernels
-        # form in different orders, and the PyTorch path's error on one of 15 tensors can be luckily small
-        assert err <= 2 * fp32_bound(floor), f"{name}: Triton path {err:.2e}, PyTorch path {floor:.2e}"
+        # form in different orders; and the rule's base at least the float32 floor: the PyTorch path's error on one of
+        # 15 tensors can be luckily small (b_proj.bias 1.0e-7 against 3-9e-7 for the Triton path's tensors on one CPU)
+        assert err <= 2 * fp32_bound(max(floor, FP32_FLOOR)), f"{name}: Triton path {err:.2e}, PyTorch path {floor:.2e}"
 
 
 def spy_ops(monkeypatch):
