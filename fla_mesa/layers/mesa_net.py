@@ -16,6 +16,7 @@ from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
 from fla_mesa.ops.mesa.chunk import qk_l2norm
+from fla_mesa.ops.mesa.gate import fused_mesa_gate, naive_mesa_gate
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import pack_cg_steps, split_cg_steps, use_triton
 
@@ -317,18 +318,10 @@ class MesaNet(nn.Module):
             q = F.silu(q)
         return q.unflatten(-1, (-1, self.head_k_dim)), conv_state
 
-    def _log_decay(self, a, beta):
-        """log γ from the a projection and β."""
-        g = F.logsigmoid(a.float())
-        if self.use_gamma_cap:
-            # γ(1 − (1 − b)β²), in log space
-            g = g + torch.log1p(-(1 - self.gamma_cap) * beta * beta)
-        return g
-
-    def _normalised_q_and_log_decay(self, q, a, beta, cu_seqlens, fla_kernels):
-        """q without a cache, L2-normalised as by the op, and log γ: what the layer recomputes in the backward."""
+    def _normalised_q(self, q, cu_seqlens, fla_kernels):
+        """q without a cache, L2-normalised as by the op: what the layer recomputes in the backward."""
         q, _ = self._q(q, None, False, cu_seqlens, fla_kernels)
-        return qk_l2norm(q), self._log_decay(a, beta)
+        return qk_l2norm(q)
 
     def forward(
         self,
@@ -364,12 +357,11 @@ class MesaNet(nn.Module):
         if last_state is not None and last_state.get('conv_state') is not None:
             conv_state_q, conv_state_k, *conv_state_v = last_state['conv_state']
             conv_state_v = conv_state_v[0] if conv_state_v else None
-        # With gradients (and no cache), the normalised q and log γ are recomputed in the backward instead of kept
-        # for it: the op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token
-        # and key unit in bf16), and log γ's float32 intermediates take 16 bytes per token and head. The checkpoint
-        # keeps its inputs instead: q's projection (which the conv keeps anyway), a's (bf16) and β (the op keeps
-        # it). One checkpoint, not two: each costs host time. Same ops and kernels, and the projections in the same
-        # order (the input's gradient sums theirs in it): the same results to the bit
+        # With gradients (and no cache), the normalised q is recomputed in the backward instead of kept for it: the
+        # op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token and key unit
+        # in bf16). The checkpoint keeps its input instead, q's projection (which the conv keeps anyway). Same ops
+        # and kernels, and the projections in the same order (the input's gradient sums theirs in it): the same
+        # results to the bit
         recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
         q = self.q_proj(hidden_states)
         if not recompute:
@@ -387,15 +379,15 @@ class MesaNet(nn.Module):
 
         # views, not einops: its parsing is host time in every layer of every decode step
         k, v = k.unflatten(-1, (-1, self.head_k_dim)), v.unflatten(-1, (-1, self.head_v_dim))
-        beta = self.b_proj(hidden_states).float().sigmoid()
-        a = self.a_proj(hidden_states)
+        # log γ (with the cap γ(1 − (1 − b)β²)) and β, float32; the fused gate keeps a's bf16 projection and β (which
+        # the op keeps anyway) for its backward
+        gate_fn = fused_mesa_gate if fla_kernels else naive_mesa_gate
+        g, beta = gate_fn(self.a_proj(hidden_states), self.b_proj(hidden_states),
+                          self.gamma_cap if self.use_gamma_cap else None)
         if recompute:
-            q, g = checkpoint(self._normalised_q_and_log_decay, q, a, beta, cu_seqlens, fla_kernels,
-                              use_reentrant=False, preserve_rng_state=False)
+            q = checkpoint(self._normalised_q, q, cu_seqlens, fla_kernels, use_reentrant=False, preserve_rng_state=False)
             # k normalised by the same norm, here as q is (the op keeps the normalised k)
             k = qk_l2norm(k)
-        else:
-            g = self._log_decay(a, beta)
         lamb = self.get_lambda()
 
         if self.training:
