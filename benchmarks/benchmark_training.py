@@ -36,6 +36,9 @@ in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes w
 --cuda-graph: the same rows with the whole step (forward, backward, AdamW with capturable=True) captured once in a
 CUDA graph and replayed: what the step costs when the host launches nothing but the graph.
 
+--compile: the same rows with each model under torch.compile (default mode; the warm-up steps compile): what the
+step costs when the compiler fuses what it can trace and the rest runs eager between its graphs.
+
 --kernels N: below the table, each row's N kernels with the most GPU time a step over the profiled steps (where a
 model's GPU time goes, beside its peers').
 
@@ -367,7 +370,8 @@ def free(device):
 
 def run_row(name, size, T, args, timed=True):
     B = args.tokens // T
-    row = dict(model=name + (' (graph)' if args.cuda_graph else ''), size='tiny' if args.tiny else size, T=T, B=B)
+    label = ' (graph)' if args.cuda_graph else ' (compiled)' if args.compile else ''
+    row = dict(model=name + label, size='tiny' if args.tiny else size, T=T, B=B)
     model = opt = None
     try:
         if B < 1 or B * T != args.tokens:
@@ -378,6 +382,9 @@ def run_row(name, size, T, args, timed=True):
         if args.device == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         model, opt = build(name, config, args.device, capturable=args.cuda_graph)
+        if args.compile:
+            # the first warm-up step compiles (the ops that torch.compile cannot trace run eager between its graphs)
+            model = torch.compile(model)
         vocab = config.vocab_size
         for _ in range(args.warmup if timed else 1):
             step(model, opt, B, T, vocab, args.device)
@@ -622,6 +629,7 @@ def main(argv=None):
     p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
     p.add_argument('--cuda-graph', action='store_true',
                    help='time the whole step captured in one CUDA graph (model rows say "graph")')
+    p.add_argument('--compile', action='store_true', help='each model under torch.compile (default mode)')
     p.add_argument('--kernels', type=int, default=0, metavar='N',
                    help='below the table, each row\'s N kernels with the most GPU time a step (profiled steps)')
     p.add_argument('--verbose', action='store_true', help='tracebacks of failed rows')
@@ -634,6 +642,8 @@ def main(argv=None):
         raise SystemExit("no CUDA device: use --device cpu (with TRITON_INTERPRET=1 and --tiny) for a smoke test")
     if args.cuda_graph and args.device != 'cuda':
         raise SystemExit("--cuda-graph needs --device cuda")
+    if args.cuda_graph and args.compile:
+        raise SystemExit("--cuda-graph and --compile are two ways to cut host time: one at a time")
     if args.profile_host:
         return profile_host(args)
     if args.compile_only:
