@@ -19,12 +19,19 @@ from fla_mesa.ops.mesa.utils import (
 )
 
 
-def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
+def chunk_log_decay(g, cu_seqlens, chunk_size, chunk_indices=None):
+    """
+    The in-chunk cumulative log-decay in log2 space (the kernels use exp2), float32. g = -inf (γ = 0) clamped to a g
+    whose γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN.
+    """
+    return chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2,
+                              cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+
+
+def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size, g_cum=None):
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size) if cu_seqlens is not None else None
-    # in-chunk cumulative log-decay in log2 space: the kernels use exp2. g = -inf (γ = 0) clamped to a g whose
-    # γ is 0 all the same: a -inf sum would make the decays between later tokens -inf - (-inf) = NaN
-    g_cum = chunk_local_cumsum(g.float().clamp_min(min_log_decay(torch.float32)), chunk_size, scale=RCP_LN2,
-                               cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    if g_cum is None:
+        g_cum = chunk_log_decay(g, cu_seqlens, chunk_size, chunk_indices)
     beta = beta.float()
     h_kk, h_kv, final_state = chunk_mesa_fwd_states(
         k, v, g_cum, beta, initial_state=initial_state, output_final_state=True,
@@ -34,14 +41,19 @@ def _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size):
 
 
 def chunk_mesa_fwd(
-    q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False
+    q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size, flag_unconverged=False,
+    g_cum=None
 ):
-    """The Triton forward: `(o, x, steps, final_state, rescued)`, as `chunk_mesa_fwd_torch`."""
+    """
+    The Triton forward: `(o, x, steps, final_state, rescued)`, as `chunk_mesa_fwd_torch`; `g_cum`: `g`'s
+    `chunk_log_decay` where the caller has it.
+    """
     if cg_max_steps == 0 and q.dtype == torch.float32:
         # fla's chunk_fwd_o multiplies float32 in tf32 on a GPU (1e-3 off); under bf16 inputs' rounding that is
         # harmless, for float32 inputs the PyTorch path keeps o exact
         return chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, initial_state, 0, cg_tol, precondition, cu_seqlens, chunk_size)
-    chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size,
+                                                                   g_cum)
     if cg_max_steps == 0:
         # no solve: x = q, and o is gated linear attention with β folded into v
         x = q.float()
@@ -59,13 +71,15 @@ def chunk_mesa_fwd(
 
 def chunk_mesa_bwd(
     x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-    flag_unconverged=False, rescued=None, dq_dtype=torch.float32
+    flag_unconverged=False, rescued=None, dq_dtype=torch.float32, g_cum=None
 ):
     """
     The Triton backward: `(dq, dk, dv, dg, dbeta, dlamb, dh0, steps)`, as `chunk_mesa_bwd_torch`; dq in `dq_dtype`
-    where the adjoint solve writes it so (bfloat16), else in float32.
+    where the adjoint solve writes it so (bfloat16), else in float32; `g_cum` as `chunk_mesa_fwd` takes it (`g` is
+    then unused).
     """
-    chunk_indices, g_cum, beta, h_kk, h_kv, (ht_kk, _) = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    chunk_indices, g_cum, beta, h_kk, h_kv, (ht_kk, _) = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size,
+                                                                  g_cum)
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     steps = None
     if cg_max_steps == 0:
@@ -117,11 +131,15 @@ class ChunkMesaFunction(torch.autograd.Function):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         args = (cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size)
         triton = _use_triton_path(q)
+        kw = dict(flag_unconverged=flag_unconverged)
+        if triton:
+            # the backward takes the forward's cumulative log-decay (float32, g's size) instead of g: no cumsum there
+            kw['g_cum'] = chunk_log_decay(g, cu_seqlens, chunk_size)
         fwd = chunk_mesa_fwd if triton else chunk_mesa_fwd_torch
-        o, x, steps, (ht_kk, ht_kv), rescued = fwd(q, k, v, g, beta, lamb, initial_state, *args,
-                                                   flag_unconverged=flag_unconverged)
-        ctx.save_for_backward(x, k, v, g, beta, lamb, h0_kk, h0_kv, cu_seqlens, rescued)
+        o, x, steps, (ht_kk, ht_kv), rescued = fwd(q, k, v, g, beta, lamb, initial_state, *args, **kw)
+        ctx.save_for_backward(x, k, v, kw.get('g_cum', g), beta, lamb, h0_kk, h0_kv, cu_seqlens, rescued)
         ctx.args, ctx.triton, ctx.q_dtype, ctx.warn_adjoint = args, triton, q.dtype, warn_adjoint
+        ctx.g_dtype = g.dtype
         ctx.mark_non_differentiable(steps)
         if not output_final_state:
             ht_kk = ht_kv = None
@@ -136,10 +154,11 @@ class ChunkMesaFunction(torch.autograd.Function):
         initial_state = None if h0_kk is None else (h0_kk, h0_kv)
         dht = None if dht_kk is None and dht_kv is None else (dht_kk, dht_kv)
         bwd = chunk_mesa_bwd if ctx.triton else chunk_mesa_bwd_torch
-        kw = dict(dq_dtype=ctx.q_dtype) if ctx.triton else {}
+        # on the Triton path the saved `g` is the forward's g_cum
+        kw = dict(dq_dtype=ctx.q_dtype, g_cum=g) if ctx.triton else {}
         dq, dk, dv, dg, dbeta, dlamb, dh0, steps = bwd(
-            x, do, dht, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens, chunk_size,
-            flag_unconverged=ctx.warn_adjoint, rescued=rescued, **kw
+            x, do, dht, k, v, None if ctx.triton else g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition,
+            cu_seqlens, chunk_size, flag_unconverged=ctx.warn_adjoint, rescued=rescued, **kw
         )
         if ctx.warn_adjoint:
             # the adjoint solve has the forward's matrices and stopping rule, not its right-hand sides: it can stall
@@ -148,7 +167,7 @@ class ChunkMesaFunction(torch.autograd.Function):
                                 stacklevel=2)
         dh0_kk, dh0_kv = (None, None) if dh0 is None else (dh0[0].to(h0_kk), dh0[1].to(h0_kv))
         return (
-            dq.to(ctx.q_dtype), dk.to(k), dv.to(v), dg.to(g), dbeta.to(beta),
+            dq.to(ctx.q_dtype), dk.to(k), dv.to(v), dg.to(ctx.g_dtype), dbeta.to(beta),
             dlamb.to(lamb), dh0_kk, dh0_kv, None, None, None, None, None, None, None, None,
         )
 
