@@ -187,6 +187,31 @@ def test_qk_l2norm_in_kernel():
         assert rel_err(o, ref) <= tol, f"{dtype}: {rel_err(o, ref):.2e}"
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize('K', [32, 130], ids=['H_in_registers', 'H_streamed'])
+def test_qk_l2norm_in_kernel_equals_l2norm_first(monkeypatch, dtype, K):
+    # the kernel's own norm against the norm of fla's L2Norm (the chunk path's `qk_l2norm`) applied first:
+    # x / sqrt(Σx² + 1e-6) in float32, rounded to nearest in the input's dtype (as on a GPU; the interpreter's bf16
+    # store truncates, so not fla's kernel here). The same q̂ and k̂ but for the sums' order: float32 results within
+    # a few ulps; 16-bit ones equal to the bit under the interpreter (the roundings absorb the sums' last bits:
+    # a rounding left out anywhere shows), on a GPU with a rounding of q̂, k̂ or o flipped by one ulp (2^-8) allowed
+    from fla_mesa.ops.mesa import fused_recurrent as fr
+
+    def norm(x):
+        y = x.float()
+        return (y * (1 / torch.sqrt(y.pow(2).sum(-1, keepdim=True) + 1e-6))).to(x.dtype)
+    inputs = to(make_inputs(2, 5, 2, K, 8, dtype=torch.float64, initial_state=True), dtype)
+    q, k = inputs[0] * 3.0, inputs[1] * 0.5
+    kw = dict(initial_state=inputs[6], output_final_state=True, cg_max_steps=40, cg_tol=None)
+    base = fused_recurrent_mesa(norm(q), norm(k), *inputs[2:6], **kw)
+    # the kernel's own norm, not PyTorch's on the host
+    monkeypatch.setattr(fr, 'l2norm', lambda x: pytest.fail('q and k normalised on the host'))
+    got = fused_recurrent_mesa(q, k, *inputs[2:6], use_qk_l2norm_in_kernel=True, **kw)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8 if ON_GPU else 0
+    for name, x, y in zip(['o', 'h_kk', 'h_kv'], [got[0], *got[1]], [base[0], *base[1]]):
+        assert rel_err(x, y) <= tol, f"{name}: {rel_err(x, y):.2e}"
+
+
 def test_outputs_fully_written():
     # conftest fills fla_mesa's torch.empty allocations with NaN (ints with -2^30): everything must be overwritten
     inputs = to(make_inputs(1, 5, 3, 20, 12, dtype=torch.float64), torch.float32)
@@ -240,7 +265,8 @@ from fla_mesa.ops.mesa import fused_recurrent as fr
 types = dict(q='*fp32', k='*fp32', v='*fp32', g='*fp32', beta='*fp32', lamb='*fp32', o='*fp32', ht_kk='*fp32',
              ht_kv='*fp32', tol='fp32', max_steps='i32', T='i32', NH='i32')
 consts = dict(H=1, K=16, V=8, BK=16, BV=32, BC=32, H_IN_REGS=True, SOLVE=True, PRECONDITION=True,
-              DTYPE=triton.language.float32, FLOOR2=1e-19, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False)
+              DTYPE=triton.language.float32, FLOOR2=1e-19, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False,
+              QK_L2NORM=True, Q_ROUND=0, K_ROUND=0)
 fusion = sys.argv[1] == 'True'
 kernel = compile_sm90(fr.fused_recurrent_mesa_fwd_kernel, types, consts, num_warps=4, enable_fp_fusion=fusion)
 sys.stdout.write(kernel.asm['ptx'])

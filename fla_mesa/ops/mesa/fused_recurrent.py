@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from fla.utils import autotune_cache_kwargs, input_guard
 
-from fla_mesa.ops.mesa.kernel_utils import sum2
+from fla_mesa.ops.mesa.kernel_utils import round_bf16, sum2
 from fla_mesa.ops.mesa.recurrent_torch import recurrent_mesa_torch
 from fla_mesa.ops.mesa.utils import (
     check_inputs, compute_dtype, flags_unconverged, l2norm, op_outputs, residual_floor2, use_triton,
@@ -28,6 +28,8 @@ NUM_WARPS = [2, 4, 8, 16]
 # program (benchmarks/results/gpu_tests_h200.md §5-6); `benchmarks/tools/probe_recurrent.py` runs those cases with
 # this on and off
 FP_FUSION = False
+# `_round_to`'s codes for q's and k's dtypes when the kernel normalises them
+_ROUND = {torch.bfloat16: 1, torch.float16: 2}
 
 
 def _configs():
@@ -53,6 +55,25 @@ def _prev_state(state, init, offsets, mask, i_t, USE_INITIAL_STATE: tl.constexpr
     if USE_INITIAL_STATE:
         b += tl.load(init + offsets, mask=mask & (i_t == 0), other=0).to(DTYPE)
     return b
+
+
+@triton.jit
+def _round_to(b_x, ROUND: tl.constexpr):
+    # float32 values rounded to nearest in the inputs' 16-bit dtype (1: bf16, 2: fp16; 0: kept): what a store to
+    # that dtype does on a GPU (the interpreter's bf16 cast truncates)
+    if ROUND == 1:
+        b_x = round_bf16(b_x)
+    elif ROUND == 2:
+        b_x = b_x.to(tl.float16).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _l2norm(b_x, ROUND: tl.constexpr):
+    # fla's L2Norm, as `qk_l2norm` applies it on the chunk path: x / sqrt(Σx² + 1e-6) in float32, stored in x's
+    # dtype; and the reciprocal norm
+    b_r = 1 / tl.sqrt(tl.sum(b_x * b_x) + 1e-6)
+    return _round_to(b_x * b_r, ROUND), b_r
 
 
 @triton.jit
@@ -87,7 +108,7 @@ def _matvec(b_h, ht_kk, i_nh, b_p, b_lamb, o_k, m_k, K: tl.constexpr, BK: tl.con
     # NH: the number of programs, bucketed; few programs want more warps each, many want fewer. DTYPE follows q's
     # dtype, which (as every tensor's) the autotuner adds to the key itself; a tl.dtype in the key would break
     # TRITON_CACHE_AUTOTUNING (not JSON-serialisable)
-    key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION'],
+    key=['NH', 'H', 'K', 'V', 'BK', 'H_IN_REGS', 'SOLVE', 'PRECONDITION', 'QK_L2NORM'],
     prune_configs_by={'early_config_prune': _prune_configs},
     **autotune_cache_kwargs,
 )
@@ -125,6 +146,9 @@ def fused_recurrent_mesa_fwd_kernel(
     STORE_CG_STEPS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr,
+    QK_L2NORM: tl.constexpr,
+    Q_ROUND: tl.constexpr,
+    K_ROUND: tl.constexpr,
 ):
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
@@ -166,6 +190,10 @@ def fused_recurrent_mesa_fwd_kernel(
         i_tok = bos + tl.cast(i_t, tl.int64)
         b_q = tl.load(q + (i_tok * H + i_h) * K + o_k, mask=m_k, other=0).to(DTYPE)
         b_k = tl.load(k + (i_tok * H + i_h) * K + o_k, mask=m_k, other=0).to(DTYPE)
+        if QK_L2NORM:
+            # in the kernel: two launches of fla's L2Norm less a decode step and layer
+            b_q, _ = _l2norm(b_q, Q_ROUND)
+            b_k, b_rk = _l2norm(b_k, K_ROUND)
         b_gamma = tl.exp(tl.load(g + i_tok * H + i_h).to(DTYPE))
         b_beta = tl.load(beta + i_tok * H + i_h).to(DTYPE)
         b_kb = b_k * b_beta
@@ -185,6 +213,8 @@ def fused_recurrent_mesa_fwd_kernel(
                 p_ht = ht_kk + o_ck
                 b_hc = _prev_state(ht_kk, h0_kk, o_ck, m_ck, i_t, USE_INITIAL_STATE, DTYPE)
                 b_kc = tl.load(k + (i_tok * H + i_h) * K + o_c, mask=m_c, other=0).to(DTYPE)
+                if QK_L2NORM:
+                    b_kc = _round_to(b_kc * b_rk, K_ROUND)
                 b_hc = b_hc * b_gamma + (b_kc * b_beta)[:, None] * b_k[None, :]
                 tl.store(p_ht, b_hc.to(p_ht.dtype.element_ty), mask=m_ck)
             # the solve reads H in another layout
@@ -295,9 +325,11 @@ def fused_recurrent_mesa_fwd(
     cu_seqlens: torch.LongTensor | None = None,
     return_cg_steps: bool = True,
     flag_unconverged: bool = False,
+    qk_l2norm: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """
-    Launches the kernel on contiguous, validated inputs (no checks here: the decode loop calls this directly).
+    Launches the kernel on contiguous, validated inputs (no checks here: the decode loop calls this directly);
+    `qk_l2norm`: q and k L2-normalised in the kernel, as fla's `L2Norm` would (not for float64 inputs).
     Returns `o [B, T, H, V]` (v's dtype), the final state `(h_kk, h_kv)` and `cg_steps [B, T, H]` or `None`; with
     `flag_unconverged` (and `cg_tol`), a token that did not reach `cg_tol` has `~n` steps (`split_cg_steps`).
     """
@@ -344,18 +376,23 @@ def fused_recurrent_mesa_fwd(
         DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         FLOOR2=residual_floor2(dtype),
         FLAG_UNCONVERGED=flag_unconverged and cg_tol is not None and return_cg_steps,
+        QK_L2NORM=qk_l2norm,
+        Q_ROUND=_ROUND.get(q.dtype, 0),
+        K_ROUND=_ROUND.get(k.dtype, 0),
         enable_fp_fusion=FP_FUSION,
     )
     return o, (ht_kk, ht_kv), cg_steps
 
 
 @input_guard
-def _forward(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag_unconverged):
+def _forward(
+    q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag_unconverged, qk_l2norm
+):
     initial_state = None if h0_kk is None else (h0_kk, h0_kv)
     if use_triton(q):
         o, (ht_kk, ht_kv), steps = fused_recurrent_mesa_fwd(
             q, k, v, g, beta, lamb, initial_state, cg_max_steps, cg_tol, precondition, cu_seqlens,
-            flag_unconverged=flag_unconverged,
+            flag_unconverged=flag_unconverged, qk_l2norm=qk_l2norm,
         )
     else:
         o, (ht_kk, ht_kv), steps = recurrent_mesa_torch(
@@ -480,15 +517,14 @@ def fused_recurrent_mesa(
         # saves (op README, "Chunk preconditioner")
         raise ValueError(f"fused_recurrent_mesa takes `precondition` True (Jacobi) or False, got {precondition!r}; "
                          "the chunk preconditioner ('chunk') is chunk_mesa's only (op README)")
-    if use_qk_l2norm_in_kernel:
-        if use_triton(q) and q.dtype != torch.float64:
-            from fla.modules import L2Norm
-            q, k = L2Norm()(q), L2Norm()(k)
-        else:
-            q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
+    # q and k normalised in the kernel on the Triton path (as fla's L2Norm would: the chunk path's norm), in the
+    # solver's dtype by PyTorch elsewhere and for float64
+    in_kernel = use_qk_l2norm_in_kernel and use_triton(q) and q.dtype != torch.float64 and k.dtype != torch.float64
+    if use_qk_l2norm_in_kernel and not in_kernel:
+        q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
     flag = flags_unconverged(return_cg_steps, return_cg_unconverged, warn_unconverged, cg_max_steps, cg_tol)
-    args = (q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag)
+    args = (q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_max_steps, cg_tol, precondition, cu_seqlens, flag, in_kernel)
     # the autograd node (whose backward raises) only where a gradient could be asked for: decoding skips its cost
     tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
     o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(*args) if tracked else _forward(*args)
