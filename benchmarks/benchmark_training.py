@@ -23,8 +23,10 @@ step makes it wait, and then it is close to the whole step.
 
 By default every Triton-using model is first run for one step of each of its rows in --warm-slices processes,
 each with every autotuned kernel (fla's and fla-mesa's) cut to its share of the configs, all at once
-(--warm-jobs), so that Triton's autotuners compile their configs in parallel into Triton's on-disk cache
-(TRITON_CACHE_DIR); the timed run, one process, then finds the binaries there. Autotuning choices are not cached
+(--warm-jobs; by default one per CPU core, as many as the GPU's memory holds), so that Triton's autotuners compile
+their configs in parallel into Triton's on-disk cache (TRITON_CACHE_DIR); the timed run, one process, then finds
+the binaries there. The whole default run (two sizes, three T, six models) is meant to take under 10 minutes on
+one GPU, compiling included; the results file says how long it took. Autotuning choices are not cached
 in that pass (TRITON_CACHE_AUTOTUNING=0): configs timed beside other processes would be picked on noise.
 
     python benchmarks/benchmark_training.py                        # warm in parallel, then the full table
@@ -546,11 +548,24 @@ def warm(args):
             status = 'timeout'
         return f"  warm {time.time() - t0:5.0f} s  {' '.join(cmd[cmd.index('--models') + 1:])}: {status}"
 
+    jobs = args.warm_jobs or default_warm_jobs(args.device)
+    log(f"warm: {len(cmds)} compile processes, {jobs} at a time")
     t0 = time.time()
-    with ThreadPoolExecutor(max(1, args.warm_jobs)) as pool:
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
         for future in as_completed([pool.submit(launch, c) for c in cmds]):
             log(future.result())
     log(f"warm: {time.time() - t0:.0f} s in all")
+    return f"the compile pass {time.time() - t0:.0f} s ({len(cmds)} processes, {jobs} at a time)"
+
+
+def default_warm_jobs(device):
+    """A compile process per CPU core (compiling is CPU-bound), no more than fit in the GPU's free memory: each runs
+    a step of the small model, 7 GiB at its peak."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if device != 'cuda':
+        return max(1, cores)
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(cores, free // (8 << 30)))
 
 
 def mesa_config_count():
@@ -620,7 +635,9 @@ def main(argv=None):
     p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     p.add_argument('--tiny', action='store_true', help='2 layers, hidden 64, 2 heads of 32, vocab 256, T 64')
     p.add_argument('--no-warm', action='store_true', help='skip the parallel compile pass')
-    p.add_argument('--warm-jobs', type=int, default=10, help='processes at a time in the compile pass')
+    p.add_argument('--warm-jobs', type=int, default=None,
+                   help='processes at a time in the compile pass (default: one per CPU core, as many as fit in the '
+                        "GPU's free memory at 8 GiB each)")
     p.add_argument('--warm-timeout', type=int, default=420, help='seconds per compile process')
     p.add_argument('--compile-only', action='store_true', help='(the compile pass) one step per row, no timing')
     p.add_argument('--pin-config', type=int, default=None, help='(the compile pass) fla-mesa kernels at config I')
@@ -661,8 +678,7 @@ def main(argv=None):
                     log(f"compiled {name} {size} T={T}: {row.get('note', 'ok')}")
         return
     t_start = time.time()
-    if not args.no_warm:
-        warm(args)
+    warm_note = 'no compile pass' if args.no_warm else warm(args)
     out = args.out or default_out(args, 'training')
     head, rows = header(args), []
     log(head)
@@ -676,8 +692,9 @@ def main(argv=None):
                     + f"  ({time.time() - t0:.0f} s)")
                 with open(out, 'w') as f:
                     f.write(head + '\n' + table(rows))
-    if args.kernels > 0:
-        with open(out, 'a') as f:
+    with open(out, 'a') as f:
+        f.write(f"\n{time.time() - t_start:.0f} s in all, {warm_note}.\n")
+        if args.kernels > 0:
             f.write('\n' + kernel_tables(rows, args.kernels))
     log('\n' + table(rows) + ('\n' + kernel_tables(rows, args.kernels) if args.kernels > 0 else ''))
     log(f"wrote {out}; {time.time() - t_start:.0f} s in all")

@@ -121,9 +121,12 @@ def _rank(rank, mode, tied, store, out):
 
 
 def run_ranks(mode, tied, tmp_path, timeout=120):
-    # fork, not spawn: the ranks reuse this process's imports (seconds instead of a fresh import of fla each)
+    # fork where it is safe: the ranks reuse this process's imports (seconds instead of a fresh import of fla each).
+    # Where a GPU is visible, a backward run before in this process (another test in the same worker) has started
+    # autograd's device threads, and a forked rank's backward then fails: spawn there
+    method = 'spawn' if torch.cuda.is_available() else 'fork'
     ctx = mp.start_processes(_rank, args=(mode, tied, str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method='fork')
+                             join=False, start_method=method)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
