@@ -2,15 +2,15 @@
 """
 `fused_mesa_gate` (the layer's γ and β gates, one kernel forward and one backward) against the paper's formula in
 float64, `log(σ(a) (1 - (1 - cap) σ(b)²))` and `σ(b)`: outputs and both gradients, FlashAttention's rule against
-`naive_mesa_gate` in float32; for bf16 inputs the gradients (stored in bf16) within their bf16 rounding of the
-float64 result plus that rule. Legal extremes (±inf) give exact answers.
+`naive_mesa_gate` in float32; for bf16 and fp16 inputs the gradients (stored in that dtype) within their rounding
+to it of the float64 result plus that rule. Legal extremes (±inf) give exact answers.
 """
 
 import pytest
 import torch
 
 from fla_mesa.ops.mesa.gate import fused_mesa_gate, naive_mesa_gate
-from tests.utils import NEEDS_TRITON, ON_GPU, bf16_floor, fp32_bound, on_triton, rel_err
+from tests.utils import NEEDS_TRITON, ON_GPU, fp32_bound, on_triton, rel_err
 
 pytestmark = NEEDS_TRITON
 gate = on_triton(fused_mesa_gate)
@@ -48,7 +48,7 @@ def inputs(dtype, seed=0):
 
 
 @pytest.mark.parametrize('gamma_cap', [None, 0.9975, 0.5, 1.0])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_gate_matches_float64(dtype, gamma_cap):
     a, b, dg, dbeta = inputs(dtype)
     got = outputs_and_grads(gate, a, b, gamma_cap, dg, dbeta)
@@ -58,8 +58,9 @@ def test_gate_matches_float64(dtype, gamma_cap):
         assert x.dtype == (torch.float32 if name in ('g', 'beta') else dtype), name
         assert x.shape == a.shape, name
         bound = fp32_bound(rel_err(f, r), gpu=ON_GPU)
-        if x.dtype == torch.bfloat16:
-            bound += bf16_floor(r)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # the gradient's own rounding to its 16-bit dtype
+            bound += rel_err(r.to(x.dtype), r)
         err = rel_err(x, r)
         assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from fla.utils import autotune_cache_kwargs, input_guard
 
-from fla_mesa.ops.mesa.kernel_utils import round_bf16, sum2
+from fla_mesa.ops.mesa.kernel_utils import round_code, round_to, sum2
 from fla_mesa.ops.mesa.recurrent_torch import recurrent_mesa_torch
 from fla_mesa.ops.mesa.utils import (
     check_inputs, compute_dtype, flags_unconverged, l2norm, op_outputs, residual_floor2, use_triton,
@@ -28,8 +28,6 @@ NUM_WARPS = [2, 4, 8, 16]
 # program (benchmarks/results/gpu_tests_h200.md §5-6); `benchmarks/tools/probe_recurrent.py` runs those cases with
 # this on and off
 FP_FUSION = False
-# `_round_to`'s codes for q's and k's dtypes when the kernel normalises them
-_ROUND = {torch.bfloat16: 1, torch.float16: 2}
 
 
 def _configs():
@@ -58,22 +56,11 @@ def _prev_state(state, init, offsets, mask, i_t, USE_INITIAL_STATE: tl.constexpr
 
 
 @triton.jit
-def _round_to(b_x, ROUND: tl.constexpr):
-    # float32 values rounded to nearest in the inputs' 16-bit dtype (1: bf16, 2: fp16; 0: kept): what a store to
-    # that dtype does on a GPU (the interpreter's bf16 cast truncates)
-    if ROUND == 1:
-        b_x = round_bf16(b_x)
-    elif ROUND == 2:
-        b_x = b_x.to(tl.float16).to(tl.float32)
-    return b_x
-
-
-@triton.jit
 def _l2norm(b_x, ROUND: tl.constexpr):
     # fla's L2Norm, as `qk_l2norm` applies it on the chunk path: x / sqrt(Σx² + 1e-6) in float32, stored in x's
     # dtype; and the reciprocal norm
     b_r = 1 / tl.sqrt(tl.sum(b_x * b_x) + 1e-6)
-    return _round_to(b_x * b_r, ROUND), b_r
+    return round_to(b_x * b_r, ROUND), b_r
 
 
 @triton.jit
@@ -214,7 +201,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_hc = _prev_state(ht_kk, h0_kk, o_ck, m_ck, i_t, USE_INITIAL_STATE, DTYPE)
                 b_kc = tl.load(k + (i_tok * H + i_h) * K + o_c, mask=m_c, other=0).to(DTYPE)
                 if QK_L2NORM:
-                    b_kc = _round_to(b_kc * b_rk, K_ROUND)
+                    b_kc = round_to(b_kc * b_rk, K_ROUND)
                 b_hc = b_hc * b_gamma + (b_kc * b_beta)[:, None] * b_k[None, :]
                 tl.store(p_ht, b_hc.to(p_ht.dtype.element_ty), mask=m_ck)
             # the solve reads H in another layout
@@ -377,8 +364,8 @@ def fused_recurrent_mesa_fwd(
         FLOOR2=residual_floor2(dtype),
         FLAG_UNCONVERGED=flag_unconverged and cg_tol is not None and return_cg_steps,
         QK_L2NORM=qk_l2norm,
-        Q_ROUND=_ROUND.get(q.dtype, 0),
-        K_ROUND=_ROUND.get(k.dtype, 0),
+        Q_ROUND=round_code(q.dtype),
+        K_ROUND=round_code(k.dtype),
         enable_fp_fusion=FP_FUSION,
     )
     return o, (ht_kk, ht_kv), cg_steps

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
-from fla_mesa.ops.mesa.kernel_utils import round_bf16
+from fla_mesa.ops.mesa.kernel_utils import round_code, round_to
 
 BLOCK = 1024
 
@@ -57,7 +57,7 @@ def mesa_gate_fwd_kernel(a, b, g, beta, N, C, HAS_CAP: tl.constexpr, BLOCK: tl.c
 
 @triton.jit(do_not_specialize=['N'])
 def mesa_gate_bwd_kernel(
-    a, beta, dg, dbeta, da, db, N, C, HAS_CAP: tl.constexpr, DA_BF16: tl.constexpr, DB_BF16: tl.constexpr,
+    a, beta, dg, dbeta, da, db, N, C, HAS_CAP: tl.constexpr, DA_ROUND: tl.constexpr, DB_ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -71,18 +71,16 @@ def mesa_gate_bwd_kernel(
     if HAS_CAP:
         b_dbeta += b_dg * (-2. * C * b_beta / (1. - C * b_beta * b_beta))
     b_db = b_dbeta * (1. - b_beta) * b_beta
-    # round to nearest before a bfloat16 store: the interpreter's cast truncates
-    if DA_BF16:
-        b_da = round_bf16(b_da)
-    if DB_BF16:
-        b_db = round_bf16(b_db)
-    tl.store(da + o, b_da.to(da.dtype.element_ty), mask=m)
-    tl.store(db + o, b_db.to(db.dtype.element_ty), mask=m)
+    # rounded to nearest before a 16-bit store: the interpreter's bf16 cast truncates
+    tl.store(da + o, round_to(b_da, DA_ROUND).to(da.dtype.element_ty), mask=m)
+    tl.store(db + o, round_to(b_db, DB_ROUND).to(db.dtype.element_ty), mask=m)
 
 
 def _grad_buffer(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # the kernel stores bfloat16 (rounded) and float32 itself; other dtypes get a float32 gradient cast after it
-    return torch.empty_like(like, dtype=dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32)
+    # the kernel stores bf16, fp16 (both rounded) and float32 gradients itself; other dtypes get a float32 one cast
+    # after it (the kernel computes in float32)
+    native = dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return torch.empty_like(like, dtype=dtype if native else torch.float32)
 
 
 class MesaGateFunction(torch.autograd.Function):
@@ -110,7 +108,7 @@ class MesaGateFunction(torch.autograd.Function):
         da, db = _grad_buffer(a, a.dtype), _grad_buffer(a, ctx.b_dtype)
         mesa_gate_bwd_kernel[(triton.cdiv(N, BLOCK),)](
             a, beta, dg, dbeta, da, db, N, ctx.C, HAS_CAP=ctx.has_cap,
-            DA_BF16=da.dtype == torch.bfloat16, DB_BF16=db.dtype == torch.bfloat16, BLOCK=BLOCK,
+            DA_ROUND=round_code(da.dtype), DB_ROUND=round_code(db.dtype), BLOCK=BLOCK,
         )
         return da.to(a.dtype), db.to(ctx.b_dtype), None
 

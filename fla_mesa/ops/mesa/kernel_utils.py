@@ -60,6 +60,22 @@ def round_bf16(a):
     return ((bits + 32767 + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
+def round_code(dtype: torch.dtype) -> int:
+    """`round_to`'s code for a store to `dtype`: 1 bf16, 2 fp16, 0 any other (nothing to round)."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+
+
+@triton.jit
+def round_to(a, ROUND: tl.constexpr):
+    # fp32 values rounded to nearest in a 16-bit dtype (`round_code`), still fp32: what a store to that dtype does on
+    # a GPU (the interpreter's bf16 cast truncates)
+    if ROUND == 1:
+        a = round_bf16(a)
+    elif ROUND == 2:
+        a = a.to(tl.float16).to(tl.float32)
+    return a
+
+
 @triton.jit
 def mesa_split(a, PREC: tl.constexpr):
     """`a` as the operand pair `(hi, lo)` of `mesa_dot_split`: split once, outside loops, what a loop reuses."""
