@@ -108,10 +108,14 @@ def _rank(rank, mode, tied, store, out):
         if mode == 'ddp':
             model = torch.nn.parallel.DistributedDataParallel(model)
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
+            # a CPU mesh named, not the default: where a GPU is visible that is a CUDA mesh, which moves the shards
+            # there
+            mesh = init_device_mesh('cpu', (WORLD,))
             for block in model.model.layers:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             # flame initialises the weights after sharding: every initialiser must work on DTensors
             torch.manual_seed(0)
             model.apply(model._init_weights)
