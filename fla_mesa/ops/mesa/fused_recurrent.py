@@ -516,5 +516,5 @@ def fused_recurrent_mesa(
     tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args)
     o, ht_kk, ht_kv, steps = FusedRecurrentMesaFunction.apply(*args) if tracked else _forward(*args)
     final_state = (ht_kk, ht_kv) if output_final_state else None
-    return op_outputs('fused_recurrent_mesa', o, final_state, steps, flag, cg_max_steps, cg_tol, return_cg_steps, return_cg_unconverged,
-                      warn_unconverged)
+    return op_outputs('fused_recurrent_mesa', o, final_state, steps, flag, cg_max_steps, cg_tol, return_cg_steps,
+                      return_cg_unconverged, warn_unconverged)
