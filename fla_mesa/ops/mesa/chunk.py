@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from fla.modules.l2norm import l2norm as fla_l2norm
 from fla.ops.common.chunk_o import chunk_fwd_o
 from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
@@ -109,13 +110,13 @@ def _use_triton_path(q: torch.Tensor) -> bool:
 
 def qk_l2norm(x: torch.Tensor) -> torch.Tensor:
     """
-    The L2 norm `chunk_mesa(..., use_qk_l2norm_in_kernel=True)` applies to q and to k: fla's `L2Norm` on the Triton
-    path, else `l2norm` in the solver's dtype. For callers that normalise outside the op (the layer, to recompute q's
-    norm in the backward instead of keeping it).
+    The L2 norm `chunk_mesa(..., use_qk_l2norm_in_kernel=True)` applies to q and to k: fla's `l2norm` (what its
+    `L2Norm` module calls) on the Triton path, else `l2norm` in the solver's dtype. For callers that normalise outside
+    the op (the layer, to recompute q's norm in the backward instead of keeping it).
     """
     if _use_triton_path(x):
-        from fla.modules import L2Norm
-        return L2Norm()(x)
+        # the function, not a module built per call: that cost host time in every layer and step
+        return fla_l2norm(x, eps=1e-6)
     return l2norm(x.to(compute_dtype(x)))
 
 
