@@ -79,8 +79,12 @@ def chunk_mesa_bwd(
     where the adjoint solve writes it so (bfloat16), else in float32; `g_cum` as `chunk_mesa_fwd` takes it (`g` is
     then unused).
     """
-    chunk_indices, g_cum, beta, h_kk, h_kv, (ht_kk, _) = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size,
-                                                                  g_cum)
+    chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size,
+                                                                   g_cum)
+    # only the chunk preconditioner reads a final state here (ht_kk, in the adjoint solve): the states after the last
+    # token are freed as soon as they are no longer read, not kept through the gradients' allocations
+    ht_kk = final_state[0]
+    del final_state
     kw = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     steps = None
     if cg_max_steps == 0:
@@ -96,6 +100,7 @@ def chunk_mesa_bwd(
                                     **kw, v=v, h_kv=h_kv, do=do, flag_unconverged=flag_unconverged,
                                     skip_jacobi=rescued, ht_kk=ht_kk, xl=dq)
         dq = e if dq is None else dq
+    del ht_kk
     dk, dv, dg, dbeta, dlamb, dh0 = chunk_mesa_bwd_grads(
         x, e, do, k, v, g_cum, beta, h_kk, h_kv, initial_state=initial_state, dht=dht, **kw
     )
