@@ -554,8 +554,9 @@ def warm(args):
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         for future in as_completed([pool.submit(launch, c) for c in cmds]):
             log(future.result())
-    log(f"warm: {time.time() - t0:.0f} s in all")
-    return f"the compile pass {time.time() - t0:.0f} s ({len(cmds)} processes, {jobs} at a time)"
+    elapsed = time.time() - t0
+    log(f"warm: {elapsed:.0f} s in all")
+    return f"the compile pass {elapsed:.0f} s ({len(cmds)} processes, {jobs} at a time)"
 
 
 def default_warm_jobs(device):

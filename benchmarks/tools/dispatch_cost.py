@@ -48,9 +48,8 @@ def layers(kernel):
     return out, kernel
 
 
-def stand_in_args(wrappers, jit):
+def stand_in_args(wrappers, autotuner, jit):
     """Every argument the caller passes: not those the configs or the heuristics set."""
-    autotuner = next(w for w in wrappers if isinstance(w, Autotuner))
     set_elsewhere = {k for c in autotuner.configs for k in c.kwargs}
     for w in wrappers:
         if isinstance(w, Heuristics):
@@ -72,7 +71,7 @@ def stand_in_args(wrappers, jit):
 def measure(kernel, number):
     wrappers, jit = layers(kernel)
     autotuner = next(w for w in wrappers if isinstance(w, Autotuner))
-    kw = stand_in_args(wrappers, jit)
+    kw = stand_in_args(wrappers, autotuner, jit)
     saved = jit.run, autotuner._bench, autotuner.cache_results
     jit.run = lambda *a, **k: None
     autotuner._bench = lambda *a, config, **k: [float(autotuner.configs.index(config))]
