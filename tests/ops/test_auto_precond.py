@@ -202,12 +202,12 @@ def test_auto_gradients_hard(monkeypatch, backend, scale, routing):
     poison_empty(monkeypatch)
     if not routing:
         jacobi_first(monkeypatch)
-    inputs = list(hard_inputs(160, K=32, V=8, dirs=8, noise=1e-2)) + [None]
+    inputs = list(hard_inputs(96, K=32, V=8, dirs=8, noise=1e-2)) + [None]
     # the case needs the rescue at this tolerance: Jacobi alone leaves tokens unconverged
     bad = run(monkeypatch, backend, *[x.float() for x in inputs[:6]], cg_tol=1e-6, chunk_size=32, precondition=True,
               return_cg_unconverged=True)[-1]
     assert bad.any()
-    do = scale * torch.randn(1, 160, 1, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    do = scale * torch.randn(1, 96, 1, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for name, err, floor in grad_errors(monkeypatch, backend, inputs, do, chunk_size=32):
         assert err <= max(4 * floor, 1e-4), (name, err, floor)
 
@@ -222,15 +222,15 @@ def test_auto_varlen(monkeypatch, backend):
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize('cu_seqlens', [None, [0, 40, 150]])
+@pytest.mark.parametrize('cu_seqlens', [None, [0, 40, 110]])
 def test_first_pass_marks_the_chunks_to_rescue(monkeypatch, cu_seqlens):
     # the Jacobi pass marks a chunk and head (atomically, in the kernel) exactly where one of its rows stops above tol
     from fla_mesa.ops.mesa.chunk import chunk_mesa_fwd
     jacobi_first(monkeypatch)
     fwd = on_triton(chunk_mesa_fwd)
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(110, H=2, K=32, V=8, dirs=8, noise=1e-2))
     if cu_seqlens is None:
-        q, k, v, g, beta = (x.reshape(2, 75, *x.shape[2:]) for x in (q, k, v, g, beta))
+        q, k, v, g, beta = (x.reshape(2, 55, *x.shape[2:]) for x in (q, k, v, g, beta))
     else:
         cu_seqlens = torch.tensor(cu_seqlens)
     *_, need = fwd(q, k, v, g, beta, lamb, None, 30, 1e-5, 'auto', cu_seqlens, 16)
@@ -259,24 +259,24 @@ def test_rescue_items_lists_the_map(N):
 
 @NEEDS_TRITON
 def test_rescue_pass_any_program_count(monkeypatch, one_cg_config):
-    # the second pass's programs walk the list in strides: one program, or more programs than chunks, give the same
-    # outputs, steps and gradients to the bit as the default count (the chunks Jacobi left: their rows from Jacobi's
-    # iterate; routed chunks walk the same list)
+    # the second pass's programs walk the list in strides: one program (every item in turn) and more programs than
+    # items (one each) give the same outputs, steps and gradients to the bit (the chunks Jacobi left: their rows from
+    # Jacobi's iterate; routed chunks walk the same list)
     jacobi_first(monkeypatch)
-    inputs = [x.float().requires_grad_() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2)]
-    do = torch.randn(1, 160, 2, 8, generator=torch.Generator().manual_seed(3))
+    inputs = [x.float().requires_grad_() for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2)]
+    do = torch.randn(1, 96, 2, 8, generator=torch.Generator().manual_seed(3))
 
-    def outputs():
+    def outputs(programs):
+        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: programs)
         o, _, steps, bad = triton_chunk_mesa(*inputs, cg_tol=1e-6, chunk_size=32, precondition='auto',
                                              return_cg_steps=True, return_cg_unconverged=True)
         return [o, steps, bad, *torch.autograd.grad(o, inputs, do.to(o))]
 
-    base = outputs()
-    assert not base[2].any() and (base[1] > 0).all()
-    for programs in (1, 1000):
-        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index, n=programs: n)
-        for want, got in zip(base, outputs()):
-            assert torch.equal(want, got)
+    one = outputs(1)
+    # every token converged, some of them in the second pass (past Jacobi's 30 steps)
+    assert not one[2].any() and (one[1] > 0).all() and (one[1] > 30).any() and not (one[1] > 30).all()
+    for want, got in zip(one, outputs(64)):
+        assert torch.equal(want, got)
 
 
 @NEEDS_TRITON
@@ -288,7 +288,7 @@ def test_rescue_with_a_given_factor(monkeypatch):
     from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
     jacobi_first(monkeypatch)
     device = 'cuda' if ON_GPU else 'cpu'
-    q, k, v, g, beta, lamb = (x.float().to(device) for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float().to(device) for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2))
     _, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, None, None, 32)
     run = dict(cg_max_steps=30, cg_tol=1e-6, precondition='auto', chunk_size=32, ht_kk=final_state[0],
                return_rescued=True)
@@ -365,7 +365,7 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
     # these chunks alike)
     jacobi_first(monkeypatch)
     fwd, bwd = fwd_bwd_functions(backend)
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2))
     args = (30, 1e-6, 'auto', None, 32)
     _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
     assert rescued is not None
@@ -385,7 +385,7 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
     steps_s, steps_f = skipped[-1], full[-1]
     assert (steps_s >= 0).all() and (steps_f >= 0).all()
     # tokens of the rescued chunks: no Jacobi pass (at most cg_max_steps in all, fewer than with it)
-    chunk = torch.arange(160) // 32
+    chunk = torch.arange(96) // 32
     if backend == 'torch':
         hit = rescued.permute(0, 2, 1)[:, chunk]          # [B, H, NT] -> [B, T, H]
     else:
@@ -404,7 +404,7 @@ def test_adjoint_writes_dq_in_bf16(monkeypatch, one_cg_config, routing):
     if not routing:
         jacobi_first(monkeypatch)
     fwd, bwd = fwd_bwd_functions('triton')
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(160, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2))
     args = (30, 1e-6, 'auto', None, 32)
     _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
     assert rescued is not None and rescued.any()

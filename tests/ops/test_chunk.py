@@ -75,8 +75,8 @@ def test_chunk_fp32_matches_float64(backend, B, T, H, K, V, C, gate, h0, precond
 @pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
 def test_chunk_gradients_scale_invariant(backend, scale):
     # the gradients' relative accuracy must not depend on the size of the upstream gradient
-    inputs = make_inputs(2, 50, 2, 16, 16, gate=(6.0, 0.5), initial_state=True)
-    do, dht = upstream(2, 50, 2, 16, 16, scale)
+    inputs = make_inputs(1, 50, 2, 16, 16, gate=(6.0, 0.5), initial_state=True)
+    do, dht = upstream(1, 50, 2, 16, 16, scale)
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=16)
     for name, (err, base) in compare(inputs, do, dht, kw).items():
         assert err <= fp32_bound(base, backend == 'cuda'), f"scale {scale} {name}: {err:.2e} vs fp32 exact reference {base:.2e}"
@@ -141,7 +141,7 @@ def test_chunk_gradcheck():
 
 
 def test_chunk_varlen_equals_per_sequence(backend):
-    cu = torch.tensor([0, 1, 20, 64, 100], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 20, 57], dtype=torch.int32)
     N, T = len(cu) - 1, int(cu[-1])
     q, k, v, g, beta, lamb, _ = make_inputs(1, T, 2, 16, 8, dtype=torch.float32)
     # a different initial state per sequence: a sequence started from another's state must fail
