@@ -5,7 +5,9 @@ What is alive on the GPU at a training step's peak (issue 13's "peak memory <= f
 moment of the largest allocated total, and the blocks alive then grouped by the first frame outside torch (the
 code that allocated them). Prints one markdown table a model.
 
-    python benchmarks/tools/peak_memory.py --models fla-mesa fla-mesanet [--Ts 2048 8192] [--top 25]
+    python benchmarks/tools/peak_memory.py --models fla-mesa fla-mesanet [--Ts 2048 8192] [--top 25] [--blocks STR ...]
+
+Then `max_memory_allocated` over the forward, the backward and the optimizer step of a third step.
 """
 
 import argparse
@@ -51,6 +53,23 @@ def live_at_peak(trace):
     return best, best_live, last
 
 
+def phase_peaks(model, opt, B, T, vocab):
+    """`max_memory_allocated` over each phase of one step (`benchmark_training.step`'s, split): which phase sets the peak."""
+    peaks = {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, vocab, (B, T), device='cuda')
+    loss = model(input_ids=ids, labels=ids).loss
+    for phase, fn in (('forward', None), ('backward', loss.backward), ('optimizer', opt.step)):
+        if fn is not None:
+            fn()
+        torch.cuda.synchronize()
+        peaks[phase] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    opt.zero_grad(set_to_none=True)
+    return peaks
+
+
 def run(name, args):
     mesa = bt.mesa_config('small', False, 'cuda')
     config, _, _ = bt.matched_config(name, mesa, args.T, 'cuda')
@@ -75,6 +94,13 @@ def run(name, args):
     print("| allocated by | MiB |\n|---|---|")
     for where, size in groups.most_common(args.top):
         print(f"| `{where}` | {size / 2**20:.2f} |")
+    for pattern in args.blocks:
+        sizes = collections.Counter(size for size, frames in blocks.values() if pattern in owner(frames))
+        print(f"\nblocks alive at the traced peak from `{pattern}`: "
+              + ", ".join(f"{n} x {size / 2**20:.3f} MiB" for size, n in sorted(sizes.items(), reverse=True)))
+    phases = phase_peaks(model, opt, B, args.T, config.vocab_size)
+    print("\nmax_memory_allocated by phase of a third step (MiB): "
+          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in phases.items()))
     del model, opt
     bt.free('cuda')
 
@@ -85,6 +111,8 @@ def main():
     p.add_argument('--Ts', type=int, nargs='+', default=[2048])
     p.add_argument('--tokens', type=int, default=16384)
     p.add_argument('--top', type=int, default=25)
+    p.add_argument('--blocks', nargs='*', default=[], help="list the sizes of the blocks alive at the peak from "
+                   "the allocators whose name contains each string")
     args = p.parse_args()
     print(bt.header(argparse.Namespace(device='cuda', tiny=False, tokens=args.tokens, steps=2, warmup=0, profile_steps=0)))
     for args.T in args.Ts:
