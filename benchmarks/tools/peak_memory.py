@@ -98,6 +98,14 @@ def run(name, args):
         sizes = collections.Counter(size for size, frames in blocks.values() if pattern in owner(frames))
         print(f"\nblocks alive at the traced peak from `{pattern}`: "
               + ", ".join(f"{n} x {size / 2**20:.3f} MiB" for size, n in sorted(sizes.items(), reverse=True)))
+    # what stays allocated between steps (parameters, optimizer states, workspaces, anything a step leaves behind)
+    resident = collections.Counter()
+    for segment in snap['segments']:
+        for block in segment['blocks']:
+            if block['state'] == 'active_allocated':
+                resident[owner(block.get('frames', []))] += block['size']
+    print(f"\nallocated after the steps: {sum(resident.values()) / 2**20:.1f} MiB; "
+          + ", ".join(f"`{where}` {size / 2**20:.2f}" for where, size in resident.most_common(args.top)))
     phases = phase_peaks(model, opt, B, args.T, config.vocab_size)
     print("\nmax_memory_allocated by phase of a third step (MiB): "
           + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in phases.items()))
