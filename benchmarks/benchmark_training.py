@@ -13,7 +13,8 @@ Sizes: 'small' = 8 layers, hidden 1024, 8 heads of 128, vocab 32000 (fla-mesa's 
 '340M' = configs/mesa_340M.json. T = 2048, 4096, 8192 at constant B*T = --tokens (16384).
 
 Per row: median ms/step over --steps timed steps after --warmup steps (each step synchronised), tokens/s, peak
-memory (torch.cuda.max_memory_allocated from the row's start: parameters, AdamW state, activations), and the GPU
+memory (torch.cuda.max_memory_allocated over a step, measured in a process of the row's own after a first step:
+parameters, AdamW state, activations; --in-process-peaks: in the timed process from the row's start), and the GPU
 busy fraction of --profile-steps further steps run under torch.profiler: the union of the intervals of every
 kernel, memcpy and memset in the trace (overlaps counted once) over the wall time of those same steps ('busy');
 'busy/med' divides the same kernel time per step by the unprofiled median instead (the profiler's own host cost
@@ -559,6 +560,57 @@ def warm(args):
     return f"the compile pass {elapsed:.0f} s ({len(cmds)} processes, {jobs} at a time)"
 
 
+def peak_one_row(name, size, T, args):
+    """
+    (--peak-only) max_memory_allocated over one training step of one row, after a first step (which autotunes
+    and compiles) in this process: parameters, AdamW state and the step's activations and temporaries.
+    """
+    B = args.tokens // T
+    config, _, _ = matched_config(name, mesa_config(size, args.tiny, 'cuda'), max(args.Ts), 'cuda')
+    model, opt = build(name, config, 'cuda')
+    step(model, opt, B, T, config.vocab_size, 'cuda')
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(model, opt, B, T, config.vocab_size, 'cuda')
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def fresh_peaks(args):
+    """
+    Each row's peak memory in a process of its own (`peak_one_row`), several at a time. In one process the peak a
+    row reaches depends on the rows run before it (the caching allocator rounds a block to the free block it is
+    carved from, so the same allocations count a few MiB more or less), which can decide a comparison of models
+    within a few MiB. Every autotuned kernel keeps its first config there (no autotuning; the memory a step
+    allocates does not depend on it). Returns {(model, size, T): bytes}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    base = [sys.executable, os.path.abspath(__file__), '--no-warm', '--device', 'cuda', '--tokens', str(args.tokens),
+            '--Ts', *map(str, args.Ts), '--config-slice', '0', str(1 << 20)]
+    rows = [(name, size, T) for size in args.sizes for T in args.Ts for name in args.models]
+
+    def launch(row):
+        name, size, T = row
+        cmd = base + ['--models', name, '--sizes', size, '--peak-only', str(T)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.warm_timeout)
+        except subprocess.TimeoutExpired:
+            return row, None
+        found = re.findall(r'^peak bytes: (\d+)$', p.stdout, re.M)
+        return row, int(found[-1]) if found else None
+
+    free, _ = torch.cuda.mem_get_info()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    peaks, t0 = {}, time.time()
+    # a size at a time: a small row peaks at up to ~7 GiB, a 340M one at ~26
+    for size in args.sizes:
+        jobs = max(1, min(cores, free // ((30 if size == '340M' else 8) << 30)))
+        with ThreadPoolExecutor(jobs) as pool:
+            peaks.update((row, peak) for row, peak in pool.map(launch, [r for r in rows if r[1] == size]) if peak)
+    log(f"peaks: {len(peaks)} of {len(rows)} rows, one process each, {time.time() - t0:.0f} s")
+    return peaks
+
+
 def default_warm_jobs(device):
     """A compile process per CPU core (compiling is CPU-bound), no more than fit in the GPU's free memory: each runs
     a step of the small model, 7 GiB at its peak."""
@@ -646,6 +698,10 @@ def main(argv=None):
                    help="(the compile pass) every fla and fla-mesa kernel's configs I, I + N, ...")
     p.add_argument('--warm-slices', type=int, default=5, help='compile processes per model in the compile pass')
     p.add_argument('--profile-host', action='store_true', help='cProfile + torch.profiler of one step')
+    p.add_argument('--peak-only', type=int, default=None, metavar='T',
+                   help="(the peak pass) print the peak memory of the first model's row at T in this process")
+    p.add_argument('--in-process-peaks', action='store_true',
+                   help="peak memory from the timed process (history-dependent) instead of a process a row")
     p.add_argument('--cuda-graph', action='store_true',
                    help='time the whole step captured in one CUDA graph (model rows say "graph")')
     p.add_argument('--compile', action='store_true', help='each model under torch.compile (default mode)')
@@ -665,6 +721,13 @@ def main(argv=None):
         raise SystemExit("--cuda-graph and --compile are two ways to cut host time: one at a time")
     if args.profile_host:
         return profile_host(args)
+    if args.peak_only is not None:
+        if args.config_slice is not None:
+            sys.path.insert(0, ROOT)
+            from tests.gpu_configs import slice_configs
+            slice_configs(*args.config_slice)
+        print(f"peak bytes: {peak_one_row(args.models[0], args.sizes[0], args.peak_only, args)}", flush=True)
+        return
     if args.compile_only:
         if args.pin_config is not None:
             pin_config(args.pin_config)
@@ -680,6 +743,8 @@ def main(argv=None):
         return
     t_start = time.time()
     warm_note = 'no compile pass' if args.no_warm else warm(args)
+    fresh = args.device == 'cuda' and not args.in_process_peaks
+    peaks = fresh_peaks(args) if fresh else {}
     out = args.out or default_out(args, 'training')
     head, rows = header(args), []
     log(head)
@@ -688,6 +753,10 @@ def main(argv=None):
             for name in args.models:
                 t0 = time.time()
                 row = run_row(name, size, T, args)
+                if fresh and 'peak GiB' in row:
+                    peak = peaks.get((name, size, T))
+                    row['note'] = (row.get('note', '') + f" in-process peak {row['peak GiB']} GiB").strip()
+                    row['peak GiB'] = 'n/a' if peak is None else f"{peak / 2**30:.3f}"
                 rows.append(row)
                 log(f"[{time.time() - t_start:5.0f} s] " + ' | '.join(f"{c} {row[c]}" for c in COLUMNS if c in row)
                     + f"  ({time.time() - t0:.0f} s)")
