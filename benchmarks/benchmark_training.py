@@ -53,6 +53,7 @@ time (top 40), to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import gc
@@ -65,6 +66,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -576,6 +578,30 @@ def peak_one_row(name, size, T, args):
     return torch.cuda.max_memory_allocated()
 
 
+def peak_estimate(name, size, T):
+    """A row's peak memory in bytes, from above (measured on an H200: small 6.6 GiB, Llama 12.8; 340M 16.6, Llama 25.5)."""
+    return (28 if size == '340M' else 14) << 30 if name == 'llama' else (19 if size == '340M' else 8) << 30
+
+
+class MemoryBudget:
+    """Bytes of GPU memory shared out to processes: `hold(n)` waits until n fit (one larger than all runs alone)."""
+
+    def __init__(self, total):
+        self.total, self.used, self.cond = total, 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n):
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + n <= self.total)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
 def fresh_peaks(args):
     """
     Each row's peak memory in a process of its own (`peak_one_row`), several at a time. In one process the peak a
@@ -601,12 +627,16 @@ def fresh_peaks(args):
 
     free, _ = torch.cuda.mem_get_info()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    peaks, t0 = {}, time.time()
-    # a size at a time: a small row peaks at up to ~7 GiB, a 340M one at ~26
-    for size in args.sizes:
-        jobs = max(1, min(cores, free // ((30 if size == '340M' else 8) << 30)))
-        with ThreadPoolExecutor(jobs) as pool:
-            peaks.update((row, peak) for row, peak in pool.map(launch, [r for r in rows if r[1] == size]) if peak)
+    budget = MemoryBudget(0.9 * free)
+    t0 = time.time()
+
+    def launch_within_budget(row):
+        with budget.hold(peak_estimate(*row)):
+            return launch(row)
+
+    # a process a core, as many at once as their estimated peaks fit in the GPU's free memory
+    with ThreadPoolExecutor(max(1, cores)) as pool:
+        peaks = {row: peak for row, peak in pool.map(launch_within_budget, rows) if peak}
     log(f"peaks: {len(peaks)} of {len(rows)} rows, one process each, {time.time() - t0:.0f} s")
     return peaks
 
