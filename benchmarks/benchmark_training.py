@@ -612,7 +612,7 @@ def fresh_peaks(args):
     """
     from concurrent.futures import ThreadPoolExecutor
     base = [sys.executable, os.path.abspath(__file__), '--no-warm', '--device', 'cuda', '--tokens', str(args.tokens),
-            '--Ts', *map(str, args.Ts), '--config-slice', '0', str(1 << 20)]
+            '--Ts', *map(str, args.Ts), '--config-slice', '0', str(1 << 20)] + (['--tiny'] if args.tiny else [])
     rows = [(name, size, T) for size in args.sizes for T in args.Ts for name in args.models]
 
     def launch(row):
