@@ -579,7 +579,7 @@ def peak_one_row(name, size, T, args):
 
 
 def peak_estimate(name, size, T):
-    """A row's peak memory in bytes, from above (measured on an H200: small 6.6 GiB, Llama 12.8; 340M 16.6, Llama 25.5)."""
+    """A row's peak memory in bytes, from above (the measured peaks: results/training_h200.md, section 12)."""
     return (28 if size == '340M' else 14) << 30 if name == 'llama' else (19 if size == '340M' else 8) << 30
 
 
@@ -605,10 +605,9 @@ class MemoryBudget:
 def fresh_peaks(args):
     """
     Each row's peak memory in a process of its own (`peak_one_row`), several at a time. In one process the peak a
-    row reaches depends on the rows run before it (the caching allocator rounds a block to the free block it is
-    carved from, so the same allocations count a few MiB more or less), which can decide a comparison of models
-    within a few MiB. Every autotuned kernel keeps its first config there (no autotuning; the memory a step
-    allocates does not depend on it). Returns {(model, size, T): bytes}.
+    row reaches depends on the rows run before it, by a few MiB (most likely the caching allocator's accounting of
+    the blocks it reuses), enough to decide a comparison of models. Every autotuned kernel keeps its first config
+    there (no autotuning; the memory a step allocates does not depend on it). Returns {(model, size, T): bytes}.
     """
     from concurrent.futures import ThreadPoolExecutor
     base = [sys.executable, os.path.abspath(__file__), '--no-warm', '--device', 'cuda', '--tokens', str(args.tokens),
@@ -751,20 +750,16 @@ def main(argv=None):
         raise SystemExit("--cuda-graph and --compile are two ways to cut host time: one at a time")
     if args.profile_host:
         return profile_host(args)
+    if args.compile_only and args.pin_config is not None:
+        pin_config(args.pin_config)
+    if args.config_slice is not None and (args.peak_only is not None or args.compile_only):
+        sys.path.insert(0, ROOT)
+        from tests.gpu_configs import slice_configs
+        slice_configs(*args.config_slice)
     if args.peak_only is not None:
-        if args.config_slice is not None:
-            sys.path.insert(0, ROOT)
-            from tests.gpu_configs import slice_configs
-            slice_configs(*args.config_slice)
         print(f"peak bytes: {peak_one_row(args.models[0], args.sizes[0], args.peak_only, args)}", flush=True)
         return
     if args.compile_only:
-        if args.pin_config is not None:
-            pin_config(args.pin_config)
-        if args.config_slice is not None:
-            sys.path.insert(0, ROOT)
-            from tests.gpu_configs import slice_configs
-            slice_configs(*args.config_slice)
         for size in args.sizes:
             for T in args.Ts:
                 for name in args.models:
@@ -773,7 +768,8 @@ def main(argv=None):
         return
     t_start = time.time()
     warm_note = 'no compile pass' if args.no_warm else warm(args)
-    fresh = args.device == 'cuda' and not args.in_process_peaks
+    # the peak pass runs eager steps: graphed and compiled rows keep their own process's peak
+    fresh = args.device == 'cuda' and not (args.in_process_peaks or args.cuda_graph or args.compile)
     peaks = fresh_peaks(args) if fresh else {}
     out = args.out or default_out(args, 'training')
     head, rows = header(args), []
