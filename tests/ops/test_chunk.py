@@ -90,8 +90,8 @@ def test_chunk_plain_directions(backend, monkeypatch, scale):
         pytest.skip('an option of the Triton CG kernel')
     from fla_mesa.ops.mesa import chunk_cg
     monkeypatch.setattr(chunk_cg, 'CG_ROUND_DIRECTIONS', False)
-    inputs = make_inputs(2, 63, 2, 16, 8, gate=(6.0, 1.0), initial_state=True)
-    do, dht = upstream(2, 63, 2, 8, 16, scale)
+    inputs = make_inputs(1, 63, 2, 16, 8, gate=(6.0, 1.0), initial_state=True)
+    do, dht = upstream(1, 63, 2, 8, 16, scale)
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=32)
     for name, (err, base) in compare(inputs, do, dht, kw).items():
         assert err <= fp32_bound(base, backend == 'cuda'), f"{name}: {err:.2e} vs fp32 exact reference {base:.2e}"
@@ -162,7 +162,7 @@ def test_chunk_varlen_equals_per_sequence(backend):
 
 
 def test_chunk_state_carry_equals_whole(backend):
-    q, k, v, g, beta, lamb, h0 = make_inputs(2, 90, 2, 16, 12, dtype=torch.float32, initial_state=True)
+    q, k, v, g, beta, lamb, h0 = make_inputs(1, 90, 2, 16, 12, dtype=torch.float32, initial_state=True)
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=32, output_final_state=True)
     o, ht = chunk_mesa(q, k, v, g, beta, lamb, h0, **kw)
     o1, h1 = chunk_mesa(*(x[:, :37] for x in (q, k, v, g, beta)), lamb, h0, **kw)
