@@ -144,7 +144,7 @@ def test_auto_routes_where_jacobi_stalls(monkeypatch, backend):
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize('cu_seqlens,precision', [(None, 'auto'), ([0, 40, 110], 'auto'), (None, 'ieee'), (None, 'bf16x3')])
+@pytest.mark.parametrize('cu_seqlens,precision', [(None, 'auto'), ([0, 40, 150], 'auto'), (None, 'ieee'), (None, 'bf16x3')])
 def test_first_pass_routes_the_chunks_that_stall(monkeypatch, cu_seqlens, precision):
     # the Triton first pass routes (2) exactly the chunks and heads whose PyTorch score is above the threshold, per
     # sequence when varlen (a sequence's last chunk ends at its final state), from H_c split or not by the loop's
@@ -152,11 +152,11 @@ def test_first_pass_routes_the_chunks_that_stall(monkeypatch, cu_seqlens, precis
     from fla_mesa.ops.mesa.chunk import chunk_mesa_fwd
     monkeypatch.setattr(chunk_cg, 'CG_DOT_PRECISION', precision)
     fwd = on_triton(chunk_mesa_fwd)
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(110, H=2, K=32, V=8, dirs=8, noise=1e-2, beta=0.5))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(150, H=3, K=32, V=8, dirs=8, noise=1e-2, beta=0.5))
     # decays that vary by token, so that the score's a_c (to the chunk's middle token) decides some chunks
     g = F.logsigmoid(3 * torch.randn(g.shape, generator=torch.Generator().manual_seed(4)) + 7)
     if cu_seqlens is None:
-        q, k, v, g, beta = (x.reshape(2, 55, *x.shape[2:]) for x in (q, k, v, g, beta))
+        q, k, v, g, beta = (x.reshape(2, 75, *x.shape[2:]) for x in (q, k, v, g, beta))
         seqs = [tuple(x[b:b + 1] for x in (q, k, v, g, beta)) for b in range(2)]
     else:
         seqs = [tuple(x[:, s:e] for x in (q, k, v, g, beta)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
