@@ -562,6 +562,11 @@ def warm(args):
     return f"the compile pass {elapsed:.0f} s ({len(cmds)} processes, {jobs} at a time)"
 
 
+def cpu_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def peak_one_row(name, size, T, args):
     """
     (--peak-only) max_memory_allocated over one training step of one row, after a first step (which autotunes
@@ -625,7 +630,7 @@ def fresh_peaks(args):
         return row, int(found[-1]) if found else None
 
     free, _ = torch.cuda.mem_get_info()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    cores = cpu_cores()
     budget = MemoryBudget(0.9 * free)
     t0 = time.time()
 
@@ -643,7 +648,7 @@ def fresh_peaks(args):
 def default_warm_jobs(device):
     """A compile process per CPU core (compiling is CPU-bound), no more than fit in the GPU's free memory: each runs
     a step of the small model, 7 GiB at its peak."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    cores = cpu_cores()
     if device != 'cuda':
         return max(1, cores)
     free, _ = torch.cuda.mem_get_info()
