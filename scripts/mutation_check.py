@@ -277,6 +277,16 @@ MUTANTS = [
            'b_lamb = tl.load(lamb + (i_n % 1) * K + i * BS + o_b, mask=i * BS + o_b < K, other=1.).to(tl.float32)\n'
            '        b_s = ',
            ['tests/ops/test_factor.py'], 'lamb_broadcast'),
+    Mutant("the layer's fused conv and L2 norm: the norm's backward skipped",
+           'fla_mesa/ops/mesa/conv_l2norm.py',
+           'dc = l2norm_bwd(y=y, rstd=rstd, dy=dy, eps=L2NORM_EPS).flatten(-2)',
+           'dc = dy.flatten(-2)',
+           ['tests/layers/test_layer_memory.py'], 'recompute_same_results and triton'),
+    Mutant("the layer's fused conv and L2 norm: no gradient for the conv's weight",
+           'fla_mesa/ops/mesa/conv_l2norm.py',
+           'return dx, dw, db, None, None, None',
+           'return dx, None, db, None, None, None',
+           ['tests/layers/test_layer_memory.py'], 'recompute_same_results and triton'),
 ]
 
 

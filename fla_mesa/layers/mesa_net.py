@@ -16,6 +16,7 @@ from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
 from fla_mesa.ops.mesa.chunk import qk_l2norm
+from fla_mesa.ops.mesa.conv_l2norm import short_conv_l2norm
 from fla_mesa.ops.mesa.gate import fused_mesa_gate, naive_mesa_gate
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import pack_cg_steps, split_cg_steps, use_triton
@@ -359,14 +360,19 @@ class MesaNet(nn.Module):
             conv_state_v = conv_state_v[0] if conv_state_v else None
         # With gradients (and no cache), the normalised q is recomputed in the backward instead of kept for it: the
         # op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token and key unit
-        # in bf16). The checkpoint keeps its input instead, q's projection (which the conv keeps anyway). Same ops
+        # in bf16). The recompute keeps its input instead, q's projection (which the conv keeps anyway). Same ops
         # and kernels, and the projections in the same order (the input's gradient sums theirs in it): the same
-        # results to the bit
+        # results to the bit. On fla's Triton conv, q's and k's conv and norm are one autograd node each
+        # (`short_conv_l2norm`: less host time a step than two nodes and a checkpoint), q's recomputing itself;
+        # elsewhere a checkpoint recomputes q's
         recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
+        fused = recompute and fla_kernels and self.use_short_conv and self.q_conv1d.backend == 'triton'
         q = self.q_proj(hidden_states)
         if not recompute:
             q, conv_state_q = self._q(q, conv_state_q, use_cache, cu_seqlens, fla_kernels)
-        if self.use_short_conv:
+        if fused:
+            k = short_conv_l2norm(self.k_conv1d, self.k_proj(hidden_states), self.head_k_dim, cu_seqlens)
+        elif self.use_short_conv:
             k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, use_cache,
                                          cu_seqlens, fla_kernels)
         else:
@@ -378,13 +384,17 @@ class MesaNet(nn.Module):
             v = self.v_proj(hidden_states)
 
         # views, not einops: its parsing is host time in every layer of every decode step
-        k, v = k.unflatten(-1, (-1, self.head_k_dim)), v.unflatten(-1, (-1, self.head_v_dim))
+        v = v.unflatten(-1, (-1, self.head_v_dim))
+        if not fused:
+            k = k.unflatten(-1, (-1, self.head_k_dim))
         # log γ (with the cap γ(1 − (1 − b)β²)) and β, float32; the fused gate keeps a's bf16 projection and β (which
         # the op keeps anyway) for its backward
         gate_fn = fused_mesa_gate if fla_kernels else naive_mesa_gate
         g, beta = gate_fn(self.a_proj(hidden_states), self.b_proj(hidden_states),
                           self.gamma_cap if self.use_gamma_cap else None)
-        if recompute:
+        if fused:
+            q = short_conv_l2norm(self.q_conv1d, q, self.head_k_dim, cu_seqlens, recompute=True)
+        elif recompute:
             q = checkpoint(self._normalised_q, q, cu_seqlens, fla_kernels, use_reentrant=False, preserve_rng_state=False)
             # k normalised by the same norm, here as q is (the op keeps the normalised k)
             k = qk_l2norm(k)

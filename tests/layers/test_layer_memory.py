@@ -1,6 +1,7 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
-The layer's recompute in training (a checkpoint around q's conv and L2 norm): the same output and
+The layer's recompute in training (of q's conv and L2 norm: on fla's Triton conv one autograd node,
+`short_conv_l2norm`, else a checkpoint around them): the same output and
 gradients to the bit as without it, and the activations kept for the backward smaller by what it leaves out. The
 Triton path's tests need TRITON_INTERPRET=1 at start-up.
 """
@@ -45,8 +46,8 @@ CONFIGS = dict(default=dict(), noconv_nocap=dict(use_short_conv=False, use_gamma
       for varlen, config in (('dense', 'default'), ('dense', 'noconv_nocap'), ('varlen', 'gate_vconv'))],
 ])
 def test_recompute_same_results(monkeypatch, path, varlen, config):
-    # against the same layer with the checkpoint run as a plain call, and against its path that recomputes nothing
-    # (a cache: the conv states are outputs, the op normalises q and k): equal to the bit, tolerance 0
+    # against the same layer's path that recomputes nothing (a cache: the conv states are outputs, the op normalises
+    # q and k) and, where the checkpoint recomputes, against it run as a plain call: equal to the bit, tolerance 0
     if path == 'torch':
         monkeypatch.setenv('TRITON_INTERPRET', '0')
         torch_chunk_path(monkeypatch)
@@ -56,16 +57,21 @@ def test_recompute_same_results(monkeypatch, path, varlen, config):
     x, do = inputs(B=B, T=T, dtype=dtype), inputs(B=B, T=T, dtype=dtype, seed=2)
     extra = dict(cu_seqlens=torch.tensor([0, 7, 8, 20], dtype=torch.int32)) if varlen == 'varlen' else {}
 
-    calls = []
-    real = mesa_net_module.checkpoint
+    calls, fused = [], []
+    real, real_fused = mesa_net_module.checkpoint, mesa_net_module.short_conv_l2norm
     monkeypatch.setattr(mesa_net_module, 'checkpoint', lambda fn, *a, **kw: (calls.append(fn), real(fn, *a, **kw))[1])
+    monkeypatch.setattr(mesa_net_module, 'short_conv_l2norm',
+                        lambda *a, **kw: (fused.append(kw.get('recompute', False)), real_fused(*a, **kw))[1])
     out = run(layer, x, do, **extra)
-    assert len(calls) == 1
+    # one node each for k and q (q's recomputes) on fla's Triton conv; a checkpoint of q otherwise
+    is_fused = path == 'triton' and layer.use_short_conv
+    assert (fused, len(calls)) == (([False, True], 0) if is_fused else ([], 1))
     refs = {'cache': run(layer, x, do, past_key_values=Cache(), use_cache=True, **extra)}
-    assert len(calls) == 1
-    monkeypatch.setattr(mesa_net_module, 'checkpoint', lambda fn, *a, **kw: (calls.append(fn), fn(*a))[1])
-    refs['no checkpoint'] = run(layer, x, do, **extra)
-    assert len(calls) == 2
+    assert len(fused) == 2 * is_fused and len(calls) == 1 - is_fused
+    if not is_fused:
+        monkeypatch.setattr(mesa_net_module, 'checkpoint', lambda fn, *a, **kw: (calls.append(fn), fn(*a))[1])
+        refs['no checkpoint'] = run(layer, x, do, **extra)
+        assert len(calls) == 2
     names = ['o', 'x'] + [n for n, _ in layer.named_parameters()]
     for ref_name, ref in refs.items():
         for name, a, b in zip(names, out, ref):
