@@ -52,7 +52,7 @@ def stall_scores(q, k, v, g, beta, lamb, chunk_size=64):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('family,T', [('8 directions', 512), ('1 direction, γ = 1', 256)])
+@pytest.mark.parametrize('family,T', [('8 directions', 384), ('1 direction, γ = 1', 256)])
 def test_auto_rescues_what_jacobi_leaves(monkeypatch, one_cg_config, backend, family, T):
     # the rescue pass itself: these states are routed (`test_auto_routes_...`)
     jacobi_first(monkeypatch)
