@@ -276,8 +276,8 @@ def test_rescue_pass_any_program_count(monkeypatch, one_cg_config):
     # items (one each) give the same outputs, steps and gradients to the bit (the chunks Jacobi left: their rows from
     # Jacobi's iterate; routed chunks walk the same list)
     jacobi_first(monkeypatch)
-    inputs = [x.float().requires_grad_() for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2)]
-    do = torch.randn(1, 96, 2, 8, generator=torch.Generator().manual_seed(3))
+    inputs = [x.float().requires_grad_() for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2)]
+    do = torch.randn(1, 64, 2, 8, generator=torch.Generator().manual_seed(3))
 
     def outputs(programs):
         monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: programs)
@@ -301,7 +301,7 @@ def test_rescue_with_a_given_factor(monkeypatch):
     from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
     jacobi_first(monkeypatch)
     device = 'cuda' if ON_GPU else 'cpu'
-    q, k, v, g, beta, lamb = (x.float().to(device) for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float().to(device) for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2))
     _, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, None, None, 32)
     run = dict(cg_max_steps=30, cg_tol=1e-6, precondition='auto', chunk_size=32, ht_kk=final_state[0],
                return_rescued=True)
@@ -378,7 +378,7 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
     # these chunks alike)
     jacobi_first(monkeypatch)
     fwd, bwd = fwd_bwd_functions(backend)
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2))
     args = (30, 1e-6, 'auto', None, 32)
     _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
     assert rescued is not None
@@ -398,7 +398,7 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, backend):
     steps_s, steps_f = skipped[-1], full[-1]
     assert (steps_s >= 0).all() and (steps_f >= 0).all()
     # tokens of the rescued chunks: no Jacobi pass (at most cg_max_steps in all, fewer than with it)
-    chunk = torch.arange(96) // 32
+    chunk = torch.arange(64) // 32
     if backend == 'torch':
         hit = rescued.permute(0, 2, 1)[:, chunk]          # [B, H, NT] -> [B, T, H]
     else:
@@ -417,7 +417,7 @@ def test_adjoint_writes_dq_in_bf16(monkeypatch, one_cg_config, routing):
     if not routing:
         jacobi_first(monkeypatch)
     fwd, bwd = fwd_bwd_functions('triton')
-    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(96, H=2, K=32, V=8, dirs=8, noise=1e-2))
+    q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2))
     args = (30, 1e-6, 'auto', None, 32)
     _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
     assert rescued is not None and rescued.any()
