@@ -226,7 +226,11 @@ def test_chunk_mesa_flags(backend):
     assert not unconverged.any()
 
 
-@pytest.mark.parametrize('op', ['chunk', 'fused_recurrent'])
+# the chunk op on either path; fused_recurrent_mesa once (`backend` picks chunk_mesa's path only: its 'torch' and
+# 'triton' runs of the recurrent kernel were the same run)
+@pytest.mark.parametrize('backend, op', [*[pytest.param(b, 'chunk', id=f'{b}-chunk') for b in BACKENDS],
+                                         pytest.param('torch', 'fused_recurrent', id='fused_recurrent')],
+                         indirect=['backend'])
 def test_encoded_steps(backend, op):
     # return_cg_steps='encoded' (what MesaNet keeps): one tensor, the steps with the unconverged tokens as ~n, the
     # same the decoded pair gives; with cg_tol=None nothing is encoded
