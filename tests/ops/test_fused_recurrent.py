@@ -267,9 +267,10 @@ types = dict(q='*fp32', k='*fp32', v='*fp32', g='*fp32', beta='*fp32', lamb='*fp
 consts = dict(H=1, K=16, V=8, BK=16, BV=32, BC=32, H_IN_REGS=True, SOLVE=True, PRECONDITION=True,
               DTYPE=triton.language.float32, FLOOR2=1e-19, USE_INITIAL_STATE=False, STORE_CG_STEPS=False, IS_VARLEN=False,
               QK_L2NORM=True, Q_ROUND=0, K_ROUND=0)
-fusion = sys.argv[1] == 'True'
-kernel = compile_sm90(fr.fused_recurrent_mesa_fwd_kernel, types, consts, num_warps=4, enable_fp_fusion=fusion)
-sys.stdout.write(kernel.asm['ptx'])
+# without fused multiply-adds, then with them: one process (its start-up costs more than a compile)
+for fusion in (False, True):
+    kernel = compile_sm90(fr.fused_recurrent_mesa_fwd_kernel, types, consts, num_warps=4, enable_fp_fusion=fusion)
+    sys.stdout.write(kernel.asm['ptx'] + '//// next compile ////')
 """
 
 
@@ -291,7 +292,9 @@ def test_no_fused_multiply_adds(monkeypatch):
     fused_recurrent_mesa(*make_inputs(1, 2, 1, 16, 8, dtype=torch.float32))
     assert launches and launches[0]['enable_fp_fusion'] is False
 
-    for fusion in (False, True):
-        done = run_apart(_PTX_SCRIPT, str(fusion))
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert 'shfl.sync' in done.stdout and ('fma.rn.f32' in done.stdout) == fusion
+    done = run_apart(_PTX_SCRIPT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ptxs = done.stdout.split('//// next compile ////')[:-1]
+    assert len(ptxs) == 2
+    for fusion, ptx in zip((False, True), ptxs):
+        assert 'shfl.sync' in ptx and ('fma.rn.f32' in ptx) == fusion
