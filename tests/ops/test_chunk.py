@@ -72,9 +72,10 @@ def test_chunk_fp32_matches_float64(backend, B, T, H, K, V, C, gate, h0, precond
         assert err <= fp32_bound(base, backend == 'cuda'), f"{name}: {err:.2e} vs fp32 exact reference {base:.2e}"
 
 
-@pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
+@pytest.mark.parametrize('scale', [1.0, 1e-8])
 def test_chunk_gradients_scale_invariant(backend, scale):
-    # the gradients' relative accuracy must not depend on the size of the upstream gradient
+    # the gradients' relative accuracy must not depend on the size of the upstream gradient (an absolute epsilon or
+    # floor anywhere shows most at the smaller scale: 1e-8 checks what 1e-4 did, more strictly)
     inputs = make_inputs(1, 50, 2, 16, 16, gate=(6.0, 0.5), initial_state=True)
     do, dht = upstream(1, 50, 2, 16, 16, scale)
     kw = dict(cg_max_steps=48, cg_tol=1e-7, chunk_size=16)
@@ -82,7 +83,7 @@ def test_chunk_gradients_scale_invariant(backend, scale):
         assert err <= fp32_bound(base, backend == 'cuda'), f"scale {scale} {name}: {err:.2e} vs fp32 exact reference {base:.2e}"
 
 
-@pytest.mark.parametrize('scale', [1.0, 1e-4, 1e-8])
+@pytest.mark.parametrize('scale', [1.0, 1e-8])
 def test_chunk_plain_directions(backend, monkeypatch, scale):
     # CG_ROUND_DIRECTIONS = False: the forward's and the adjoint's CG with unrounded directions (the other tests
     # run the default, rounded ones), fp32 level as above
