@@ -15,7 +15,7 @@ from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_t
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
 from fla_mesa.ops.mesa.utils import (
-    check_inputs, compute_dtype, flags_unconverged, l2norm, min_log_decay, op_outputs, split_cg_steps, use_triton,
+    L2NORM_EPS, check_inputs, compute_dtype, flags_unconverged, l2norm, min_log_decay, op_outputs, split_cg_steps, use_triton,
     warn_if_unconverged,
 )
 
@@ -121,7 +121,7 @@ def qk_l2norm(x: torch.Tensor) -> torch.Tensor:
     """
     if _use_triton_path(x):
         # the function, not a module built per call: that cost host time in every layer and step
-        return fla_l2norm(x, eps=1e-6)
+        return fla_l2norm(x, eps=L2NORM_EPS)
     return l2norm(x.to(compute_dtype(x)))
 
 

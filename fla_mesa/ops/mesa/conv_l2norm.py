@@ -13,8 +13,7 @@ from fla.modules.causal_conv1d import causal_conv1d_bwd, causal_conv1d_fwd
 from fla.modules.l2norm import l2norm_bwd, l2norm_fwd
 from fla.utils import input_guard
 
-# fla's `l2norm` default, which the op's `use_qk_l2norm_in_kernel=True` applies too
-L2NORM_EPS = 1e-6
+from fla_mesa.ops.mesa.utils import L2NORM_EPS
 
 
 def _forward(x, weight, bias, cu_seqlens, head_dim):

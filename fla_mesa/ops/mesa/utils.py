@@ -111,7 +111,11 @@ def warn_if_unconverged(op: str, unconverged: torch.Tensor, cg_max_steps: int, c
         )
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+# fla's `l2norm` default: q's and k's L2 norm on every path (chunk, layer, recurrent kernel) uses it
+L2NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """fla's l2norm (x / sqrt(sum x² + eps)) in PyTorch, for the paths that run no Triton."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
