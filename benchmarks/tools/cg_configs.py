@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 from benchmark_chunk import make_inputs  # noqa: E402
-from tests.gpu_configs import autotuner  # noqa: E402
+from tests.gpu_configs import autotuner, gpu_configs  # noqa: E402
 
-# (NR, num_warps[, maxnreg]); the first three are the autotune list's (`chunk_cg._cg_configs`). A register cap of
-# 128 at 8 warps fits two programs on an SM (65536 registers), at the price of spills
-CONFIGS = [(2, 8), (4, 4), (4, 8), (2, 16), (4, 16), (1, 16), (1, 8), (2, 8, 128), (4, 8, 128)]
+# (NR, num_warps[, maxnreg]) beyond the autotune list's (`chunk_cg._cg_configs`, which come first). A register cap
+# of 128 at 8 warps fits two programs on an SM (65536 registers), at the price of spills
+EXTRA = [(2, 16), (4, 16), (1, 16), (1, 8), (2, 8, 128), (4, 8, 128)]
 SHAPES = {'table': (2, 8192, 16, 128), 'model': (8, 2048, 8, 128)}
 CPU_SHAPES = {'table': (1, 100, 2, 32), 'model': (1, 70, 2, 16)}
 
@@ -40,7 +40,8 @@ def pin(nr, num_warps, maxnreg=None):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument('--cfgs', type=int, nargs='+', default=list(range(len(CONFIGS))), help='indices into CONFIGS')
+    p.add_argument('--cfgs', type=int, nargs='+', default=None,
+                   help="indices into the autotune list's configs followed by EXTRA (default: all)")
     p.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
     p.add_argument('--compile-only', action='store_true')
     p.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
@@ -49,6 +50,7 @@ def main():
         from tests.interpret import interpret_compat
         interpret_compat()
     from fla_mesa.ops.mesa import chunk_mesa
+    configs = [(c.kwargs['NR'], c.num_warps) for c in gpu_configs()['cg'][1]] + EXTRA
     print('| shape | NR, warps[, maxnreg] | fwd ms | fwd+bwd ms | difference |\n|---|---|---|---|---|', flush=True)
     for shape in a.shapes:
         leaves = [x.requires_grad_() for x in make_inputs(*(CPU_SHAPES if a.device == 'cpu' else SHAPES)[shape],
@@ -63,8 +65,8 @@ def main():
                 x.grad = None
             fwd().backward(do)
         ref = None
-        for i in a.cfgs:
-            pin(*CONFIGS[i])
+        for i in (range(len(configs)) if a.cfgs is None else a.cfgs):
+            pin(*configs[i])
             fwd_bwd()
             if a.compile_only:
                 continue
@@ -73,7 +75,7 @@ def main():
             diff = max(((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for o, r in zip(outs, ref))
             ms = ['-', '-'] if a.device == 'cpu' else [f"{triton.testing.do_bench(f, warmup=30, rep=300):.3f}"
                                                      for f in (fwd, fwd_bwd)]
-            print(f"| {shape} | {', '.join(map(str, CONFIGS[i]))} | {ms[0]} | {ms[1]} | {diff:.1e} |", flush=True)
+            print(f"| {shape} | {', '.join(map(str, configs[i]))} | {ms[0]} | {ms[1]} | {diff:.1e} |", flush=True)
 
 
 if __name__ == '__main__':
