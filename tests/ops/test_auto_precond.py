@@ -270,48 +270,6 @@ def test_rescue_items_lists_the_map(N):
     assert torch.equal(items[1:1 + n].cpu().sort().values.long(), want)
 
 
-@NEEDS_TRITON
-def test_rescue_pass_any_program_count(monkeypatch, one_cg_config):
-    # the second pass's programs walk the list in strides: one program (every item in turn) and more programs than
-    # items (one each) give the same outputs, steps and gradients to the bit (the chunks Jacobi left: their rows from
-    # Jacobi's iterate; routed chunks walk the same list)
-    jacobi_first(monkeypatch)
-    inputs = [x.float().requires_grad_() for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2)]
-    do = torch.randn(1, 64, 2, 8, generator=torch.Generator().manual_seed(3))
-
-    def outputs(programs):
-        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: programs)
-        o, _, steps, bad = triton_chunk_mesa(*inputs, cg_tol=1e-6, chunk_size=32, precondition='auto',
-                                             return_cg_steps=True, return_cg_unconverged=True)
-        return [o, steps, bad, *torch.autograd.grad(o, inputs, do.to(o))]
-
-    one = outputs(1)
-    # every token converged, some of them in the second pass (past Jacobi's 30 steps)
-    assert not one[2].any() and (one[1] > 0).all() and (one[1] > 30).any() and not (one[1] > 30).all()
-    for want, got in zip(one, outputs(64)):
-        assert torch.equal(want, got)
-
-
-@NEEDS_TRITON
-def test_rescue_with_a_given_factor(monkeypatch):
-    # 'auto' with the factor given (no factor kernel runs, so `rescue_items_kernel` lists the map): the same x and
-    # steps to the bit as with the factor built for the chunks that need it
-    from fla_mesa.ops.mesa.chunk import _prepare
-    from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
-    from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
-    jacobi_first(monkeypatch)
-    device = 'cuda' if ON_GPU else 'cpu'
-    q, k, v, g, beta, lamb = (x.float().to(device) for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2))
-    _, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, None, None, 32)
-    run = dict(cg_max_steps=30, cg_tol=1e-6, precondition='auto', chunk_size=32, ht_kk=final_state[0],
-               return_rescued=True)
-    x, steps, _, rescued = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, **run)
-    assert rescued.any()
-    w = chunk_start_factor_triton(h_kk, 0.5, lamb, torch.float32, ht_kk=final_state[0])
-    x_w, steps_w, _, rescued_w = chunk_mesa_cg(q, k, g_cum, beta, lamb, h_kk, factor=w, **run)
-    assert torch.equal(rescued_w, rescued) and torch.equal(steps_w, steps) and torch.equal(x_w, x)
-
-
 # the two passes' kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), run
 # apart as the interpreter replaces triton.jit: the early returns of the programs with nothing to do must compile
 _SM90_SCRIPT = """
@@ -381,9 +339,34 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, one_cg_config, 
     fwd, bwd = fwd_bwd_functions(backend)
     q, k, v, g, beta, lamb = (x.float() for x in hard_inputs(64, H=2, K=32, V=8, dirs=8, noise=1e-2))
     args = (30, 1e-6, 'auto', None, 32)
-    _, x, _, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
+    # Triton: the second pass's programs walk the list in strides: one program (every item in turn) here, more
+    # programs than items (one each) for the forward's solve again and the last backward below, every output the
+    # same to the bit. The forward's solve (its call of chunk_mesa_cg) kept for that
+    solves = []
+    if backend == 'triton':
+        from fla_mesa.ops.mesa import chunk
+        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: 1)
+
+        def kept_solve(*a, **kw):
+            solves.append((a, kw, chunk_cg.chunk_mesa_cg(*a, **kw)))
+            return solves[-1][2]
+        monkeypatch.setattr(chunk, 'chunk_mesa_cg', kept_solve)
+    _, x, steps, _, rescued = fwd(q, k, v, g, beta, lamb, None, *args, flag_unconverged=True)
     assert rescued is not None
     assert (rescued[1:] if backend == 'triton' else rescued[..., 1:]).any()
+    if backend == 'triton':
+        # every token converged, some of them in the second pass (past Jacobi's 30 steps)
+        assert (steps > 0).all() and (steps > 30).any() and not (steps > 30).all()
+        # the solve again with more programs than items and the factor given (no factor kernel runs, so
+        # `rescue_items_kernel` lists the map): the same x, steps, o and map to the bit as one program with the
+        # factor built for the chunks that need it
+        from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
+        (a, kw, want), = solves
+        w = chunk_start_factor_triton(a[5], 0.5, a[4], torch.float32, ht_kk=kw['ht_kk'])
+        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: 64)
+        got = chunk_cg.chunk_mesa_cg(*a, **kw, factor=w)
+        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: 1)
+        assert len(got) == 4 and all(torch.equal(x_w, x_b) for x_w, x_b in zip(got, want))
     # the first chunk unmarked, so that some chunks keep the Jacobi pass (whether Jacobi converges there to 1e-6
     # depends on the device's rounding: on an H200 it did not)
     rescued = rescued.clone()
@@ -411,7 +394,8 @@ def test_adjoint_skips_jacobi_where_forward_rescued(monkeypatch, one_cg_config, 
         # rounding to the bit, in both passes of 'auto' (the first chunk's rows take the first (Jacobi) pass, the
         # others the second), every other output as with a float32 dq. The backward routes nothing itself: given
         # the forward's map it sends every chunk in it to the second pass, so routing in the forward would only
-        # change which chunks the map holds
+        # change which chunks the map holds. This run with more programs than items (one each), the others with one
+        monkeypatch.setattr(chunk_cg, '_rescue_programs', lambda index: 64)
         low = bwd(x, do, None, k, v, g, beta, lamb, None, *args, flag_unconverged=True, rescued=rescued,
                   dq_dtype=torch.bfloat16)
         assert low[0].dtype == torch.bfloat16 and skipped[0].dtype == torch.float32
