@@ -33,6 +33,28 @@ def jacobi_first(monkeypatch):
         monkeypatch.setattr(module, 'JACOBI_STALL_FF2', math.inf)
 
 
+class FirstPassDone(Exception):
+    """Raised by `keep_first_pass(..., stop=True)` once 'auto''s first CG pass has run."""
+
+
+def keep_first_pass(monkeypatch, stop=False):
+    # 'auto''s first CG pass: the call of `chunk_mesa_cg` that its rescue branch makes with the map `_need`. Returns a
+    # list that receives, per such call, the map and the steps (flags included) as that pass leaves them: only
+    # `chunk_stall_kernel` and the first pass write the map, and the second pass updates the steps in place.
+    # `stop`: the run ends there (`FirstPassDone`): the interpreter spends most of a run after it
+    kept, real = [], chunk_cg.chunk_mesa_cg
+
+    def first_pass(*args, _need=None, **kwargs):
+        out = real(*args, _need=_need, **kwargs)
+        if _need is not None:
+            kept.append((_need.cpu().clone(), out[1].cpu().clone()))
+            if stop:
+                raise FirstPassDone
+        return out
+    monkeypatch.setattr(chunk_cg, 'chunk_mesa_cg', first_pass)
+    return kept
+
+
 @pytest.fixture
 def one_cg_config():
     # on a GPU, the CG kernels pinned to one config: the runs compared to the bit (Jacobi alone, 'auto') compile
@@ -162,23 +184,12 @@ def test_first_pass_routes_the_chunks_that_stall(monkeypatch, cu_seqlens):
     else:
         seqs = [tuple(x[:, s:e] for x in (q, k, v, g, beta)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
         cu_seqlens = torch.tensor(cu_seqlens)
-    # the routing is decided before any CG step: a short budget leaves `need == 2` as it is. The map as the first
-    # pass leaves it, the run stopped there: only `chunk_stall_kernel` and the first pass write it (the factor kernel
-    # and the second pass read it), and the interpreter spent most of the time after it
-    class FirstPassDone(Exception):
-        pass
-    maps, real = [], chunk_cg.chunk_mesa_cg
-
-    def first_pass(*args, _need=None, **kwargs):
-        out = real(*args, _need=_need, **kwargs)
-        if _need is not None:
-            maps.append(_need.cpu().clone())
-            raise FirstPassDone
-        return out
-    monkeypatch.setattr(chunk_cg, 'chunk_mesa_cg', first_pass)
+    # the routing is decided before any CG step: a short budget leaves `need == 2` as it is; the map as the first
+    # pass leaves it (the factor kernel and the second pass only read it), the run stopped there
+    kept = keep_first_pass(monkeypatch, stop=True)
     with pytest.raises(FirstPassDone):
         fwd(q, k, v, g, beta, lamb, None, 2, 1e-5, 'auto', cu_seqlens, 16)
-    need, = maps
+    (need, _), = kept
     want = torch.cat([stall_scores(*x, lamb, chunk_size=16)[0].T > JACOBI_STALL_FF2 for x in seqs])
     assert want.any() and not want.all()
     assert torch.equal(need.cpu() == 2, want)
@@ -250,19 +261,11 @@ def test_first_pass_marks_the_chunks_to_rescue(monkeypatch, cu_seqlens):
         q, k, v, g, beta = (x.reshape(2, 55, *x.shape[2:]) for x in (q, k, v, g, beta))
     else:
         cu_seqlens = torch.tensor(cu_seqlens)
-    # the steps (flags included) of the Jacobi pass itself, the first pass's call of chunk_mesa_cg, kept before the
-    # second pass updates them in place (one run, not a second Jacobi-only one: the interpreter is slow)
-    first, real = [], chunk_cg.chunk_mesa_cg
-
-    def first_pass(*args, _need=None, **kwargs):
-        out = real(*args, _need=_need, **kwargs)
-        if _need is not None:
-            first.append(out[1].cpu().clone())
-        return out
-    monkeypatch.setattr(chunk_cg, 'chunk_mesa_cg', first_pass)
+    # the steps (flags included) of the Jacobi pass itself, kept from the first pass (one run, not a second
+    # Jacobi-only one: the interpreter is slow)
+    kept = keep_first_pass(monkeypatch)
     *_, need = fwd(q, k, v, g, beta, lamb, None, 30, 1e-5, 'auto', cu_seqlens, 16)
-    assert len(first) == 1
-    steps = first[0]
+    (_, steps), = kept
     B, T, H = steps.shape
     spans = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [(0, s, e) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
     want = torch.stack([(steps[b, c:min(c + 16, e)] < 0).any(0).int() for b, s, e in spans for c in range(s, e, 16)])
