@@ -44,6 +44,16 @@ class Mutant:
 
 
 MUTANTS = [
+    Mutant("output pass: dx reads the state untransposed (S_c where S_cᵀ is due)",
+           'fla_mesa/ops/mesa/chunk_o.py',
+           'p_g = h + o_m[:, None] + o_n[None, :] * M',
+           'p_g = h + o_m[:, None] * N + o_n[None, :]',
+           ['tests/ops/test_chunk_bwd_kernels.py'], 'bwd_kernels'),
+    Mutant("output pass: the readout's decay matrix without its diagonal (j < t, not j <= t)",
+           'fla_mesa/ops/mesa/chunk_o.py',
+           'm_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]',
+           'm_tt = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]',
+           ['tests/ops/test_chunk_fwd_kernels.py'], 'states_and_exact_solve'),
     Mutant('dq sign flipped in the Triton backward without a solve (cg_max_steps=0)',
            'fla_mesa/ops/mesa/chunk.py',
            'dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)',
@@ -217,8 +227,8 @@ MUTANTS = [
            ['tests/ops/test_auto_precond.py'], 'skips_jacobi and triton'),
     Mutant("adjoint's dq in bfloat16: the second pass of 'auto' does not write it",
            'fla_mesa/ops/mesa/chunk_cg.py',
-           'chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl, **kw)',
-           'chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl if not rescue else None, **kw)',
+           'chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl, v=v',
+           'chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl if not rescue else None, v=v',
            ['tests/ops/test_auto_precond.py'], 'skips_jacobi and triton'),
     Mutant("adjoint of 'auto': the chunks that skipped Jacobi not solved again (PyTorch path)",
            'fla_mesa/ops/mesa/chunk_torch.py',

@@ -23,7 +23,7 @@ def autotuner(kernel):
 
 def gpu_configs():
     """name -> (the kernel's autotuner, its GPU config list); the interpreter's own lists hold one config each."""
-    from fla_mesa.ops.mesa import chunk_bwd, chunk_cg, chunk_h
+    from fla_mesa.ops.mesa import chunk_bwd, chunk_cg, chunk_h, chunk_o
 
     def gpu_list(module, fn):
         interpreting = module.is_interpreting
@@ -38,7 +38,7 @@ def gpu_configs():
         'cg_bwd': (autotuner(chunk_cg.chunk_mesa_bwd_kernel_cg), gpu_list(chunk_cg, chunk_cg._cg_configs)),
         'states': (autotuner(chunk_h.chunk_mesa_fwd_kernel_h), gpu_list(chunk_h, chunk_h.state_configs)),
         'dh': (autotuner(chunk_h.chunk_mesa_bwd_kernel_dh), gpu_list(chunk_h, chunk_h.state_configs)),
-        'dx': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_dx), gpu_list(chunk_bwd, chunk_bwd._configs)),
+        'o': (autotuner(chunk_o.chunk_mesa_kernel_o), gpu_list(chunk_o, chunk_o._configs)),
         'grads': (autotuner(chunk_bwd.chunk_mesa_bwd_kernel_grads), gpu_list(chunk_bwd, chunk_bwd._grads_configs)),
     }
 
@@ -123,8 +123,8 @@ def config_errors(kernel, index, dtype, K, V, T=130, device=None, others=0, scal
     do = torch.randn(1, T, 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # the upstream gradient's scale (the gradients' relative accuracy must not depend on it)
     do = do.to(DTYPES[dtype]).double() * scale
-    # the dx kernel runs only without a solve (cg_max_steps = 0: q* = q)
-    steps = 0 if kernel == 'dx' else 40
+    # the output kernel serves both its uses without a solve (cg_max_steps = 0: x = q): the readout and dx
+    steps = 0 if kernel == 'o' else 40
 
     def run(dev, qkv_dtype, dtype):
         leaves = [t.to(dev, qkv_dtype, copy=True).requires_grad_() for t in (q, k, v)]

@@ -16,8 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # (module, name) -> a check of what fla_mesa relies on (docs/upstream.md, "fla internals", says why each stays)
 PRIVATE = {
-    ('fla.ops.common.chunk_o', 'chunk_fwd_o'): lambda f: {'q', 'k', 'v', 'h', 'g', 'scale', 'cu_seqlens', 'chunk_size',
-                                                          'chunk_indices'} <= set(inspect.signature(f).parameters),
     ('fla.layers.utils', 'get_layer_cache'): lambda f: list(inspect.signature(f).parameters)[:2] == ['module', 'past_key_values'],
     ('fla.layers.utils', 'update_layer_cache'): lambda f: list(inspect.signature(f).parameters)[:2] == ['module', 'past_key_values'],
     ('fla.layers.utils', 'unpad_hidden_states'): callable,

@@ -24,7 +24,8 @@ sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
 from fla.ops.utils import prepare_chunk_indices  # noqa: E402
 
 from fla_mesa.ops.mesa import chunk_bwd  # noqa: E402
-from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads  # noqa: E402
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_grads  # noqa: E402
+from fla_mesa.ops.mesa.chunk_o import chunk_mesa_bwd_dx  # noqa: E402
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_bwd_dh  # noqa: E402
 # the float64 reference the tests check the kernels against (computed on the CPU)
 from tests.ops.test_chunk_bwd_kernels import g_cumsum, reference  # noqa: E402
@@ -159,7 +160,7 @@ def speed():
         guarded(timing, B, T, 16, 128, 64, 'tf32x3', torch.bfloat16)
     log()
     log(f"(autotune + timing took {time.time() - t0:.0f} s)")
-    for name in ('chunk_mesa_bwd_kernel_dx', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
+    for name in ('chunk_mesa_kernel_o', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
         kern = autotuner(name)
         log(f"{name} best configs: " + "; ".join(f"{key[:3]}: {cfg}" for key, cfg in getattr(kern, 'cache', {}).items()))
 
@@ -186,7 +187,7 @@ def main():
     guarded(accuracy, 'B1 T300 H2 D128', 1, 300, 2, 128, 128, None, 64, 'tf32x3', 1.0, torch.bfloat16)
     guarded(accuracy, 'B1 T300 H2 D128 gates~1', 1, 300, 2, 128, 128, None, 64, 'tf32x3', 1e-8, gate=(9.0, 0.5))
     # odd shapes: one config per kernel (compile time), masks and varlen on the GPU
-    for name in ('chunk_mesa_bwd_kernel_dx', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
+    for name in ('chunk_mesa_kernel_o', 'chunk_mesa_bwd_kernel_dh', 'chunk_mesa_bwd_kernel_grads'):
         kern = autotuner(name)
         kern.configs = kern.configs[:1]
     guarded(accuracy, 'varlen [0,1,70,134,150] K48 V40', 1, 150, 2, 48, 40, [0, 1, 70, 134, 150], 64, 'tf32x3', 1e-4)

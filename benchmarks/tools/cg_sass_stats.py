@@ -3,7 +3,7 @@
 The CG kernel compiled for sm_90 on any machine (no GPU needed: Triton's own ptxas and cuobjdump), counted: the
 instructions of one CG step (the loop body, per warp), its tensor-core instructions (HMMA) and local-memory spills,
 per autotune config, with rounded directions off and on (the kernel's `ROUND_P`). The benchmark's shape:
-K = V = 128, chunk 64, bf16 q/k/v, bf16x3 products, Jacobi preconditioning, fused readout.
+K = 128, chunk 64, bf16 q/k, bf16x3 products, Jacobi preconditioning.
 
     python benchmarks/tools/cg_sass_stats.py
 """
@@ -26,11 +26,10 @@ ADDR = re.compile(r'\s+/\*([0-9a-f]{4,})\*/')
 
 def sass(round_p, NR, num_warps, prec='bf16x3'):
     from fla_mesa.ops.mesa import chunk_cg
-    types = dict(b='*bf16', k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', v='*bf16', h_kv='*fp32',
-                 x='*fp32', steps='*i32', o='*bf16', max_steps='i32', tol2='fp32', T='i32')
-    consts = dict(H=16, K=128, V=128, BT=64, NR=NR, BK=128, BV=64, PREC=prec, O_PREC=prec, PRECONDITION=True,
-                  ROUND_P=round_p, K_IS_BF16=True, V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, READOUT=True,
-                  O_IS_BF16=True)
+    types = dict(b='*bf16', k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', x='*fp32', steps='*i32',
+                 max_steps='i32', tol2='fp32', T='i32')
+    consts = dict(H=16, K=128, BT=64, NR=NR, BK=128, PREC=prec, PRECONDITION=True, ROUND_P=round_p, K_IS_BF16=True,
+                  H_IN_LOOP=False, IS_VARLEN=False)
     kernel = compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, types, consts, num_warps=num_warps, num_stages=1)
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(kernel.asm['cubin'])
@@ -41,7 +40,7 @@ def sass(round_p, NR, num_warps, prec='bf16x3'):
 
 def stats(lines):
     """(loop instructions, loop HMMA, loop local loads/stores, kernel HMMA): the loop is the backward branch whose
-    body holds the most HMMA (the CG loop; the readout's loop over V blocks holds fewer)."""
+    body holds the most HMMA (the CG loop)."""
     addr = [int(ADDR.match(line).group(1), 16) for line in lines]
     best = (0, 0, 0)
     for i, line in enumerate(lines):

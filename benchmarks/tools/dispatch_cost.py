@@ -32,12 +32,13 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 MODULES = {
-    'fla-mesa': ['fla_mesa.ops.mesa.chunk_cg', 'fla_mesa.ops.mesa.chunk_h', 'fla_mesa.ops.mesa.chunk_bwd'],
+    'fla-mesa': ['fla_mesa.ops.mesa.chunk_cg', 'fla_mesa.ops.mesa.chunk_h', 'fla_mesa.ops.mesa.chunk_bwd',
+                 'fla_mesa.ops.mesa.chunk_o'],
     "fla's MesaNet": ['fla.ops.mesa_net.chunk_h_fwd', 'fla.ops.mesa_net.chunk_h_kv_intra_bwd',
                       'fla.ops.mesa_net.chunk_h_kv_intra_bwd_separate'],
 }
 # stand-ins for the key's shape constexprs (the training shapes: K = V = 128, chunks of 64)
-SHAPES = {'H': 8, 'K': 128, 'V': 128, 'BT': 64, 'BK': 128, 'BV': 128, 'NR': 1, 'PREC': 'bf16x3', 'O_PREC': 'bf16x3'}
+SHAPES = {'H': 8, 'K': 128, 'V': 128, 'BT': 64, 'BK': 128, 'BV': 128, 'NR': 1, 'PREC': 'bf16x3', 'M': 128, 'N': 128}
 
 
 def layers(kernel):

@@ -301,15 +301,13 @@ consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECOND
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
               FIRST=False)
 kernels = [
-    compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
-                 dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True), num_warps=4, num_stages=1),
+    compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16'), consts, num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, bwd_types, dict(consts, DO_IS_BF16=True, XL=True),
                  num_warps=4, num_stages=1),
     # the first passes: the map marked (1 unconverged; 2, skipped: a predicted stall or, in the adjoint's,
     # a chunk the forward rescued)
-    compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16', o='*bf16'),
-                 dict(consts, O_PREC='bf16x3', READOUT=True, O_IS_BF16=True, PRECONDITION=1, RESCUE=False, FIRST=True),
-                 num_warps=4, num_stages=1),
+    compile_sm90(chunk_cg.chunk_mesa_fwd_kernel_cg, dict(types, b='*bf16'),
+                 dict(consts, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4, num_stages=1),
     compile_sm90(chunk_cg.chunk_mesa_bwd_kernel_cg, bwd_types,
                  dict(consts, DO_IS_BF16=True, XL=True, PRECONDITION=1, RESCUE=False, FIRST=True), num_warps=4,
                  num_stages=1),

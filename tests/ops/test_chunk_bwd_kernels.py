@@ -23,7 +23,8 @@ import torch
 
 from fla.ops.utils import prepare_chunk_indices
 
-from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_grads
+from fla_mesa.ops.mesa.chunk_o import chunk_mesa_bwd_dx
 from fla_mesa.ops.mesa.naive import naive_exact_mesa
 from fla_mesa.utils import is_interpreting
 from tests.utils import make_inputs, rel_err

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 from fla.modules.l2norm import l2norm as fla_l2norm
-from fla.ops.common.chunk_o import chunk_fwd_o
 from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
 from fla.utils import autocast_custom_bwd, autocast_custom_fwd, input_guard
 
-from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_dx, chunk_mesa_bwd_grads
+from fla_mesa.ops.mesa.chunk_bwd import chunk_mesa_bwd_grads
 from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_fwd_states
+from fla_mesa.ops.mesa.chunk_o import chunk_mesa_bwd_dx, chunk_mesa_fwd_o
 from fla_mesa.ops.mesa.chunk_torch import chunk_mesa_bwd_torch, chunk_mesa_fwd_torch
 from fla_mesa.ops.mesa.kernel_utils import RCP_LN2
 from fla_mesa.ops.mesa.precond import DEFAULT_PRECONDITION, is_precondition
@@ -49,18 +49,13 @@ def chunk_mesa_fwd(
     The Triton forward: `(o, x, steps, final_state, rescued)`, as `chunk_mesa_fwd_torch`; `g_cum`: `g`'s
     `chunk_log_decay` where the caller has it.
     """
-    if cg_max_steps == 0 and q.dtype == torch.float32:
-        # fla's chunk_fwd_o multiplies float32 in tf32 on a GPU (1e-3 off); under bf16 inputs' rounding that is
-        # harmless, for float32 inputs the PyTorch path keeps o exact
-        return chunk_mesa_fwd_torch(q, k, v, g, beta, lamb, initial_state, 0, cg_tol, precondition, cu_seqlens, chunk_size)
     chunk_indices, g_cum, beta, h_kk, h_kv, final_state = _prepare(k, v, g, beta, initial_state, cu_seqlens, chunk_size,
                                                                    g_cum)
     if cg_max_steps == 0:
-        # no solve: x = q, and o is gated linear attention with β folded into v
+        # no solve: x = q, and o its readout
         x = q.float()
         steps = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device)
-        o = chunk_fwd_o(x, k.float(), v.float() * beta[..., None], h_kv, g=g_cum, scale=1.0,
-                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+        o = chunk_mesa_fwd_o(x, k, v, g_cum, beta, h_kv, cu_seqlens, chunk_indices, chunk_size)
         return o, x, steps, final_state, None
     x, steps, o, rescued = chunk_mesa_cg(
         q, k, g_cum, beta, lamb.float(), h_kk, cg_max_steps, cg_tol, precondition,

@@ -2,11 +2,10 @@
 """
 Backward kernels of the Mesa chunk path (README "Backward: implicit differentiation").
 
-`chunk_mesa_bwd_dx` gives `dx_t = S_t do_t`, the right-hand side of the adjoint solve. With the forward solution x and
-the adjoint solution e held fixed, `chunk_mesa_bwd_grads` takes the gradients of the surrogate
-`L̃ = Σ_t [do_tᵀ S_tᵀ x_t − e_tᵀ (H_t + Λ) x_t] + <dH_T, H_T> + <dS_T, S_T>`: the reverse state pass
-(`chunk_h.chunk_mesa_bwd_dh`) carries the state gradients from chunk to chunk, then one program per (chunk, head)
-forms dk, dv, dg, dβ and dλ from them.
+With the forward solution x and the adjoint solution e (`dx_t = S_t do_t`'s solve) held fixed, `chunk_mesa_bwd_grads`
+takes the gradients of the surrogate `L̃ = Σ_t [do_tᵀ S_tᵀ x_t − e_tᵀ (H_t + Λ) x_t] + <dH_T, H_T> + <dS_T, S_T>`:
+the reverse state pass (`chunk_h.chunk_mesa_bwd_dh`) carries the state gradients from chunk to chunk, then one
+program per (chunk, head) forms dk, dv, dg, dβ and dλ from them.
 
 Notation inside a chunk (rows i are "query" positions, columns j "key" positions, Γ the in-chunk cumulative
 log-decay): `A_ij = e^{Γ_i − Γ_j}` for j <= i, `dS'`, `dH'` the gradients of the state after the chunk.
@@ -33,23 +32,12 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.chunk_h import chunk_mesa_bwd_dh
-from fla_mesa.ops.mesa.kernel_utils import chunk_program, dx_products, exp2, mesa_dot, resolve_precision, round_bf16
+from fla_mesa.ops.mesa.kernel_utils import chunk_program, exp2, mesa_dot, resolve_precision, round_bf16
 from fla_mesa.utils import is_interpreting
 
 # operand precision of every product in the backward; 'auto': tf32x3 (tensor cores, ~fp32) for fp32 inputs, bf16x3
 # for 16-bit ones
 BWD_DOT_PRECISION = 'auto'
-
-
-def _configs():
-    if is_interpreting():
-        # small blocks under the interpreter: the tests exercise the multi-block loops and their masks
-        return [triton.Config({'BK': 32, 'BV': 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({'BK': B, 'BV': B}, num_warps=num_warps, num_stages=1)
-        for B in [32, 64]
-        for num_warps in [4, 8]
-    ]
 
 
 def _grads_configs():
@@ -69,55 +57,6 @@ def _grads_configs():
 
 # the narrowest slice (BK, BV) of any grads config: the host allocates room for the dg, dβ shares of that many slices
 GRADS_MIN_BLOCK = 32
-
-
-@triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
-@triton.autotune(configs=_configs(), key=['K', 'V', 'BT', 'PREC'], **autotune_cache_kwargs)
-@triton.jit(do_not_specialize=['T'])
-def chunk_mesa_bwd_kernel_dx(
-    do,
-    k,
-    v,
-    g,
-    beta,
-    h_kv,
-    dx,
-    cu_seqlens,
-    chunk_indices,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    PREC: tl.constexpr,
-    K_IS_BF16: tl.constexpr,
-    V_IS_BF16: tl.constexpr,
-    DO_IS_BF16: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    # dx_t = e^{Γ_t} S_c do_t + Σ_{j<=t} M_tj k_j (v_j·do_t): GLA's readout with (q, k, v) -> (do, v, k)
-    i_k, i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_tg, i_t, bos, T = chunk_program(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
-
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
-    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
-
-    h_kv += (i_tg * H + i_h) * K * V
-    b_dov, b_dx = dx_products(do, v, h_kv, bos, i_h, o_t, m_t, o_t, m_t, o_k, m_k, H, V, BV, PREC, V_IS_BF16, DO_IS_BF16)
-    b_dx *= exp2(b_g)[:, None]
-    # padded rows/columns are masked before exp2 could overflow into inf * 0
-    m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    b_dov = tl.where(m_tt, b_dov * exp2(b_g[:, None] - b_g[None, :]) * b_beta[None, :], 0.)
-    b_k = tl.load(k + (bos * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_dx = mesa_dot(b_dov, b_k, b_dx, PREC, K_IS_BF16)
-    tl.store(dx + (bos * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dx, mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.heuristics({'IS_VARLEN': lambda args: args['cu_seqlens'] is not None})
@@ -337,54 +276,6 @@ def _num_chunks(T, cu_seqlens, chunk_indices, BT):
     return len(chunk_indices), chunk_indices
 
 
-def chunk_mesa_bwd_dx(
-    do: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g_cum: torch.Tensor,
-    beta: torch.Tensor,
-    h_kv: torch.Tensor,
-    cu_seqlens: torch.LongTensor | None = None,
-    chunk_indices: torch.LongTensor | None = None,
-    chunk_size: int = 64,
-    precision: str | None = None,
-) -> torch.Tensor:
-    r"""
-    `dx_t = S_t do_t`, the gradient reaching the solution x_t (and the right-hand side of the adjoint solve).
-
-    Args:
-        do (torch.Tensor): `[B, T, H, V]`.
-        k (torch.Tensor): `[B, T, H, K]`.
-        v (torch.Tensor): `[B, T, H, V]`.
-        g_cum (torch.Tensor): `[B, T, H]` float32, in-chunk cumulative log-decay in log2 space.
-        beta (torch.Tensor): `[B, T, H]`.
-        h_kv (torch.Tensor): chunk-start states `[B, NT, H, K, V]` float32.
-        cu_seqlens, chunk_indices: varlen as in fla.
-        chunk_size (int): the chunk length.
-        precision (str, Optional): operand precision of the products. Default: `BWD_DOT_PRECISION` ('auto').
-
-    Returns:
-        dx (torch.Tensor): `[B, T, H, K]` float32.
-    """
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    BT = chunk_size
-    precision = _check_precision(precision, k)
-    NT, chunk_indices = _num_chunks(T, cu_seqlens, chunk_indices, BT)
-    do, k, v, g_cum, beta, h_kv = (t.contiguous() for t in (do, k, v, g_cum, beta, h_kv))
-    dx = k.new_empty(B, T, H, K, dtype=torch.float32)
-
-    def grid(meta):
-        return (triton.cdiv(K, meta['BK']), NT, B * H)
-
-    chunk_mesa_bwd_kernel_dx[grid](
-        do=do, k=k, v=v, g=g_cum, beta=beta, h_kv=h_kv, dx=dx,
-        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, K=K, V=V, BT=BT, PREC=precision,
-        K_IS_BF16=k.dtype == torch.bfloat16, V_IS_BF16=v.dtype == torch.bfloat16, DO_IS_BF16=do.dtype == torch.bfloat16,
-    )
-    return dx
-
-
 def chunk_mesa_bwd_grads(
     x: torch.Tensor,
     e: torch.Tensor,
@@ -410,7 +301,7 @@ def chunk_mesa_bwd_grads(
         x (torch.Tensor): forward solutions `[B, T, H, K]`.
         e (torch.Tensor): adjoint solutions `[B, T, H, K]`.
         do (torch.Tensor): `[B, T, H, V]`.
-        k, v, g_cum, beta: as for `chunk_mesa_bwd_dx` (g_cum: in-chunk cumsum of g, log2 space).
+        k, v, g_cum, beta: as for `chunk_o.chunk_mesa_bwd_dx` (g_cum: in-chunk cumsum of g, log2 space).
         h_kk, h_kv (torch.Tensor): chunk-start states `[B, NT, H, K, K]`, `[B, NT, H, K, V]` float32.
         initial_state (Tuple[torch.Tensor, torch.Tensor], Optional): if given, its gradient is returned.
         dht (Tuple, Optional): `(dht_kk [N, H, K, K] or None, dht_kv [N, H, K, V] or None)`.

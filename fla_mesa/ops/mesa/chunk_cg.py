@@ -15,6 +15,7 @@ from fla_mesa.ops.mesa.kernel_utils import (
     INTERPRETING, chunk_end_state, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split,
     resolve_precision, round_bf16, round_tf32, sum2,
 )
+from fla_mesa.ops.mesa.chunk_o import chunk_mesa_fwd_o
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
 from fla_mesa.ops.mesa.precond import (
     FACTOR_DTYPE, JACOBI_STALL_FF2, chunk_end_states, chunk_start_factor, is_precondition,
@@ -98,7 +99,7 @@ def _cg_configs():
 
 # what changes the best config: the sizes, and the work of a CG step (its products' precision, the preconditioner's
 # products, rounded directions); the autotuner adds every tensor argument's dtype (k, v, o, do, the factor) itself
-CG_KEY = ['K', 'V', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
+CG_KEY = ['K', 'BT', 'PREC', 'PRECONDITION', 'ROUND_P', 'RESCUE']
 
 
 @triton.jit
@@ -194,7 +195,6 @@ def _chunk_mesa_cg_item(
     x,
     xl,
     steps,
-    o,
     cu_seqlens,
     chunk_indices,
     max_steps,
@@ -208,15 +208,12 @@ def _chunk_mesa_cg_item(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PREC: tl.constexpr,
-    O_PREC: tl.constexpr,
     PRECONDITION: tl.constexpr,
     ROUND_P: tl.constexpr,
     K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr,
     H_IN_LOOP: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    READOUT: tl.constexpr,
-    O_IS_BF16: tl.constexpr,
     RHS_DX: tl.constexpr,
     DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr,
@@ -385,39 +382,18 @@ def _chunk_mesa_cg_item(
                  mask=m_w[:, None] & m_k[None, :])
     tl.store(steps + (bos + o_r) * H + i_h, b_steps, mask=m_w)
 
-    if READOUT:
-        # o_t = e^Γ S_cᵀ x_t + Σ_j M_tj v_j (k_jᵀ x_t), BV columns at a time
-        # k again: keeping it live through the loop costs registers
-        b_k = tl.load(k + (bos * H + i_h) * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :],
-                      other=0.)
-        b_xk = mesa_dot(b_x, tl.trans(b_k), tl.zeros([BR, BT], dtype=tl.float32), O_PREC, K_IS_BF16) * b_m
-        b_xe = b_x * b_e[:, None]
-        h_kv += (i_tg * H + i_h) * K * V
-        for i_v in range(0, tl.cdiv(V, BV)):
-            o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_v = tl.load(v + (bos * H + i_h) * V + o_c[:, None] * (H * V) + o_v[None, :],
-                          mask=m_c[:, None] & m_v[None, :], other=0.)
-            b_s_kv = tl.load(h_kv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-            b_o = mesa_dot(b_xk, b_v, tl.zeros([BR, BV], dtype=tl.float32), O_PREC, V_IS_BF16)
-            b_o = mesa_dot(b_xe, b_s_kv, b_o, O_PREC, False)
-            if O_IS_BF16:
-                b_o = round_bf16(b_o)
-            tl.store(o + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], b_o, mask=m_w[:, None] & m_v[None, :])
-
 
 @triton.jit
 def _chunk_mesa_cg(
-    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, o, cu_seqlens, chunk_indices,
+    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices,
     max_steps, tol2, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr,
-    ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr,
-    IS_VARLEN: tl.constexpr, READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, RHS_DX: tl.constexpr,
-    DO_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr,
-    FIRST: tl.constexpr, XL: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
+    K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
+    RHS_DX: tl.constexpr, DO_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
+    RESCUE: tl.constexpr, FIRST: tl.constexpr, XL: tl.constexpr,
 ):
-    # the forward (right-hand side b, the readout fused) and the backward's adjoint solve (b = dx formed from do) are
-    # two kernels over this body, so that profiles and autotuning tell them apart
+    # the forward (right-hand side b) and the backward's adjoint solve (b = dx formed from do) are two kernels over
+    # this body, so that profiles and autotuning tell them apart
     if RESCUE:
         # precondition='auto', second pass: a few programs walk the `items` list (its count, then the chunks and heads
         # to solve, appended by the factor kernel or `rescue_items_kernel`), NR items a chunk; with nothing to rescue
@@ -431,25 +407,23 @@ def _chunk_mesa_cg(
             else:
                 i_t, i_b = i_tg % tl.cdiv(T, BT), i_tg // tl.cdiv(T, BT)
             _chunk_mesa_cg_item(
-                i_t, i_w % NR, i_b, i_h, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, xl, steps, o,
-                cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION,
-                ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
-                FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
+                i_t, i_w % NR, i_b, i_h, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, xl, steps,
+                cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, PRECONDITION, ROUND_P,
+                K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, RHS_DX, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE,
+                FIRST, XL,
             )
     else:
         i_tr, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         _chunk_mesa_cg_item(
             i_tr // NR, i_tr % NR, i_bh // H, i_bh % H, b, k, g, beta, lamb, h_kk, factor, need, v, h_kv, do, x, xl,
-            steps, o, cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC,
-            PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, READOUT, O_IS_BF16, RHS_DX, DO_IS_BF16,
-            FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
+            steps, cu_seqlens, chunk_indices, max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, PRECONDITION, ROUND_P,
+            K_IS_BF16, V_IS_BF16, H_IN_LOOP, IS_VARLEN, RHS_DX, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST,
+            XL,
         )
 
 
 @triton.heuristics({
     'IS_VARLEN': lambda args: args['cu_seqlens'] is not None,
-    'READOUT': lambda args: args['o'] is not None,
-    'O_IS_BF16': lambda args: args['o'] is not None and args['o'].dtype == torch.bfloat16,
     'F_IS_BF16': lambda args: args['factor'] is not None and args['factor'].dtype == torch.bfloat16,
 })
 @triton.autotune(
@@ -462,18 +436,17 @@ def _chunk_mesa_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_fwd_kernel_cg(
-    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, x, steps, o, cu_seqlens, chunk_indices, max_steps, tol2,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PREC: tl.constexpr, O_PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr,
-    K_IS_BF16: tl.constexpr, V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
-    READOUT: tl.constexpr, O_IS_BF16: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr,
-    RESCUE: tl.constexpr, FIRST: tl.constexpr,
+    b, k, g, beta, lamb, h_kk, factor, need, items, x, steps, cu_seqlens, chunk_indices, max_steps, tol2, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr,
+    IS_VARLEN: tl.constexpr, FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr,
+    FIRST: tl.constexpr,
 ):
-    # (H_t + Λ) x_t = b_t, and with READOUT o_t = S_tᵀ x_t
+    # (H_t + Λ) x_t = b_t (the readout o_t = S_tᵀ x_t is `chunk_o`'s pass, after the solve)
     _chunk_mesa_cg(
-        b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, None, x, None, steps, o, cu_seqlens, chunk_indices,
-        max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, O_PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP,
-        IS_VARLEN, READOUT, O_IS_BF16, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, False,
+        b, k, g, beta, lamb, h_kk, factor, need, items, None, None, None, x, None, steps, cu_seqlens, chunk_indices,
+        max_steps, tol2, T, H, K, K, BT, NR, BK, BK, PREC, PRECONDITION, ROUND_P, K_IS_BF16, False, H_IN_LOOP,
+        IS_VARLEN, False, False, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, False,
     )
 
 
@@ -485,7 +458,8 @@ def chunk_mesa_fwd_kernel_cg(
 })
 @triton.autotune(
     configs=_cg_configs(),
-    key=CG_KEY,
+    # the adjoint's right-hand side takes V too
+    key=CG_KEY + ['V'],
     prune_configs_by={'early_config_prune': _prune_cg_configs},
     # the rescue pass of 'auto' updates x and steps in place: every config benchmarked starts from the same ones
     restore_value=['x', 'steps'],
@@ -503,9 +477,9 @@ def chunk_mesa_bwd_kernel_cg(
     # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x` (and
     # in bfloat16 to `xl`, if given)
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, None, cu_seqlens, chunk_indices,
-        max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP,
-        IS_VARLEN, False, False, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
+        None, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices,
+        max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP,
+        IS_VARLEN, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
     )
 
 
@@ -539,9 +513,10 @@ def chunk_mesa_cg(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
-    (rows of a chunk, head); with `v` and `h_kv` also returns the readout `o_t = S_tᵀ x_t`.
+    (rows of a chunk, head); with `v` and `h_kv` also returns the readout `o_t = S_tᵀ x_t` (`chunk_o.chunk_mesa_fwd_o`,
+    a pass of its own after the solve).
     The backward's adjoint solve calls it with `do`, `v`, `h_kv` and no `b`: the kernel forms `b = dx = S_t do_t`
-    itself (as `chunk_mesa_bwd_dx` would), and there is no readout.
+    itself (as `chunk_o.chunk_mesa_bwd_dx` would), and there is no readout.
 
     Args:
         b (torch.Tensor, Optional): right-hand sides `[B, T, H, K]` (q in the forward); `None` with `do`.
@@ -560,11 +535,11 @@ def chunk_mesa_cg(
             predicts a Jacobi stall skip Jacobi (marked 2, as `skip_jacobi`). Without `cg_tol`, 'auto' is Jacobi.
         cu_seqlens, chunk_indices: varlen as in fla (`chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)`).
         chunk_size (int): 16, 32 or 64.
-        v (torch.Tensor, Optional): values `[B, T, H, V]`, for the fused readout.
-        h_kv (torch.Tensor, Optional): chunk-start states `[B, NT, H, K, V]`, for the fused readout.
+        v (torch.Tensor, Optional): values `[B, T, H, V]`, for the readout.
+        h_kv (torch.Tensor, Optional): chunk-start states `[B, NT, H, K, V]`, for the readout.
         precision (str, Optional): operand precision of the CG loop's products (`DOT_PRECISIONS` or 'auto').
             Default: `CG_DOT_PRECISION` ('auto': tf32x3 for fp32 `k`, bf16x3 otherwise).
-        readout_precision (str, Optional): operand precision of the readout's products. Default: as `precision`.
+        readout_precision (str, Optional): operand precision of the readout's products. Default: `CG_DOT_PRECISION`.
         o_dtype (torch.dtype): dtype of `o` (the op's output dtype saves a cast pass). Default: float32.
         do (torch.Tensor, Optional): upstream gradient `[B, T, H, V]`: solve for `b_t = S_t do_t` (needs `v`, `h_kv`).
         round_directions (bool, Optional): round each CG direction to the split products' high part (bf16x3,
@@ -606,7 +581,7 @@ def chunk_mesa_cg(
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"`chunk_size` must be 16, 32 or 64, got {chunk_size!r}")
     if (v is None) != (h_kv is None):
-        raise ValueError("`v` and `h_kv` must be given together (the fused readout needs both)")
+        raise ValueError("`v` and `h_kv` must be given together (the readout needs both)")
     if xl is not None and (do is None or xl.dtype != torch.bfloat16 or xl.shape != k.shape or not xl.is_contiguous()):
         raise ValueError(f"`xl` must be a contiguous bfloat16 tensor of k's shape {tuple(k.shape)}, given with `do`, "
                          f"got {xl.dtype} {tuple(xl.shape)}")
@@ -615,8 +590,6 @@ def chunk_mesa_cg(
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
     NT = triton.cdiv(T, BT) if cu_seqlens is None else len(chunk_indices)
     BK = max(triton.next_power_of_2(K), 16)
-    V = K if v is None else v.shape[-1]
-    BV = min(max(triton.next_power_of_2(V), 16), 64)
     k, g_cum, beta, lamb, h_kk = (t.contiguous() for t in (k, g_cum, beta, lamb, h_kk))
     b, do, v, h_kv = (None if t is None else t.contiguous() for t in (b, do, v, h_kv))
     rescue = precondition == 'auto' and cg_tol is not None and cg_max_steps > 0
@@ -648,9 +621,11 @@ def chunk_mesa_cg(
         else:
             # the backward: the forward's map, its predicted stalls included (the same matrices, the same scores)
             need.masked_fill_(skip_jacobi.reshape(-1, H) != 0, 2)
-        x, steps, o = chunk_mesa_cg(
-            b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size, v, h_kv,
-            precision, readout_precision, o_dtype, do, round_directions, flag_unconverged=True, xl=xl, _need=need,
+        # (no readout: it follows the second pass)
+        x, steps, _ = chunk_mesa_cg(
+            b, k, g_cum, beta, lamb, h_kk, cg_max_steps, cg_tol, True, cu_seqlens, chunk_indices, chunk_size,
+            *((v, h_kv) if do is not None else (None, None)), precision, do=do, round_directions=round_directions,
+            flag_unconverged=True, xl=xl, _need=need,
         )
     if precondition in ('chunk', 'auto') and factor is None:
         # the Triton factorisation where it fits (K <= 128); rounding in W changes step counts only (op README)
@@ -675,8 +650,6 @@ def chunk_mesa_cg(
     if not rescue:
         x = k.new_empty(B, T, H, K, dtype=torch.float32)
         steps = k.new_empty(B, T, H, dtype=torch.int32)
-        # the readout: with v and h_kv, unless they serve the right-hand side
-        o = k.new_empty(B, T, H, V, dtype=o_dtype) if v is not None and do is None else None
     tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))
     # the first pass of 'auto' (the call that the rescue branch above makes)
     first = need is not None and not rescue
@@ -687,22 +660,27 @@ def chunk_mesa_cg(
         return (NT * meta['NR'], B * H)
 
     kw = dict(
-        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, items=items if rescue else None, v=v,
-        h_kv=h_kv, x=x, steps=steps, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps),
-        tol2=tol2, T=T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=precision,
+        k=k, g=g_cum, beta=beta, lamb=lamb, h_kk=h_kk, factor=factor, need=need, items=items if rescue else None,
+        x=x, steps=steps, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, max_steps=int(cg_max_steps),
+        tol2=tol2, T=T, H=H, K=K, BT=BT, BK=BK, PREC=precision,
         PRECONDITION=2 if factor is not None else int(bool(precondition)),
         ROUND_P=precision in ('bf16x3', 'tf32x3') and (CG_ROUND_DIRECTIONS if round_directions is None else round_directions),
         K_IS_BF16=k.dtype == torch.bfloat16,
-        V_IS_BF16=v is not None and v.dtype == torch.bfloat16,
         H_IN_LOOP=BK > 128,
         FLAG_UNCONVERGED=bool(flag_unconverged) and cg_tol is not None,
         RESCUE=rescue,
         FIRST=first,
     )
+    o = None
     if do is None:
-        chunk_mesa_fwd_kernel_cg[grid](b=b, o=o, O_PREC=readout_precision, **kw)
+        chunk_mesa_fwd_kernel_cg[grid](b=b, **kw)
+        if v is not None:
+            o = chunk_mesa_fwd_o(x, k, v, g_cum, beta, h_kv, cu_seqlens, chunk_indices, chunk_size, readout_precision,
+                                 o_dtype)
     else:
-        chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl, **kw)
+        V = v.shape[-1]
+        chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl, v=v, h_kv=h_kv, V=V, BV=min(max(triton.next_power_of_2(V), 16), 64),
+                                       V_IS_BF16=v.dtype == torch.bfloat16, **kw)
     if return_rescued:
         return x, steps, o, need if rescue else None
     return x, steps, o
