@@ -185,7 +185,7 @@ def ours_prepare(q, k, v, g, beta, lamb, chunk=64, **kw):
 
 
 def ours_fwd(q, k, v, g, beta, lamb, steps, tol, precondition=True, chunk=64, **kw):
-    """The forward kernels alone (cumsum, states, CG with fused readout): what chunk_mesa's forward runs."""
+    """The forward kernels alone (cumsum, states, CG, readout): what chunk_mesa's forward runs."""
     from fla_mesa.ops.mesa.chunk_cg import chunk_mesa_cg
     g_cum, h_kk, h_kv = ours_prepare(q, k, v, g, beta, lamb, chunk, **kw)
     x, n, o = chunk_mesa_cg(q, k, g_cum, beta.float(), lamb.float(), h_kk, steps, tol, precondition, chunk_size=chunk,
@@ -478,7 +478,7 @@ def study(args):
             log(f"| {prec} | n/a: {short(e)} |")
 
     # 4. forward timings beside fla's chunk_mesa_net at the benchmark shape (our forward kernels alone: cumsum,
-    # states, CG with fused readout; the public chunk_mesa adds validation)
+    # states, CG, readout; the public chunk_mesa adds validation)
     log(f"\n## Forward ms (B·T={args.tokens}, H=16, D=128, bf16), our forward kernels vs fla chunk_mesa_net\n")
     log("| T | ours 30 steps | ours tol 1e-4 | ours mean steps | fla 10 steps | fla 30 steps |")
     log("|---|---|---|---|---|---|")

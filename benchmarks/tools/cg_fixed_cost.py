@@ -1,10 +1,10 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
 What a CG kernel costs before its first step, and what a step costs: `chunk_mesa_cg` called directly (Jacobi, both CG
-kernels pinned to the autotune list's first config), forward (with and without the fused readout) and adjoint, at
-`max_steps` 0, 1, 2, 4 and at cg_tol 1e-4; do_bench median ms and the mean over 32-row tiles of the tile's most steps
-(a tile runs as long as its slowest row). `benchmark_chunk.py`'s inputs (random keys), bf16, at the chunk table's
-shape (B = 2, T = 8192, H = 16, D = 128) and the small model's (B = 8, T = 2048, H = 8).
+kernels pinned to the autotune list's first config), forward (with and without the readout pass after it) and
+adjoint, at `max_steps` 0, 1, 2, 4 and at cg_tol 1e-4; do_bench median ms and the mean over 32-row tiles of the
+tile's most steps (a tile runs as long as its slowest row). `benchmark_chunk.py`'s inputs (random keys), bf16, at
+the chunk table's shape (B = 2, T = 8192, H = 16, D = 128) and the small model's (B = 8, T = 2048, H = 8).
 
     python benchmarks/tools/cg_fixed_cost.py --compile-only --shapes table &   # one process a shape, first
     python benchmarks/tools/cg_fixed_cost.py
