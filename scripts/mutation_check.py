@@ -45,7 +45,7 @@ class Mutant:
 
 MUTANTS = [
     Mutant("output pass: dx reads the state untransposed (S_c where S_cᵀ is due)",
-           'fla_mesa/ops/mesa/chunk_o.py',
+           'fla_mesa/ops/mesa/kernel_utils.py',
            'p_g = h + o_m[:, None] + o_n[None, :] * M',
            'p_g = h + o_m[:, None] * N + o_n[None, :]',
            ['tests/ops/test_chunk_bwd_kernels.py'], 'bwd_kernels'),

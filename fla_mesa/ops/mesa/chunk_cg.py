@@ -12,7 +12,7 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.utils import autotune_cache_kwargs, get_multiprocessor_count
 
 from fla_mesa.ops.mesa.kernel_utils import (
-    INTERPRETING, chunk_end_state, chunk_program, dx_products, exp2, mesa_dot, mesa_dot_split, mesa_split,
+    INTERPRETING, chunk_end_state, chunk_program, exp2, mesa_dot, mesa_dot_split, mesa_split, readout_products,
     resolve_precision, round_bf16, round_tf32, sum2,
 )
 from fla_mesa.ops.mesa.chunk_o import chunk_mesa_fwd_o
@@ -282,8 +282,8 @@ def _chunk_mesa_cg_item(
     if RHS_DX:
         # the adjoint solve's b_t = dx_t = e^{Γ_t} S_c do_t + Σ_j M_tj k_j (v_j·do_t), formed here: no dx round trip
         h_kv += (i_tg * H + i_h) * K * V
-        b_dov, b_dx = dx_products(do, v, h_kv, bos, i_h, o_r, m_r, o_c, m_c, o_k, m_k, H, V, BV, PREC, V_IS_BF16,
-                                  DO_IS_BF16)
+        b_dov, b_dx = readout_products(do, v, h_kv, bos, i_h, o_r, m_r, o_c, m_c, o_k, m_k, H, V, K, BV, PREC,
+                                       DO_IS_BF16, V_IS_BF16, True)
         b_b = mesa_dot(b_dov * b_m, b_k, b_dx * b_e[:, None], PREC, K_IS_BF16)
     else:
         b_b = tl.load(b + (bos * H + i_h) * K + o_r[:, None] * (H * K) + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)

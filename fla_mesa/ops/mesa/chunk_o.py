@@ -15,7 +15,7 @@ from fla.ops.utils import prepare_chunk_indices
 from fla.utils import autotune_cache_kwargs
 
 from fla_mesa.ops.mesa.kernel_utils import (
-    chunk_program, exp2, mesa_dot, mesa_dot_split, mesa_split, resolve_precision, round_code, round_to,
+    chunk_program, exp2, mesa_dot, readout_products, resolve_precision, round_code, round_to,
 )
 from fla_mesa.utils import is_interpreting
 
@@ -77,25 +77,8 @@ def chunk_mesa_kernel_o(
     b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
     h += (i_tg * H + i_h) * M * N
 
-    b_ad = tl.zeros([BT, BT], dtype=tl.float32)
-    b_o = tl.zeros([BT, BN], dtype=tl.float32)
-    for i_m in range(0, tl.cdiv(M, BM)):
-        o_m = tl.cast(i_m, tl.int64) * BM + tl.arange(0, BM)
-        m_m = o_m < M
-        m_tm = m_t[:, None] & m_m[None, :]
-        b_a = tl.load(a + (bos * H + i_h) * M + o_t[:, None] * (H * M) + o_m[None, :], mask=m_tm, other=0.)
-        b_d = tl.load(d + (bos * H + i_h) * M + o_t[:, None] * (H * M) + o_m[None, :], mask=m_tm, other=0.)
-        if TRANS_G:
-            p_g = h + o_m[:, None] + o_n[None, :] * M
-        else:
-            p_g = h + o_m[:, None] * N + o_n[None, :]
-        b_h = tl.load(p_g, mask=m_m[:, None] & m_n[None, :], other=0.)
-        # a split once for both of its products
-        b_a_hi, b_a_lo = mesa_split(b_a, PREC)
-        b_d_hi, b_d_lo = mesa_split(b_d, PREC)
-        b_h_hi, b_h_lo = mesa_split(b_h, PREC)
-        b_ad = mesa_dot_split(b_a_hi, b_a_lo, tl.trans(b_d_hi), tl.trans(b_d_lo), b_ad, PREC, A_IS_BF16, D_IS_BF16)
-        b_o = mesa_dot_split(b_a_hi, b_a_lo, b_h_hi, b_h_lo, b_o, PREC, A_IS_BF16, False)
+    b_ad, b_o = readout_products(a, d, h, bos, i_h, o_t, m_t, o_t, m_t, o_n, m_n, H, M, N, BM, PREC, A_IS_BF16, D_IS_BF16,
+                                 TRANS_G)
     b_o *= exp2(b_g)[:, None]
     # padded rows/columns are masked before exp2 could overflow into inf * 0
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]

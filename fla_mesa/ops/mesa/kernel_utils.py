@@ -136,26 +136,37 @@ def mesa_dot(a, b, acc, PREC: tl.constexpr, B_IS_BF16: tl.constexpr, A_IS_BF16: 
 
 
 @triton.jit
-def dx_products(do, v, h_kv, bos, i_h, o_r, m_r, o_c, m_c, o_k, m_k, H: tl.constexpr, V: tl.constexpr,
-                BV: tl.constexpr, PREC: tl.constexpr, V_IS_BF16: tl.constexpr, DO_IS_BF16: tl.constexpr):
+def readout_products(a, d, h, bos, i_h, o_r, m_r, o_c, m_c, o_n, m_n, H: tl.constexpr, M: tl.constexpr,
+                     N: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, A_IS_BF16: tl.constexpr,
+                     D_IS_BF16: tl.constexpr, TRANS_G: tl.constexpr):
     """
-    The two products over V of `dx_t = e^{Γ_t} S_c do_t + Σ_j M_tj k_j (v_j·do_t)` for the rows `o_r` and the chunk's
-    columns `o_c`: `(DO Vᵀ, DO S_cᵀ)`, with `h_kv` at the chunk's S_c; the caller applies the decays and k.
+    The two products over M of the output pass `out_t = e^{Γ_t} a_t G_c + Σ_{j<=t} M_tj (a_t·d_j) c_j` (`chunk_o`)
+    for the rows `o_r` and the chunk's columns `o_c`: `(A Dᵀ, A G_c)` over the output columns `o_n`, BM of M at a
+    time; `a`, `d` are `[.., M]`, `h` points at the chunk's state `[K, V]`, which is G_c `[M, N]` itself or, with
+    TRANS_G, its transpose. The caller applies the decays and the product with c. The readout is (x, k, S_c); the
+    adjoint's right-hand side dx is (do, v, S_cᵀ).
     """
-    b_dov = tl.zeros([o_r.shape[0], o_c.shape[0]], dtype=tl.float32)
-    b_dx = tl.zeros([o_r.shape[0], o_k.shape[0]], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = tl.cast(i_v, tl.int64) * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_do = tl.load(do + (bos * H + i_h) * V + o_r[:, None] * (H * V) + o_v[None, :], mask=m_r[:, None] & m_v[None, :],
-                       other=0.)
-        b_v = tl.load(v + (bos * H + i_h) * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
+    b_ad = tl.zeros([o_r.shape[0], o_c.shape[0]], dtype=tl.float32)
+    b_o = tl.zeros([o_r.shape[0], o_n.shape[0]], dtype=tl.float32)
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m = tl.cast(i_m, tl.int64) * BM + tl.arange(0, BM)
+        m_m = o_m < M
+        b_a = tl.load(a + (bos * H + i_h) * M + o_r[:, None] * (H * M) + o_m[None, :], mask=m_r[:, None] & m_m[None, :],
                       other=0.)
-        # [BV, BK] S_cᵀ
-        b_st = tl.load(h_kv + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
-        b_dov = mesa_dot(b_do, tl.trans(b_v), b_dov, PREC, V_IS_BF16, DO_IS_BF16)
-        b_dx = mesa_dot(b_do, b_st, b_dx, PREC, False, DO_IS_BF16)
-    return b_dov, b_dx
+        b_d = tl.load(d + (bos * H + i_h) * M + o_c[:, None] * (H * M) + o_m[None, :], mask=m_c[:, None] & m_m[None, :],
+                      other=0.)
+        if TRANS_G:
+            p_g = h + o_m[:, None] + o_n[None, :] * M
+        else:
+            p_g = h + o_m[:, None] * N + o_n[None, :]
+        b_h = tl.load(p_g, mask=m_m[:, None] & m_n[None, :], other=0.)
+        # a split once for both of its products
+        b_a_hi, b_a_lo = mesa_split(b_a, PREC)
+        b_d_hi, b_d_lo = mesa_split(b_d, PREC)
+        b_h_hi, b_h_lo = mesa_split(b_h, PREC)
+        b_ad = mesa_dot_split(b_a_hi, b_a_lo, tl.trans(b_d_hi), tl.trans(b_d_lo), b_ad, PREC, A_IS_BF16, D_IS_BF16)
+        b_o = mesa_dot_split(b_a_hi, b_a_lo, b_h_hi, b_h_lo, b_o, PREC, A_IS_BF16, False)
+    return b_ad, b_o
 
 
 @triton.jit
