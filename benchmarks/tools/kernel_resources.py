@@ -34,7 +34,8 @@ CG_CONSTS = dict(SHAPE, BK=128, BV=64, PRECONDITION=1, ROUND_P=True, K_IS_BF16=T
 # name -> (runtime argument types, constexprs other than the config's)
 KERNELS = {
     'cg': (CG_TYPES, CG_CONSTS),
-    'cg_bwd': (CG_TYPES, CG_CONSTS),
+    # the first pass reads its right-hand side (dx, float32) from x's buffer
+    'cg_bwd': (dict(CG_TYPES, b='*fp32'), CG_CONSTS),
     # the readout: x in float32, k, v and o in bf16
     'o': (dict(a='*fp32', d='*bf16', c='*bf16', g='*fp32', beta='*fp32', h='*fp32', out='*bf16', T='i32'),
           dict(SHAPE, M=128, N=128, A_IS_BF16=False, D_IS_BF16=True, C_IS_BF16=True, TRANS_G=False, ROUND=1)),

@@ -295,8 +295,8 @@ from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import chunk_cg, factor
 types = dict(k='*bf16', g='*fp32', beta='*fp32', lamb='*fp32', h_kk='*fp32', factor='*fp32', need='*i32',
              items='*i32', v='*bf16', h_kv='*fp32', x='*fp32', steps='*i32', max_steps='i32', tol2='fp32', T='i32')
-# the adjoint solve's dq in bfloat16 beside e
-bwd_types = dict(types, do='*bf16', xl='*bf16')
+# the adjoint solve's dq in bfloat16 beside e, and its right-hand side (dx, float32) in the buffer of e
+bwd_types = dict(types, b='*fp32', do='*bf16', xl='*bf16')
 consts = dict(H=4, K=32, V=32, BT=64, NR=4, BK=32, BV=32, PREC='bf16x3', PRECONDITION=2, ROUND_P=True, K_IS_BF16=True,
               V_IS_BF16=True, H_IN_LOOP=False, IS_VARLEN=False, FLAG_UNCONVERGED=True, F_IS_BF16=False, RESCUE=True,
               FIRST=False)

@@ -87,7 +87,7 @@ def chunk_mesa_bwd(
         dq = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, **kw)
         e = torch.zeros_like(dq)
     else:
-        # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed inside the CG kernel
+        # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t (dx by the output pass, into the buffer that receives e)
         # the chunks the forward's 'auto' rescued skip Jacobi here: the adjoint solve has the same matrices; e in
         # float32 for the gradients below, and for bfloat16 q the kernel writes dq = e in bfloat16 beside it
         dq = torch.empty_like(k, dtype=torch.bfloat16) if dq_dtype == torch.bfloat16 else None

@@ -15,7 +15,7 @@ from fla_mesa.ops.mesa.kernel_utils import (
     INTERPRETING, chunk_end_state, chunk_program, exp2, mesa_dot, mesa_dot_split, mesa_split, readout_products,
     resolve_precision, round_bf16, round_tf32, sum2,
 )
-from fla_mesa.ops.mesa.chunk_o import chunk_mesa_fwd_o
+from fla_mesa.ops.mesa.chunk_o import chunk_mesa_bwd_dx, chunk_mesa_fwd_o
 from fla_mesa.ops.mesa.factor import chunk_start_factor_triton
 from fla_mesa.ops.mesa.precond import (
     FACTOR_DTYPE, JACOBI_STALL_FF2, chunk_end_states, chunk_start_factor, is_precondition,
@@ -467,19 +467,20 @@ def chunk_mesa_fwd_kernel_cg(
 )
 @triton.jit(do_not_specialize=['T', 'max_steps', 'tol2'])
 def chunk_mesa_bwd_kernel_cg(
-    k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices, max_steps, tol2,
+    b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices, max_steps, tol2,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PREC: tl.constexpr, PRECONDITION: tl.constexpr, ROUND_P: tl.constexpr, K_IS_BF16: tl.constexpr,
     V_IS_BF16: tl.constexpr, H_IN_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DO_IS_BF16: tl.constexpr,
     FLAG_UNCONVERGED: tl.constexpr, F_IS_BF16: tl.constexpr, RESCUE: tl.constexpr, FIRST: tl.constexpr,
     XL: tl.constexpr,
 ):
-    # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t, its right-hand side formed in the body; e goes to `x` (and
-    # in bfloat16 to `xl`, if given)
+    # the adjoint solve (H_t + Λ) e_t = dx_t = S_t do_t; e goes to `x` (and in bfloat16 to `xl`, if given). The first
+    # (or only) pass reads dx from `b`, which is `x` itself (each program reads its rows before it writes them); the
+    # second pass of 'auto', where x holds the first pass's iterate, forms dx from do in the body
     _chunk_mesa_cg(
-        None, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices,
+        b, k, g, beta, lamb, h_kk, factor, need, items, v, h_kv, do, x, xl, steps, cu_seqlens, chunk_indices,
         max_steps, tol2, T, H, K, V, BT, NR, BK, BV, PREC, PRECONDITION, ROUND_P, K_IS_BF16, V_IS_BF16, H_IN_LOOP,
-        IS_VARLEN, True, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
+        IS_VARLEN, RESCUE, DO_IS_BF16, FLAG_UNCONVERGED, F_IS_BF16, RESCUE, FIRST, XL,
     )
 
 
@@ -515,8 +516,9 @@ def chunk_mesa_cg(
     Solves `(H_t + Λ) x_t = b_t` for every token and head by the project's CG (README "The solver"), one program per
     (rows of a chunk, head); with `v` and `h_kv` also returns the readout `o_t = S_tᵀ x_t` (`chunk_o.chunk_mesa_fwd_o`,
     a pass of its own after the solve).
-    The backward's adjoint solve calls it with `do`, `v`, `h_kv` and no `b`: the kernel forms `b = dx = S_t do_t`
-    itself (as `chunk_o.chunk_mesa_bwd_dx` would), and there is no readout.
+    The backward's adjoint solve calls it with `do`, `v`, `h_kv` and no `b`: `b = dx = S_t do_t` comes from
+    `chunk_o.chunk_mesa_bwd_dx`, in the buffer that then receives x (the second pass of 'auto' forms it in the
+    kernel), and there is no readout.
 
     Args:
         b (torch.Tensor, Optional): right-hand sides `[B, T, H, K]` (q in the forward); `None` with `do`.
@@ -648,7 +650,12 @@ def chunk_mesa_cg(
         factor = None
 
     if not rescue:
-        x = k.new_empty(B, T, H, K, dtype=torch.float32)
+        if do is None:
+            x = k.new_empty(B, T, H, K, dtype=torch.float32)
+        else:
+            # the adjoint's right-hand side by the output pass (many small programs a multiprocessor), written where
+            # e goes: the CG kernel (one program a multiprocessor) keeps its registers for the solve, no memory added
+            x = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, cu_seqlens, chunk_indices, chunk_size, precision)
         steps = k.new_empty(B, T, H, dtype=torch.int32)
     tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))
     # the first pass of 'auto' (the call that the rescue branch above makes)
@@ -679,7 +686,7 @@ def chunk_mesa_cg(
                                  o_dtype)
     else:
         V = v.shape[-1]
-        chunk_mesa_bwd_kernel_cg[grid](do=do, xl=xl, v=v, h_kv=h_kv, V=V, BV=min(max(triton.next_power_of_2(V), 16), 64),
+        chunk_mesa_bwd_kernel_cg[grid](b=x, do=do, xl=xl, v=v, h_kv=h_kv, V=V, BV=min(max(triton.next_power_of_2(V), 16), 64),
                                        V_IS_BF16=v.dtype == torch.bfloat16, **kw)
     if return_rescued:
         return x, steps, o, need if rescue else None
