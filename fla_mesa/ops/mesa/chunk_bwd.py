@@ -162,10 +162,10 @@ def chunk_mesa_bwd_kernel_grads(
         b_dbeta = tl.sum(b_dx, 0)
         # dg, intra-chunk pairs: g_t enters the decay A_ij of every pair j < t <= i, so dg_t = Σ_{j<t<=i} T_ij with
         # T_ij = D_ij β_j (k_j·x_i): summed directly (no cancelling ±T terms), as (T U) with U_jt = [j < t], then
-        # over i >= t
+        # over i >= t (U holds 0 and 1, exact in bf16: its low part is zero and skipped)
         b_tm = tl.where(o_i[:, None] > o_i[None, :], b_dx * b_beta[None, :], 0.)
         b_u = (o_i[:, None] < o_i[None, :]).to(tl.float32)
-        b_tu = mesa_dot(b_tm, b_u, tl.zeros([BT, BT], dtype=tl.float32), PREC, False)
+        b_tu = mesa_dot(b_tm, b_u, tl.zeros([BT, BT], dtype=tl.float32), PREC, True)
         b_dg = tl.sum(tl.where(o_i[:, None] >= o_i[None, :], b_tu, 0.), 0)
     # e^{Γ_C} (<dS', S_c> + <dH', H_c>)
     b_last = tl.zeros([], dtype=tl.float32)
