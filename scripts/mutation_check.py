@@ -61,7 +61,7 @@ MUTANTS = [
            ['tests/ops/test_no_solve.py'], 'triton and fp32 and 40'),
     Mutant('Jacobi diagonal without its sum of beta k^2 in the CG kernel',
            'fla_mesa/ops/mesa/chunk_cg.py',
-           'b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], PREC, False)',
+           'b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], DIAG_PREC, False)',
            'b_d = b_e[:, None] * b_hd[None, :] + b_lamb[None, :] + 0 * b_m[:, :1]',
            ['tests/ops/test_cg_fixed_steps.py'], 'chunk'),
     Mutant("recurrent kernel's float32 residual floor raised (1e-19 to 1e-12)",

@@ -269,9 +269,9 @@ def _chunk_mesa_cg_item(
     # diag(A_t) = e^Γ diag(H_c) + Σ_j M_tj k_j² + λ; it only scales the search (the start and Jacobi's z), so with
     # bf16 keys one bf16 product (~0.4% off) stands for bf16x3's three. tf32x3 keeps them: there the step counts
     # equal the PyTorch solver's (tests/ops/test_chunk_fwd_kernels.py)
+    DIAG_PREC: tl.constexpr = 'bf16' if PREC == 'bf16x3' else PREC
     b_kf = b_k.to(tl.float32)
-    b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], 'bf16' if PREC == 'bf16x3' else PREC,
-                   False)
+    b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], DIAG_PREC, False)
     b_k_hi, b_k_lo = mesa_split(b_k, PREC)
     if PRECONDITION == 2:
         # [BK, BK] the chunk-start factor W (M_c⁻¹ = W Wᵀ), split once; padded rows and columns 0, so z is 0 there
