@@ -1,5 +1,5 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
-"""The chunk path's CG solve `(H_t + Λ) x_t = b_t` (README "The solver"), with the readout `o_t = S_tᵀ x_t` fused."""
+"""The chunk path's CG solve `(H_t + Λ) x_t = b_t` (README "The solver"); the readout is `chunk_o`'s pass."""
 
 from __future__ import annotations
 
@@ -283,7 +283,8 @@ def _chunk_mesa_cg_item(
 
     # per-row normalised right-hand side; an all-zero row is solved by x = 0 in 0 steps
     if RHS_DX:
-        # the adjoint solve's b_t = dx_t = e^{Γ_t} S_c do_t + Σ_j M_tj k_j (v_j·do_t), formed here: no dx round trip
+        # the adjoint's second pass of 'auto' (its x buffer no longer holds dx): b_t = dx_t = e^{Γ_t} S_c do_t +
+        # Σ_j M_tj k_j (v_j·do_t), formed here
         h_kv += (i_tg * H + i_h) * K * V
         b_dov, b_dx = readout_products(do, v, h_kv, bos, i_h, o_r, m_r, o_c, m_c, o_k, m_k, H, V, K, BV, PREC,
                                        DO_IS_BF16, V_IS_BF16, True)
