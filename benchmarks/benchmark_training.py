@@ -43,7 +43,7 @@ CUDA graph and replayed: what the step costs when the host launches nothing but 
 step costs when the compiler fuses what it can trace and the rest runs eager between its graphs.
 
 --kernels N: below the table, each row's N kernels with the most GPU time a step over the profiled steps (where a
-model's GPU time goes, beside its peers').
+model's GPU time goes, beside its peers'), and for fla-mesa's rows the configs its autotuners picked.
 
 --profile-host: for the first of --models/--sizes/--Ts, one step under cProfile (synchronised only at its end):
 the top 40 functions by cumulative and by total time, then torch.profiler's key_averages() sorted by self CPU
@@ -412,6 +412,8 @@ def run_row(name, size, T, args, timed=True):
                     'enqueue ms': f"{statistics.median(enqueue) * 1e3:.1f}"})
         if args.device == 'cuda':
             row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.3f}"
+        if name.startswith('fla-mesa'):
+            row['picks'] = autotune_picks()
         if args.profile_steps > 0:
             row['kernels'] = {}
             busy_ms, wall_ms = profile_busy(do_step, args.device, args.profile_steps, row['kernels'])
@@ -491,8 +493,22 @@ def table(rows):
     return '\n'.join(out) + '\n'
 
 
+def autotune_picks():
+    """{kernel: its configs in use} of fla-mesa's autotuned kernels, after a row's steps (one per autotune key)."""
+    from tests.gpu_configs import describe, loaded_autotuners
+    picks = {}
+    for tuner in loaded_autotuners(('fla_mesa.',)):
+        chosen = sorted({describe(c) for c in tuner.cache.values()})
+        if chosen:
+            picks[tuner.base_fn.__name__] = chosen
+    return picks
+
+
 def kernel_tables(rows, top):
-    """Per row, the `top` kernels with the most GPU time a step (--kernels), and what the rest add up to."""
+    """
+    Per row, the `top` kernels with the most GPU time a step (--kernels), and what the rest add up to; for fla-mesa's
+    rows also the configs its autotuners chose (a pick that differs between runs moves a row's time).
+    """
     out = []
     for r in rows:
         ms = r.get('kernels')
@@ -502,7 +518,11 @@ def kernel_tables(rows, top):
         out += [f"### {r['model']}, {r['size']}, T = {r['T']}: GPU ms a step by kernel (sum {sum(ms.values()):.1f})", '',
                 '| kernel | ms / step |', '|---|---|']
         out += [f"| {name[:110].replace('|', '/')} | {t:.2f} |" for name, t in ranked[:top]]
-        out += [f"| ({len(ranked) - top} others) | {sum(t for _, t in ranked[top:]):.2f} |", '']
+        if len(ranked) > top:
+            out += [f"| ({len(ranked) - top} others) | {sum(t for _, t in ranked[top:]):.2f} |"]
+        out += ['']
+        if r.get('picks'):
+            out += ['Autotuner picks: ' + '; '.join(f"`{k}` {', '.join(v)}" for k, v in sorted(r['picks'].items())), '']
     return '\n'.join(out)
 
 
