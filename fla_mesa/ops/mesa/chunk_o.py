@@ -2,8 +2,9 @@
 """
 The chunk path's output pass: GLA's readout with β inside the decay matrix, in split products. One kernel serves
 the forward's readout `o_t = S_tᵀ x_t` (after the CG solve) and the backward's `dx_t = S_t do_t` (the adjoint solve's
-right-hand side, or dq itself where there is no solve): both are `out_t = e^{Γ_t} a_t G_c + Σ_{j<=t} M_tj (a_t·d_j) c_j` with
-`M_tj = 2^(Γ_t − Γ_j) β_j`, for (a, d, c, G_c) = (x, k, v, S_c) and (do, v, k, S_cᵀ).
+right-hand side, or dq itself where there is no solve): both are
+`out_t = e^{Γ_t} a_t G_c + Σ_{j<=t} M_tj (a_t·d_j) c_j` with `M_tj = 2^(Γ_t − Γ_j) β_j`, for (a, d, c, G_c) =
+(x, k, v, S_c) and (do, v, k, S_cᵀ).
 """
 
 from __future__ import annotations
