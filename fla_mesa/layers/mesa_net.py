@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from fla.layers.utils import get_layer_cache, repad_hidden_states, unpad_hidden_states, update_layer_cache
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 
+from fla_mesa.modules import fused_linears
 from fla_mesa.ops.mesa import chunk_mesa, fused_recurrent_mesa
 from fla_mesa.ops.mesa.chunk import qk_l2norm
 from fla_mesa.ops.mesa.conv_l2norm import short_conv_l2norm
@@ -306,6 +307,26 @@ class MesaNet(nn.Module):
         """`Λ` as `[H, K]` float32."""
         return (F.softplus(self.lambda_params.float()) + self.lambda_lower_bound).view(self.num_heads, self.head_k_dim)
 
+    def _projections(self, x):
+        """
+        q, k, v and the gates' pre-activations a, b from `x`, and the biases of a and b where they are still to be
+        added (by the gate).
+        """
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj)
+        # With gradients, one GEMM over their weights (`fused_linears`): fla's short convs read its column views in
+        # place and the gate adds its biases. v joins only on its way to a conv: the op needs it contiguous, and a
+        # copy would be kept beside the view's base. Only for plain nn.Linear modules without hooks (an adapter or a
+        # quantised module is called as it is); without gradients each module is called, as there the weights'
+        # concatenation would be a copy every step of a decode
+        if torch.is_grad_enabled() and all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+                                           for m in projs):
+            fused = [m for m in projs if m is not self.v_proj or self.use_v_conv]
+            out = dict(zip(fused, fused_linears(x, [m.weight for m in fused])))
+            if not self.use_v_conv:
+                out[self.v_proj] = self.v_proj(x)
+            return (*(out[m] for m in projs), self.a_proj.bias, self.b_proj.bias)
+        return (*(m(x) for m in projs), None, None)
+
     def _conv(self, conv, x, cache, use_cache, cu_seqlens, fla_kernels):
         if fla_kernels:
             return conv(x=x, cache=cache, output_final_state=use_cache, cu_seqlens=cu_seqlens)
@@ -367,21 +388,17 @@ class MesaNet(nn.Module):
         # elsewhere a checkpoint recomputes q's
         recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
         fused = recompute and fla_kernels and self.use_short_conv and self.q_conv1d.backend == 'triton'
-        q = self.q_proj(hidden_states)
+        q, k, v, a, b, a_bias, b_bias = self._projections(hidden_states)
         if not recompute:
             q, conv_state_q = self._q(q, conv_state_q, use_cache, cu_seqlens, fla_kernels)
         if fused:
-            k = short_conv_l2norm(self.k_conv1d, self.k_proj(hidden_states), self.head_k_dim, cu_seqlens)
+            k = short_conv_l2norm(self.k_conv1d, k, self.head_k_dim, cu_seqlens)
         elif self.use_short_conv:
-            k, conv_state_k = self._conv(self.k_conv1d, self.k_proj(hidden_states), conv_state_k, use_cache,
-                                         cu_seqlens, fla_kernels)
+            k, conv_state_k = self._conv(self.k_conv1d, k, conv_state_k, use_cache, cu_seqlens, fla_kernels)
         else:
-            k = F.silu(self.k_proj(hidden_states))
+            k = F.silu(k)
         if self.use_v_conv:
-            v, conv_state_v = self._conv(self.v_conv1d, self.v_proj(hidden_states), conv_state_v, use_cache, cu_seqlens,
-                                         fla_kernels)
-        else:
-            v = self.v_proj(hidden_states)
+            v, conv_state_v = self._conv(self.v_conv1d, v, conv_state_v, use_cache, cu_seqlens, fla_kernels)
 
         # views, not einops: its parsing is host time in every layer of every decode step
         v = v.unflatten(-1, (-1, self.head_v_dim))
@@ -390,8 +407,7 @@ class MesaNet(nn.Module):
         # log γ (with the cap γ(1 − (1 − b)β²)) and β, float32; the fused gate keeps a's bf16 projection and β (which
         # the op keeps anyway) for its backward
         gate_fn = fused_mesa_gate if fla_kernels else naive_mesa_gate
-        g, beta = gate_fn(self.a_proj(hidden_states), self.b_proj(hidden_states),
-                          self.gamma_cap if self.use_gamma_cap else None)
+        g, beta = gate_fn(a, b, self.gamma_cap if self.use_gamma_cap else None, a_bias, b_bias)
         if fused:
             q = short_conv_l2norm(self.q_conv1d, q, self.head_k_dim, cu_seqlens, recompute=True)
         elif recompute:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fla_mesa.ops.mesa.gate import fused_mesa_gate, naive_mesa_gate
-from tests.utils import NEEDS_TRITON, ON_GPU, fp32_bound, on_triton, rel_err
+from tests.utils import NEEDS_TRITON, ON_GPU, assert_rel, fp32_bound, on_triton, rel_err
 
 pytestmark = NEEDS_TRITON
 gate = on_triton(fused_mesa_gate)
@@ -97,6 +97,53 @@ def test_gate_keeps_a_and_beta():
     assert saved[0].data_ptr() == a.data_ptr() and saved[1].data_ptr() == beta.data_ptr()
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_gate_bias_and_column_views(dtype):
+    # as the layer calls it: a and b are column views of one projection's output (rows 11 apart, not at its start),
+    # their biases added here. Against float64 of σ(a + bias) etc.; the biases' gradients are the sums of the stored
+    # gradients of a and b, and the other columns get none
+    a, b, dg, dbeta = inputs(dtype)
+    # the second 350 tokens repeat the first, their upstream gradients -1.001 times theirs: the biases' gradients
+    # nearly cancel, so that a sum of rounded gradients shows
+    a[:, 350:], b[:, 350:] = a[:, :350], b[:, :350]
+    dg[:, 350:], dbeta[:, 350:] = -1.001 * dg[:, :350], -1.001 * dbeta[:, :350]
+    gen = torch.Generator().manual_seed(3)
+    a_bias, b_bias = (torch.randn(3, generator=gen).to(dtype) for _ in range(2))
+    y = torch.randn(2, 700, 11, generator=gen).to(dtype)
+    y[..., 1:4], y[..., 6:9] = a, b
+    y, a_bias, b_bias = (t.to(device).requires_grad_() for t in (y, a_bias, b_bias))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        g, beta = fused_mesa_gate(y[..., 1:4], y[..., 6:9], 0.9975, a_bias, b_bias)
+    # a is kept as the view it is (no copy): its storage is y's
+    assert saved[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    dy, da_bias, db_bias = torch.autograd.grad((g * dg.to(g)).sum() + (beta * dbeta.to(beta)).sum(),
+                                               [y, a_bias, b_bias])
+    a64, b64 = a.double() + a_bias.detach().cpu().double(), b.double() + b_bias.detach().cpu().double()
+    ref = outputs_and_grads(None, a64, b64, 0.9975, dg, dbeta)
+    # the float32 reference's error with the biases added as the kernel adds them (in float32)
+    base = [x.double() for x in outputs_and_grads(lambda u, v, c: naive_mesa_gate(u, v, c, a_bias.detach().cpu(),
+                                                                                  b_bias.detach().cpu()),
+                                                  a.float(), b.float(), 0.9975, dg, dbeta)]
+    dy = dy.cpu()
+    got = [g, beta, dy[..., 1:4], dy[..., 6:9]]
+    for name, x, r, f in zip(['g', 'beta', 'da', 'db'], got, ref, base):
+        bound = fp32_bound(rel_err(f, r), gpu=ON_GPU)
+        if x.dtype == torch.bfloat16:
+            bound += rel_err(r.to(x.dtype), r)
+        err = rel_err(x, r)
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+    # the biases' gradients: the sums over rows of float64's da and db, off by a float32 sum's error (at most ~log2(n)
+    # ulps of the sum of magnitudes, in any order) and their rounding to the biases' dtype: the sums are of the
+    # unrounded float32 gradients
+    for name, d, r in (('a_bias', da_bias, ref[2]), ('b_bias', db_bias, ref[3])):
+        assert d.dtype == dtype, name
+        want = r.sum((0, 1))
+        slack = 1e-5 * r.abs().sum((0, 1)).norm().item() / want.norm().item()
+        assert_rel(name, d.cpu(), want, slack + rel_err(want.to(dtype), want))
+    assert torch.all(dy[..., [0, 4, 5, 9, 10]] == 0)
+
+
 @pytest.mark.parametrize('a, b, gamma_cap, error, match', [
     (torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3), None, TypeError, '`a`'),
     (torch.zeros(2, 3), 1.0, None, TypeError, '`b`'),
@@ -104,10 +151,13 @@ def test_gate_keeps_a_and_beta():
     (torch.zeros(2, 3), torch.zeros(2, 3), 0.0, ValueError, 'gamma_cap'),
     (torch.zeros(2, 3), torch.zeros(2, 3), 1.5, ValueError, 'gamma_cap'),
     (torch.zeros(2, 3), torch.zeros(2, 3), True, ValueError, 'gamma_cap'),
+    (torch.zeros(2, 3), torch.zeros(2, 3), (None, torch.zeros(2)), ValueError, r'`a_bias` must have shape \(3,\)'),
+    (torch.zeros(2, 3), torch.zeros(2, 3), (None, None, torch.zeros(3, dtype=torch.int64)), TypeError, '`b_bias`'),
 ])
 def test_gate_bad_inputs(a, b, gamma_cap, error, match):
+    args = gamma_cap if isinstance(gamma_cap, tuple) else (gamma_cap,)
     with pytest.raises(error, match=match):
-        fused_mesa_gate(a, b, gamma_cap)
+        fused_mesa_gate(a, b, *args)
 
 
 # both kernels compiled for sm_90 on any machine (tests/sm90.py: Triton's own ptxas, no GPU), bf16 in and out
@@ -115,11 +165,14 @@ _SM90_SCRIPT = """
 from tests.sm90 import compile_sm90
 from fla_mesa.ops.mesa import gate
 kernels = [
-    compile_sm90(gate.mesa_gate_fwd_kernel, dict(a='*bf16', b='*bf16', g='*fp32', beta='*fp32', N='i32', C='fp32'),
-                 dict(HAS_CAP=True, BLOCK=gate.BLOCK), num_warps=4, num_stages=1),
-    compile_sm90(gate.mesa_gate_bwd_kernel, dict(a='*bf16', beta='*fp32', dg='*fp32', dbeta='*fp32', da='*bf16',
-                                                 db='*bf16', N='i32', C='fp32'),
-                 dict(HAS_CAP=True, DA_BF16=True, DB_BF16=True, BLOCK=gate.BLOCK), num_warps=4, num_stages=1),
+    compile_sm90(gate.mesa_gate_fwd_kernel, dict(a='*bf16', b='*bf16', a_bias='*bf16', b_bias='*bf16', g='*fp32',
+                                                 beta='*fp32', N='i32', SA='i32', SB='i32', C='fp32'),
+                 dict(H=8, HAS_CAP=True, HAS_A_BIAS=True, HAS_B_BIAS=True, BLOCK=gate.BLOCK), num_warps=4,
+                 num_stages=1),
+    compile_sm90(gate.mesa_gate_bwd_kernel, dict(a='*bf16', a_bias='*bf16', beta='*fp32', dg='*fp32', dbeta='*fp32',
+                                                 da='*bf16', db='*bf16', N='i32', SA='i32', C='fp32'),
+                 dict(H=8, HAS_CAP=True, HAS_A_BIAS=True, DA_ROUND=1, DB_ROUND=1, BLOCK=gate.BLOCK), num_warps=4,
+                 num_stages=1),
 ]
 print(' '.join(str(len(k.asm['cubin'])) for k in kernels))
 """

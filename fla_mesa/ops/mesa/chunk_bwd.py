@@ -46,12 +46,12 @@ def _grads_configs():
     if is_interpreting():
         return [triton.Config({'BK': 32, 'BV': 32, 'BC': 16}, num_warps=4, num_stages=1)]
     # not BK = BV = 32 with BC = 16 at 8 warps: Triton 3.6 miscompiles it on Hopper with bf16 inputs (inf at K32 V16,
-    # illegal memory access elsewhere; benchmarks/results/gpu_tests_h200.md). Two stages: the inner loops' next
-    # blocks load while the current ones multiply
+    # illegal memory access elsewhere; benchmarks/results/gpu_tests_h200.md). Two and three stages: the inner loops'
+    # next blocks load while the current ones multiply
     return [
         triton.Config({'BK': B, 'BV': B, 'BC': BC}, num_warps=num_warps, num_stages=num_stages)
         for B, BC, num_warps, num_stages in [(32, 32, 4, 1), (32, 32, 8, 1), (64, 32, 4, 1), (64, 32, 8, 1),
-                                             (64, 16, 8, 1), (64, 32, 4, 2)]
+                                             (64, 16, 8, 1), (64, 32, 4, 2), (64, 32, 4, 3)]
     ]
 
 

@@ -24,7 +24,8 @@ def _forward(x, weight, bias, cu_seqlens, head_dim):
 class ShortConvL2NormFunction(torch.autograd.Function):
 
     @staticmethod
-    @input_guard
+    # x may be a column view of a wider projection's output: fla's conv reads it in place
+    @input_guard(no_guard_contiguous=['x'])
     def forward(ctx, x, weight, bias, cu_seqlens, head_dim, recompute):
         y, rstd = _forward(x, weight, bias, cu_seqlens, head_dim)
         ctx.cu_seqlens, ctx.head_dim, ctx.recompute = cu_seqlens, head_dim, recompute

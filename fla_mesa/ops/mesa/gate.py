@@ -2,7 +2,9 @@
 """
 The Mesa layer's gates from their projections, fused: `β = σ(b)` and `log γ = log σ(a)`, with the paper's cap
 `γ ← γ (1 - (1 - gamma_cap) β²)` in log space. One kernel forward and one backward instead of about ten elementwise
-ops each: in an eager training step every launch is host time.
+ops each: in an eager training step every launch is host time. `a` and `b` may be column views of one projection's
+output (the layer computes its inputs' projections in one GEMM) and their biases are added here, so that neither is
+copied nor kept twice.
 """
 
 from __future__ import annotations
@@ -18,10 +20,21 @@ from fla_mesa.ops.mesa.kernel_utils import round_code, round_to
 BLOCK = 1024
 
 
-def naive_mesa_gate(a: torch.Tensor, b: torch.Tensor, gamma_cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_mesa_gate(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gamma_cap: float | None = None,
+    a_bias: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(log γ, β)` in float32, in PyTorch: the reference of `fused_mesa_gate`, and the layer's path without Triton."""
-    beta = b.float().sigmoid()
-    g = F.logsigmoid(a.float())
+    a, b = a.float(), b.float()
+    if a_bias is not None:
+        a = a + a_bias.float()
+    if b_bias is not None:
+        b = b + b_bias.float()
+    beta = b.sigmoid()
+    g = F.logsigmoid(a)
     if gamma_cap is not None:
         g = g + torch.log1p(-(1 - gamma_cap) * beta * beta)
     return g, beta
@@ -41,12 +54,24 @@ def _sigmoid(x):
     return 1. / (1. + tl.exp(-x))
 
 
-@triton.jit(do_not_specialize=['N'])
-def mesa_gate_fwd_kernel(a, b, g, beta, N, C, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _load_gate(x, bias, o, m, SX, H: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # the pre-activations at the flat `[rows, H]` indices `o`, from rows SX elements apart, plus the bias in float32
+    b_x = tl.load(x + (o // H) * SX + o % H, mask=m, other=0.).to(tl.float32)
+    if HAS_BIAS:
+        b_x += tl.load(bias + o % H, mask=m, other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit(do_not_specialize=['N', 'SA', 'SB'])
+def mesa_gate_fwd_kernel(
+    a, b, a_bias, b_bias, g, beta, N, SA, SB, C, H: tl.constexpr, HAS_CAP: tl.constexpr, HAS_A_BIAS: tl.constexpr,
+    HAS_B_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
-    b_a = tl.load(a + o, mask=m, other=0.).to(tl.float32)
-    b_beta = _sigmoid(tl.load(b + o, mask=m, other=0.).to(tl.float32))
+    b_a = _load_gate(a, a_bias, o, m, SA, H, HAS_A_BIAS)
+    b_beta = _sigmoid(_load_gate(b, b_bias, o, m, SB, H, HAS_B_BIAS))
     # log σ(a) = min(a, 0) - log(1 + e^{-|a|}), exact for large |a| of either sign
     b_g = tl.minimum(b_a, 0.) - _log1p(tl.exp(-tl.abs(b_a)))
     if HAS_CAP:
@@ -55,14 +80,14 @@ def mesa_gate_fwd_kernel(a, b, g, beta, N, C, HAS_CAP: tl.constexpr, BLOCK: tl.c
     tl.store(beta + o, b_beta, mask=m)
 
 
-@triton.jit(do_not_specialize=['N'])
+@triton.jit(do_not_specialize=['N', 'SA'])
 def mesa_gate_bwd_kernel(
-    a, beta, dg, dbeta, da, db, N, C, HAS_CAP: tl.constexpr, DA_ROUND: tl.constexpr, DB_ROUND: tl.constexpr,
-    BLOCK: tl.constexpr,
+    a, a_bias, beta, dg, dbeta, da, db, N, SA, C, H: tl.constexpr, HAS_CAP: tl.constexpr, HAS_A_BIAS: tl.constexpr,
+    DA_ROUND: tl.constexpr, DB_ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
-    b_a = tl.load(a + o, mask=m, other=0.).to(tl.float32)
+    b_a = _load_gate(a, a_bias, o, m, SA, H, HAS_A_BIAS)
     b_beta = tl.load(beta + o, mask=m, other=0.)
     b_dg = tl.load(dg + o, mask=m, other=0.)
     b_dbeta = tl.load(dbeta + o, mask=m, other=0.)
@@ -78,44 +103,68 @@ def mesa_gate_bwd_kernel(
 
 def _grad_buffer(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # the kernel stores bf16, fp16 (both rounded) and float32 gradients itself; other dtypes get a float32 one cast
-    # after it (the kernel computes in float32)
+    # after it (the kernel computes in float32). Contiguous, also for a strided `like`
     native = dtype in (torch.bfloat16, torch.float16, torch.float32)
-    return torch.empty_like(like, dtype=dtype if native else torch.float32)
+    return torch.empty(like.shape, dtype=dtype if native else torch.float32, device=like.device)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    # `[rows, H]` with unit column stride, a view where one exists (a column slice of a wider output), and its row
+    # stride in elements
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2, x2.stride(0)
 
 
 class MesaGateFunction(torch.autograd.Function):
 
     @staticmethod
-    @input_guard
+    @input_guard(no_guard_contiguous=['a', 'b'])
     @autocast_custom_fwd
-    def forward(ctx, a, b, gamma_cap):
+    def forward(ctx, a, b, gamma_cap, a_bias, b_bias):
         N = a.numel()
-        g = torch.empty_like(a, dtype=torch.float32)
-        beta = torch.empty_like(b, dtype=torch.float32)
+        (a2, sa), (b2, sb) = _rows(a), _rows(b)
+        g = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+        beta = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         C = 0. if gamma_cap is None else 1. - gamma_cap
-        mesa_gate_fwd_kernel[(triton.cdiv(N, BLOCK),)](a, b, g, beta, N, C, HAS_CAP=gamma_cap is not None, BLOCK=BLOCK)
-        # β, not b: the op keeps β anyway, and σ'(b) = β (1 - β)
-        ctx.save_for_backward(a, beta)
-        ctx.C, ctx.has_cap, ctx.b_dtype = C, gamma_cap is not None, b.dtype
+        mesa_gate_fwd_kernel[(triton.cdiv(N, BLOCK),)](
+            a2, b2, a_bias, b_bias, g, beta, N, sa, sb, C, H=a2.shape[-1], HAS_CAP=gamma_cap is not None,
+            HAS_A_BIAS=a_bias is not None, HAS_B_BIAS=b_bias is not None, BLOCK=BLOCK,
+        )
+        # a as given (a view of the projection's output, which the layer keeps anyway) and β, not b: the op keeps β
+        # anyway, and σ'(b) = β (1 - β)
+        ctx.save_for_backward(a2, a_bias, beta)
+        ctx.C, ctx.has_cap, ctx.a_dtype, ctx.b_dtype = C, gamma_cap is not None, a.dtype, b.dtype
+        ctx.bias_dtypes = tuple(None if x is None else x.dtype for x in (a_bias, b_bias))
         return g, beta
 
     @staticmethod
     @input_guard
     @autocast_custom_bwd
     def backward(ctx, dg, dbeta):
-        a, beta = ctx.saved_tensors
-        N = a.numel()
-        da, db = _grad_buffer(a, a.dtype), _grad_buffer(a, ctx.b_dtype)
+        a2, a_bias, beta = ctx.saved_tensors
+        N = beta.numel()
+        # a bias's gradient sums the gate's over every row: from the float32 values, rounded to the gate's dtype after
+        need = ctx.needs_input_grad[3:5]
+        da = _grad_buffer(beta, torch.float32 if need[0] else ctx.a_dtype)
+        db = _grad_buffer(beta, torch.float32 if need[1] else ctx.b_dtype)
         mesa_gate_bwd_kernel[(triton.cdiv(N, BLOCK),)](
-            a, beta, dg, dbeta, da, db, N, ctx.C, HAS_CAP=ctx.has_cap,
-            DA_ROUND=round_code(da.dtype), DB_ROUND=round_code(db.dtype), BLOCK=BLOCK,
+            a2, a_bias, beta, dg, dbeta, da, db, N, a2.stride(0), ctx.C, H=a2.shape[-1], HAS_CAP=ctx.has_cap,
+            HAS_A_BIAS=a_bias is not None, DA_ROUND=round_code(da.dtype), DB_ROUND=round_code(db.dtype), BLOCK=BLOCK,
         )
-        return da.to(a.dtype), db.to(ctx.b_dtype), None
+        d_biases = [d.reshape(-1, d.shape[-1]).sum(0).to(dtype) if n else None
+                    for n, d, dtype in zip(need, (da, db), ctx.bias_dtypes)]
+        return da.to(ctx.a_dtype), db.to(ctx.b_dtype), None, *d_biases
 
 
 @torch.compiler.disable
 def fused_mesa_gate(
-    a: torch.Tensor, b: torch.Tensor, gamma_cap: float | None = None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gamma_cap: float | None = None,
+    a_bias: torch.Tensor | None = None,
+    b_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     The Mesa layer's gates, fused: `β = σ(b)` and `g = log γ = log σ(a)`, with `gamma_cap` (`b` of the paper's cap)
@@ -123,11 +172,16 @@ def fused_mesa_gate(
 
     Args:
         a (torch.Tensor):
-            the γ gate's pre-activations, e.g. `[B, T, H]`.
+            the γ gate's pre-activations, e.g. `[B, T, H]`; a view whose rows are apart in memory (columns of a wider
+            projection's output) is read in place.
         b (torch.Tensor):
-            the β gate's pre-activations, the shape of `a`.
+            the β gate's pre-activations, the shape of `a`; likewise.
         gamma_cap (float, Optional):
             the cap's `b`, in (0, 1]; `None` leaves γ uncapped. Default: `None`.
+        a_bias (torch.Tensor, Optional):
+            `[H]`, added to `a` (in float32) before the gate: the projection's bias. Default: `None`.
+        b_bias (torch.Tensor, Optional):
+            `[H]`, added to `b` likewise. Default: `None`.
 
     Returns:
         g (torch.Tensor): `log γ`, float32, the shape of `a`.
@@ -141,4 +195,11 @@ def fused_mesa_gate(
     if gamma_cap is not None and (isinstance(gamma_cap, bool) or not (isinstance(gamma_cap, (int, float))
                                                                    and 0 < gamma_cap <= 1)):
         raise ValueError(f"`gamma_cap` must be None or a float in (0, 1], got {gamma_cap!r}")
-    return MesaGateFunction.apply(a, b, None if gamma_cap is None else float(gamma_cap))
+    for name, x in (('a_bias', a_bias), ('b_bias', b_bias)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"`{name}` must be None or a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.shape != a.shape[-1:]:
+            raise ValueError(f"`{name}` must have shape {tuple(a.shape[-1:])} (a's last dimension), got {tuple(x.shape)}")
+    return MesaGateFunction.apply(a, b, None if gamma_cap is None else float(gamma_cap), a_bias, b_bias)
