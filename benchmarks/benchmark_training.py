@@ -412,7 +412,7 @@ def run_row(name, size, T, args, timed=True):
                     'enqueue ms': f"{statistics.median(enqueue) * 1e3:.1f}"})
         if args.device == 'cuda':
             row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.3f}"
-        if name.startswith('fla-mesa'):
+        if name == 'fla-mesa' or name in MESA_VARIANTS:
             row['picks'] = autotune_picks()
         if args.profile_steps > 0:
             row['kernels'] = {}
