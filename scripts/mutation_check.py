@@ -307,6 +307,16 @@ MUTANTS = [
            'return dx, dw, db, None, None, None',
            'return dx, None, db, None, None, None',
            ['tests/layers/test_layer_memory.py'], 'recompute_same_results and triton'),
+    Mutant("gate kernel: the projection's bias subtracted",
+           'fla_mesa/ops/mesa/gate.py',
+           'b_x += tl.load(bias + o % H, mask=m, other=0.).to(tl.float32)',
+           'b_x -= tl.load(bias + o % H, mask=m, other=0.).to(tl.float32)',
+           ['tests/ops/test_gate.py'], 'column_views'),
+    Mutant("fused projections: the weights' gradients from misaligned rows of x",
+           'fla_mesa/modules/projections.py',
+           "@ x.reshape(-1, x.shape[-1])",
+           "@ x.reshape(-1, x.shape[-1]).roll(1, 0)",
+           ['tests/modules/test_projections.py'], 'match_separate'),
 ]
 
 
