@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module paths, longest first: fla-mesa's -> fla's
 MODULES = [
+    ('fla_mesa.modules.projections', 'fla.modules.fused_linears'),
+    ('fla_mesa.modules', 'fla.modules.fused_linears'),
     ('fla_mesa.models.mesa_net', 'fla.models.mesa_net'),
     ('fla_mesa.layers.mesa_net', 'fla.layers.mesa_net'),
     ('fla_mesa.ops.mesa', 'fla.ops.mesa_net'),
@@ -126,6 +128,8 @@ def write_ops(fla: Path) -> list[str]:
 
 def write_layer_and_model(fla: Path):
     (fla / 'fla/layers/mesa_net.py').write_text(rewrite((ROOT / 'fla_mesa/layers/mesa_net.py').read_text()))
+    # the layer's one-GEMM projections: a module of fla's own (nothing in it is Mesa's)
+    (fla / 'fla/modules/fused_linears.py').write_text(rewrite((ROOT / 'fla_mesa/modules/projections.py').read_text()))
     target = fla / 'fla/models/mesa_net'
     shutil.rmtree(target)
     target.mkdir()
@@ -150,7 +154,7 @@ def enable_varlen_tests(fla: Path) -> bool:
 
 def check_no_plugin_names(fla: Path):
     written = list((fla / 'fla/ops/mesa_net').glob('*')) + list((fla / 'fla/models/mesa_net').glob('*.py'))
-    written.append(fla / 'fla/layers/mesa_net.py')
+    written += [fla / 'fla/layers/mesa_net.py', fla / 'fla/modules/fused_linears.py']
     left = [f"{p.relative_to(fla)}: {line.strip()}" for p in written for line in p.read_text().splitlines()
             if 'fla_mesa' in line and p.suffix == '.py']
     if left:
