@@ -28,11 +28,9 @@ def naive_mesa_gate(
     b_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(log γ, β)` in float32, in PyTorch: the reference of `fused_mesa_gate`, and the layer's path without Triton."""
-    a, b = a.float(), b.float()
-    if a_bias is not None:
-        a = a + a_bias.float()
-    if b_bias is not None:
-        b = b + b_bias.float()
+    # the biases added in the projections' dtype, as nn.Linear's bias is (so are their gradients summed)
+    a = (a if a_bias is None else a + a_bias).float()
+    b = (b if b_bias is None else b + b_bias).float()
     beta = b.sigmoid()
     g = F.logsigmoid(a)
     if gamma_cap is not None:
@@ -145,17 +143,17 @@ class MesaGateFunction(torch.autograd.Function):
     def backward(ctx, dg, dbeta):
         a2, a_bias, beta = ctx.saved_tensors
         N = beta.numel()
-        # a bias's gradient sums the gate's over every row: from the float32 values, rounded to the gate's dtype after
-        need = ctx.needs_input_grad[3:5]
-        da = _grad_buffer(beta, torch.float32 if need[0] else ctx.a_dtype)
-        db = _grad_buffer(beta, torch.float32 if need[1] else ctx.b_dtype)
+        da, db = _grad_buffer(beta, ctx.a_dtype), _grad_buffer(beta, ctx.b_dtype)
         mesa_gate_bwd_kernel[(triton.cdiv(N, BLOCK),)](
             a2, a_bias, beta, dg, dbeta, da, db, N, a2.stride(0), ctx.C, H=a2.shape[-1], HAS_CAP=ctx.has_cap,
             HAS_A_BIAS=a_bias is not None, DA_ROUND=round_code(da.dtype), DB_ROUND=round_code(db.dtype), BLOCK=BLOCK,
         )
-        d_biases = [d.reshape(-1, d.shape[-1]).sum(0).to(dtype) if n else None
-                    for n, d, dtype in zip(need, (da, db), ctx.bias_dtypes)]
-        return da.to(ctx.a_dtype), db.to(ctx.b_dtype), None, *d_biases
+        da, db = da.to(ctx.a_dtype), db.to(ctx.b_dtype)
+        # a bias's gradient: the sum over rows of the gate's, as stored in the gate's dtype (what nn.Linear's backward
+        # gives its bias: the sum of its output's gradient), in float32
+        d_biases = [d.reshape(-1, d.shape[-1]).sum(0, dtype=torch.float32).to(dtype) if need else None
+                    for need, d, dtype in zip(ctx.needs_input_grad[3:5], (da, db), ctx.bias_dtypes)]
+        return da, db, None, *d_biases
 
 
 @torch.compiler.disable
