@@ -26,10 +26,12 @@ class FusedLinearsFunction(torch.autograd.Function):
     @autocast_custom_bwd
     def backward(ctx, dy):
         x, *weights = ctx.saved_tensors
-        dx = dy @ torch.cat(weights) if ctx.needs_input_grad[0] else None
+        # in the output's dtype, as the forward computed it (under an autocast that the backward may not see, as on a
+        # CPU); autograd casts each gradient to its input's dtype
+        dx = dy @ torch.cat(weights).to(dy.dtype) if ctx.needs_input_grad[0] else None
         dws = [None] * len(weights)
         if any(ctx.needs_input_grad[1:]):
-            dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
             dws = [d if need else None for d, need in zip(dw.split([w.shape[0] for w in weights]), ctx.needs_input_grad[1:])]
         return dx, *dws
 

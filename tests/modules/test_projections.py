@@ -87,3 +87,25 @@ def test_layer_projections_one_gemm_in_training(monkeypatch):
         with torch.no_grad():
             layer(x)
         assert calls == [fused]
+
+
+def test_fused_linears_under_autocast():
+    # float32 x and weights under a bf16 autocast (on the CPU its backward runs outside it): bf16 outputs, float32
+    # gradients, as the separate projections under the same autocast give them (up to their sums' order)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, 32, generator=gen)
+    weights = [torch.randn(n, 32, generator=gen) / 6 for n in (16, 16, 2)]
+    dys = [torch.randn(3, 20, n, generator=gen) for n in (16, 16, 2)]
+    device_type = 'cuda' if device == 'cuda' else 'cpu'
+    x, weights, dys = x.to(device), [w.to(device) for w in weights], [d.to(device, torch.bfloat16) for d in dys]
+    results = []
+    for fn in (lambda x, ws: [F.linear(x, w) for w in ws], fused_linears):
+        xg, ws = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in weights]
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            ys = fn(xg, ws)
+        # the backward outside the autocast, as a training loop calls it
+        results.append([*ys, *torch.autograd.grad(ys, [xg, *ws], dys)])
+    sep, got = results
+    for i, (g, s) in enumerate(zip(got, sep)):
+        assert g.dtype == s.dtype == (torch.bfloat16 if i < 3 else torch.float32), i
+        assert_rel(f'tensor {i}', g.float(), s.float(), 8e-3)
