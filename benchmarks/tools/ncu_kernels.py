@@ -23,8 +23,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the configs `--run` pins (indices into the autotune lists of `tests/gpu_configs.py`): the autotuner's picks on the
-# H200 at this shape (benchmarks/results/solver_h200.md sections 12 and 15)
-WINNERS = {'cg': 0, 'cg_bwd': 0, 'grads': 5, 'states': 0, 'dh': 0, 'o': 0}
+# H200 at this shape (benchmarks/results/solver_h200.md sections 12 and 15; the grads kernel's three-stage config since
+# training_h200.md section 19)
+WINNERS = {'cg': 0, 'cg_bwd': 0, 'grads': 6, 'states': 0, 'dh': 0, 'o': 0}
 
 
 def run(shape, iters):
