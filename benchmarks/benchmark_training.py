@@ -77,6 +77,10 @@ ROOT = os.path.dirname(HERE)
 MODELS = ['fla-mesa', 'fla-mesanet', 'gla', 'deltanet', 'gated-deltanet', 'llama']
 # fla-mesa's model with other settings, asked for by name (`--models fla-mesa fla-mesa-jacobi`): not in the default run
 MESA_VARIANTS = {'fla-mesa-jacobi': dict(precondition=True)}
+
+
+def is_fla_mesa(name):
+    return name == 'fla-mesa' or name in MESA_VARIANTS
 SIZES = ['small', '340M']
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_heads=2, head_dim=32, vocab_size=256)
 SMALL = dict(num_hidden_layers=8, hidden_size=1024, num_heads=8, head_dim=128, vocab_size=32000)
@@ -153,7 +157,7 @@ def peer_config(name, mesa, intermediate_size, max_T, device):
 
 
 def model_class(name):
-    if name == 'fla-mesa' or name in MESA_VARIANTS:
+    if is_fla_mesa(name):
         from fla_mesa.models import MesaForCausalLM
         return MesaForCausalLM
     if name == 'llama':
@@ -177,7 +181,7 @@ def matched_config(name, mesa, max_T, device):
     fla-mesa's parameter count; returns (config, params, target params).
     """
     target = count_params('fla-mesa', mesa)
-    if name == 'fla-mesa' or name in MESA_VARIANTS:
+    if is_fla_mesa(name):
         return peer_config(name, mesa, None, max_T, device), target, target
     # a multiple of 64 keeps the MLP's GEMMs on full tiles; tiny models need a finer step
     step = 64 if mesa.hidden_size >= 512 else 8
@@ -412,7 +416,7 @@ def run_row(name, size, T, args, timed=True):
                     'enqueue ms': f"{statistics.median(enqueue) * 1e3:.1f}"})
         if args.device == 'cuda':
             row['peak GiB'] = f"{torch.cuda.max_memory_allocated() / 2**30:.3f}"
-        if name == 'fla-mesa' or name in MESA_VARIANTS:
+        if is_fla_mesa(name):
             row['picks'] = autotune_picks()
         if args.profile_steps > 0:
             row['kernels'] = {}

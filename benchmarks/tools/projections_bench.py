@@ -29,8 +29,7 @@ torch.manual_seed(0)
 N, D, H = (16384, 1024, 8) if dev == 'cuda' else (256, 128, 8)
 dt = torch.bfloat16
 x = torch.randn(N, D, device=dev, dtype=dt, requires_grad=True)
-Ws = [torch.randn(o, D, device=dev, dtype=dt, requires_grad=True) * 0.02 for o in (D, D, D, H, H, D)]
-Ws = [w.detach().requires_grad_() for w in Ws]
+Ws = [(torch.randn(o, D, device=dev, dtype=dt) * 0.02).requires_grad_() for o in (D, D, D, H, H, D)]
 bs = [torch.zeros(H, device=dev, dtype=dt, requires_grad=True) for _ in range(2)]
 names = 'q k v a b g'.split()
 

@@ -320,11 +320,12 @@ class MesaNet(nn.Module):
         # concatenation would be a copy every step of a decode
         if torch.is_grad_enabled() and all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
                                            for m in projs):
-            fused = [m for m in projs if m is not self.v_proj or self.use_v_conv]
-            out = dict(zip(fused, fused_linears(x, [m.weight for m in fused])))
-            if not self.use_v_conv:
-                out[self.v_proj] = self.v_proj(x)
-            return (*(out[m] for m in projs), self.a_proj.bias, self.b_proj.bias)
+            if self.use_v_conv:
+                q, k, v, a, b = fused_linears(x, [m.weight for m in projs])
+            else:
+                q, k, a, b = fused_linears(x, [m.weight for m in projs if m is not self.v_proj])
+                v = self.v_proj(x)
+            return q, k, v, a, b, self.a_proj.bias, self.b_proj.bias
         return (*(m(x) for m in projs), None, None)
 
     def _conv(self, conv, x, cache, use_cache, cu_seqlens, fla_kernels):

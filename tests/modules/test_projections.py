@@ -96,12 +96,11 @@ def test_fused_linears_under_autocast():
     x = torch.randn(3, 20, 32, generator=gen)
     weights = [torch.randn(n, 32, generator=gen) / 6 for n in (16, 16, 2)]
     dys = [torch.randn(3, 20, n, generator=gen) for n in (16, 16, 2)]
-    device_type = 'cuda' if device == 'cuda' else 'cpu'
     x, weights, dys = x.to(device), [w.to(device) for w in weights], [d.to(device, torch.bfloat16) for d in dys]
     results = []
     for fn in (lambda x, ws: [F.linear(x, w) for w in ws], fused_linears):
         xg, ws = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in weights]
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             ys = fn(xg, ws)
         # the backward outside the autocast, as a training loop calls it
         results.append([*ys, *torch.autograd.grad(ys, [xg, *ws], dys)])

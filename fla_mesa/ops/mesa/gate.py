@@ -101,9 +101,9 @@ def mesa_gate_bwd_kernel(
 
 def _grad_buffer(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # the kernel stores bf16, fp16 (both rounded) and float32 gradients itself; other dtypes get a float32 one cast
-    # after it (the kernel computes in float32). Contiguous, also for a strided `like`
+    # after it (the kernel computes in float32)
     native = dtype in (torch.bfloat16, torch.float16, torch.float32)
-    return torch.empty(like.shape, dtype=dtype if native else torch.float32, device=like.device)
+    return torch.empty_like(like, dtype=dtype if native else torch.float32)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
