@@ -382,11 +382,10 @@ class MesaNet(nn.Module):
             conv_state_v = conv_state_v[0] if conv_state_v else None
         # With gradients (and no cache), the normalised q is recomputed in the backward instead of kept for it: the
         # op keeps its solution x, not q, so q's L2 norm alone would keep its output (2 bytes per token and key unit
-        # in bf16). The recompute keeps its input instead, q's projection (which the conv keeps anyway). Same ops
-        # and kernels, and the projections in the same order (the input's gradient sums theirs in it): the same
-        # results to the bit. On fla's Triton conv, q's and k's conv and norm are one autograd node each
-        # (`short_conv_l2norm`: less host time a step than two nodes and a checkpoint), q's recomputing itself;
-        # elsewhere a checkpoint recomputes q's
+        # in bf16). The recompute keeps its input instead, q's projection (which the conv keeps anyway). On fla's
+        # Triton conv, q's and k's conv and norm are one autograd node each (`short_conv_l2norm`, two kernels of
+        # its own in place of fla's five: the same forward to the bit, which recomputes itself in its backward);
+        # elsewhere a checkpoint recomputes q's (the same ops: the same results to the bit)
         recompute = torch.is_grad_enabled() and not use_cache and conv_state_q is None
         fused = recompute and fla_kernels and self.use_short_conv and self.q_conv1d.backend == 'triton'
         q, k, v, a, b, a_bias, b_bias = self._projections(hidden_states)
@@ -410,7 +409,7 @@ class MesaNet(nn.Module):
         gate_fn = fused_mesa_gate if fla_kernels else naive_mesa_gate
         g, beta = gate_fn(a, b, self.gamma_cap if self.use_gamma_cap else None, a_bias, b_bias)
         if fused:
-            q = short_conv_l2norm(self.q_conv1d, q, self.head_k_dim, cu_seqlens, recompute=True)
+            q = short_conv_l2norm(self.q_conv1d, q, self.head_k_dim, cu_seqlens)
         elif recompute:
             q = checkpoint(self._normalised_q, q, cu_seqlens, fla_kernels, use_reentrant=False, preserve_rng_state=False)
             # k normalised by the same norm, here as q is (the op keeps the normalised k)

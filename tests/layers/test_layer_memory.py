@@ -1,9 +1,10 @@
 # Copyright (c) 2026, fla-mesa contributors. MIT license.
 """
-The layer's recompute in training (of q's conv and L2 norm: on fla's Triton conv one autograd node,
-`short_conv_l2norm`, else a checkpoint around them): the same output and
-gradients to the bit as without it, and the activations kept for the backward smaller by what it leaves out. The
-Triton path's tests need TRITON_INTERPRET=1 at start-up.
+The layer's recompute in training (of q's conv and L2 norm: on fla's Triton conv one autograd node each for q and
+k, `short_conv_l2norm`, else a checkpoint around q's): the same output as without it to the bit, the same gradients
+to the bit where a checkpoint recomputes (the same ops) and within rounding where `short_conv_l2norm` does (its own
+backward; against float64 in tests/ops/test_conv_l2norm.py), and the activations kept for the backward smaller by
+what it leaves out. The Triton path's tests need TRITON_INTERPRET=1 at start-up.
 """
 
 import os
@@ -16,7 +17,7 @@ from fla.models.utils import Cache
 from fla_mesa.layers import mesa_net as mesa_net_module
 from fla_mesa.ops.mesa.utils import pack_cg_steps, split_cg_steps
 from tests.layers.test_mesa_net_layer import inputs, make_layer
-from tests.utils import torch_chunk_path
+from tests.utils import assert_rel, torch_chunk_path
 
 INTERPRETING = os.environ.get('TRITON_INTERPRET', '0') == '1'
 needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason='the Triton path on the CPU: needs TRITON_INTERPRET=1')
@@ -47,7 +48,8 @@ CONFIGS = dict(default=dict(), noconv_nocap=dict(use_short_conv=False, use_gamma
 ])
 def test_recompute_same_results(monkeypatch, path, varlen, config):
     # against the same layer's path that recomputes nothing (a cache: the conv states are outputs, the op normalises
-    # q and k) and, where the checkpoint recomputes, against it run as a plain call: equal to the bit, tolerance 0
+    # q and k) and, where the checkpoint recomputes, against it run as a plain call: equal to the bit, tolerance 0;
+    # `short_conv_l2norm`'s gradients (its own backward) within a few of bf16's ulps
     if path == 'torch':
         monkeypatch.setenv('TRITON_INTERPRET', '0')
         torch_chunk_path(monkeypatch)
@@ -61,11 +63,11 @@ def test_recompute_same_results(monkeypatch, path, varlen, config):
     real, real_fused = mesa_net_module.checkpoint, mesa_net_module.short_conv_l2norm
     monkeypatch.setattr(mesa_net_module, 'checkpoint', lambda fn, *a, **kw: (calls.append(fn), real(fn, *a, **kw))[1])
     monkeypatch.setattr(mesa_net_module, 'short_conv_l2norm',
-                        lambda *a, **kw: (fused.append(kw.get('recompute', False)), real_fused(*a, **kw))[1])
+                        lambda conv, *a, **kw: (fused.append(conv), real_fused(conv, *a, **kw))[1])
     out = run(layer, x, do, **extra)
-    # one node each for k and q (q's recomputes) on fla's Triton conv; a checkpoint of q otherwise
+    # one node each for k and q on fla's Triton conv; a checkpoint of q otherwise
     is_fused = path == 'triton' and layer.use_short_conv
-    assert (fused, len(calls)) == (([False, True], 0) if is_fused else ([], 1))
+    assert (fused, len(calls)) == (([layer.k_conv1d, layer.q_conv1d], 0) if is_fused else ([], 1))
     refs = {'cache': run(layer, x, do, past_key_values=Cache(), use_cache=True, **extra)}
     assert len(fused) == 2 * is_fused and len(calls) == 1 - is_fused
     if not is_fused:
@@ -75,7 +77,10 @@ def test_recompute_same_results(monkeypatch, path, varlen, config):
     names = ['o', 'x'] + [n for n, _ in layer.named_parameters()]
     for ref_name, ref in refs.items():
         for name, a, b in zip(names, out, ref):
-            assert torch.equal(a, b), f"{name} against {ref_name}: {(a - b).abs().max().item():.3g}"
+            if is_fused and name != 'o':
+                assert_rel(f"{name} against {ref_name}", a, b, 1e-2)
+            else:
+                assert torch.equal(a, b), f"{name} against {ref_name}: {(a - b).abs().max().item():.3g}"
 
 
 def saved_bytes_per_token(layer, x, **kwargs):
@@ -102,7 +107,8 @@ def saved_bytes_per_token(layer, x, **kwargs):
 @pytest.mark.parametrize('varlen', [False, True], ids=['dense', 'varlen'])
 def test_recompute_saves_activations(varlen):
     # bf16 on the Triton path, as trained. Not kept any more, per token: q's L2 norm output (2 bytes per key unit)
-    # and its rstd (4 per head). At the benchmark's size (8 heads of 128) 2080 bytes. (log γ's fused gate keeps a's
+    # and q's and k's rstd (4 per head each; k's normalised output the op keeps). At the benchmark's size (8 heads
+    # of 128) 2112 bytes. (log γ's fused gate keeps a's
     # bf16 projection and β on both paths: test_gate.py)
     H, K = 2, 64
     layer = make_layer(dtype=torch.bfloat16, hidden_size=H * K, num_heads=H, head_dim=K).train()
@@ -111,7 +117,7 @@ def test_recompute_saves_activations(varlen):
     saved, _ = saved_bytes_per_token(layer, x, **extra)
     # the same layer on its path that recomputes nothing (a cache: the conv states are outputs)
     saved_all, _ = saved_bytes_per_token(layer, x, past_key_values=Cache(), use_cache=True, **extra)
-    assert saved_all - saved == 2 * H * K + 4 * H
+    assert saved_all - saved == 2 * H * K + 8 * H
 
 
 @needs_interpreter
