@@ -97,7 +97,7 @@ def conv_l2norm_bwd_kernel(x, weight, bias, dy, dz, cu_seqlens, chunk_indices, T
     tl.store(dz + p_o, b_dz.to(dz.dtype.element_ty), mask=m_o)
 
 
-def _launch(kernel, x, weight, bias, out, cu_seqlens, head_dim, **tensors):
+def _launch(kernel, x, weight, bias, cu_seqlens, head_dim, **tensors):
     B, T, D = x.shape
     chunk_indices = prepare_chunk_indices(cu_seqlens, BT) if cu_seqlens is not None else None
     NT = len(chunk_indices) if cu_seqlens is not None else triton.cdiv(T, BT)
@@ -106,7 +106,6 @@ def _launch(kernel, x, weight, bias, out, cu_seqlens, head_dim, **tensors):
         stride_x_n=x.stride(0), stride_x_t=x.stride(1), HD=head_dim, W=weight.shape[1], BT=BT,
         BD=triton.next_power_of_2(head_dim), EPS=L2NORM_EPS, ROUND=x.dtype != torch.float32, num_warps=NUM_WARPS,
     )
-    return out
 
 
 class ShortConvL2NormFunction(torch.autograd.Function):
@@ -118,7 +117,7 @@ class ShortConvL2NormFunction(torch.autograd.Function):
         if x.stride(-1) != 1:
             x = x.contiguous()
         y = x.new_empty(*x.shape[:2], x.shape[-1] // head_dim, head_dim)
-        _launch(conv_l2norm_fwd_kernel, x, weight, bias, y, cu_seqlens, head_dim, y=y)
+        _launch(conv_l2norm_fwd_kernel, x, weight, bias, cu_seqlens, head_dim, y=y)
         ctx.cu_seqlens, ctx.head_dim = cu_seqlens, head_dim
         ctx.save_for_backward(x, weight, bias)
         return y
@@ -129,7 +128,7 @@ class ShortConvL2NormFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         # dz in x's dtype, as fla's conv rounds the gradient it takes (there, the norm's input's)
         dz = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch(conv_l2norm_bwd_kernel, x, weight, bias, dz, ctx.cu_seqlens, ctx.head_dim, dy=dy, dz=dz)
+        _launch(conv_l2norm_bwd_kernel, x, weight, bias, ctx.cu_seqlens, ctx.head_dim, dy=dy, dz=dz)
         dx, dw, db, _, _ = causal_conv1d_bwd(x=x, dy=dz, dht=None, weight=weight, bias=bias, activation=None,
                                              cu_seqlens=ctx.cu_seqlens)
         return dx, dw, db, None, None
