@@ -33,7 +33,9 @@ def loss_and_grads(model, input_ids, labels, reference: bool):
     out = model(input_ids=input_ids, labels=None if reference else labels)
     if reference:
         logits = out.logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        # fla's shift: the last position's label ignored, not dropped (a mean over other rows sums in another order)
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten())
     else:
         loss = out.loss
     loss.backward()
