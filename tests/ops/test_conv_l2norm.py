@@ -3,8 +3,8 @@
 `short_conv_l2norm` (the layer's q and k in training: `l2norm(silu(conv(x)))` per head, two kernels of its own):
 the forward equal to fla's `ShortConvolution` then fla's `l2norm` (under the interpreter to the bit), and the
 gradients of x, the conv's weight and its bias against float64, within FlashAttention's rule of the error of fla's
-modules themselves; dense with odd lengths and x a column view of a wider tensor, varlen, bias or none, upstream
-gradients at scale 1 and 1e-8.
+modules themselves; dense with odd lengths and x a column view of a wider tensor, a head size that is not a power
+of two with a 3-wide conv, varlen, bias or none, upstream gradients at scale 1 and 1e-8.
 """
 
 import os
@@ -25,7 +25,7 @@ device = 'cuda' if ON_GPU else 'cpu'
 W = 4
 
 
-def make_conv(D, bias, dtype, seed=0):
+def make_conv(D, bias, dtype, seed=0, W=W):
     torch.manual_seed(seed)
     conv = ShortConvolution(D, W, bias=bias, activation='silu', backend='triton')
     with torch.no_grad():
@@ -37,6 +37,7 @@ def make_conv(D, bias, dtype, seed=0):
 
 def reference(x, weight, bias, head_dim, cu_seqlens):
     """l2norm(silu(conv(x))) per head, in float64, each sequence on its own."""
+    W = weight.shape[1]
     bounds = [0, x.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
     out = []
     for s, e in zip(bounds[:-1], bounds[1:]):
@@ -65,10 +66,10 @@ def outputs_and_grads(fn, conv, base, cols, head_dim, cu_seqlens, dy):
 
 
 CASES = {
-    # B, T, heads, head_dim; T = 37: more than one 32-token block and a masked tail
-    'dense': (2, 37, 3, 32, None),
-    'dense-hd24': (1, 37, 2, 24, None),
-    'varlen': (1, 45, 2, 32, [0, 7, 8, 40, 45]),
+    # B, T, heads, head_dim, cu_seqlens, the conv's width; T = 37: more than one 32-token block and a masked tail
+    'dense': (2, 37, 3, 32, None, 4),
+    'dense-hd24-w3': (1, 37, 2, 24, None, 3),
+    'varlen': (1, 45, 2, 32, [0, 7, 8, 40, 45], 4),
 }
 
 
@@ -76,10 +77,10 @@ CASES = {
 @pytest.mark.parametrize('bias', [False, True])
 @pytest.mark.parametrize('dtype, scale', [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.bfloat16, 1e-8)])
 def test_conv_l2norm_matches_fla_and_float64(case, bias, dtype, scale):
-    B, T, H, HD, cu = CASES[case]
+    B, T, H, HD, cu, width = CASES[case]
     D = H * HD
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
-    conv = make_conv(D, bias, dtype)
+    conv = make_conv(D, bias, dtype, W=width)
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(B, T, D + 9, generator=gen).to(device, dtype)
     cols = slice(5, 5 + D)
@@ -87,7 +88,7 @@ def test_conv_l2norm_matches_fla_and_float64(case, bias, dtype, scale):
 
     got = outputs_and_grads(ours, conv, base, cols, HD, cu_seqlens, dy)
     fla = outputs_and_grads(fla_path, conv, base, cols, HD, cu_seqlens, dy)
-    conv64 = make_conv(D, bias, torch.float64).cpu()
+    conv64 = make_conv(D, bias, torch.float64, W=width).cpu()
     with torch.no_grad():
         conv64.weight.copy_(conv.weight.cpu())
         if bias:
