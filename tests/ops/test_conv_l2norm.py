@@ -74,9 +74,9 @@ CASES = {
 
 
 @pytest.mark.parametrize('case', list(CASES))
-@pytest.mark.parametrize('bias', [False, True])
-@pytest.mark.parametrize('dtype, scale', [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.bfloat16, 1e-8)])
-def test_conv_l2norm_matches_fla_and_float64(case, bias, dtype, scale):
+@pytest.mark.parametrize('dtype, scale, bias', [(torch.float32, 1.0, True), (torch.bfloat16, 1.0, False),
+                                                (torch.bfloat16, 1e-8, True)])
+def test_conv_l2norm_matches_fla_and_float64(case, dtype, scale, bias):
     B, T, H, HD, cu, width = CASES[case]
     D = H * HD
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
