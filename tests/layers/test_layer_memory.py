@@ -108,8 +108,7 @@ def saved_bytes_per_token(layer, x, **kwargs):
 def test_recompute_saves_activations(varlen):
     # bf16 on the Triton path, as trained. Not kept any more, per token: q's L2 norm output (2 bytes per key unit)
     # and q's and k's rstd (4 per head each; k's normalised output the op keeps). At the benchmark's size (8 heads
-    # of 128) 2112 bytes. (log γ's fused gate keeps a's
-    # bf16 projection and β on both paths: test_gate.py)
+    # of 128) 2112 bytes. (log γ's fused gate keeps a's bf16 projection and β on both paths: test_gate.py)
     H, K = 2, 64
     layer = make_layer(dtype=torch.bfloat16, hidden_size=H * K, num_heads=H, head_dim=K).train()
     x = inputs(B=1 if varlen else 2, T=64, D=H * K, dtype=torch.bfloat16)
