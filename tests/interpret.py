@@ -45,3 +45,41 @@ def interpret_compat() -> None:
     for tuner in tuners:
         if len(tuner.configs) > 1:
             tuner.configs = tuner.configs[:1]
+    _patch_language_once_a_launch()
+
+
+def _patch_language_once_a_launch() -> None:
+    """
+    The interpreter swaps triton.language's builtins for interpreted ones when a kernel launches, and again at every
+    call of a `@triton.jit` helper inside it, in every program: a scan of the language's modules each time (most of
+    the tests' time in kernels built from helpers). Inside a launch the helper's modules are already swapped, so the
+    helper's own swap changes nothing (its scan finds no builtin left to swap): it is skipped. A helper that sees a
+    language module the launch did not swap still swaps it. Triton's interpreter without these names is left alone.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, '_patch_lang', None)
+    if original is None or getattr(original, 'once_a_launch', False):
+        return
+    # the language modules swapped in the running launch (launches do not nest; a launch's end restores them all)
+    swapped = set()
+
+    class Scope:
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self):
+            swapped.clear()
+            if self.scope is not None:
+                self.scope.restore()
+
+    def patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is interpreter.tl or v is interpreter.tl.core}
+        if langs and langs <= swapped:
+            return Scope(None)
+        scope = original(fn)
+        swapped.update(langs)
+        return Scope(scope)
+
+    patch_lang.once_a_launch = True
+    interpreter._patch_lang = patch_lang
