@@ -387,7 +387,8 @@ def main():
                 if f.read().count(m.anchor) != 1:
                     raise SystemExit(f"mutant '{m.name}': anchor not found exactly once in {m.path}: {m.anchor!r}")
         # the baseline: every mutant's tests pass on the unmutated copy
-        groups = [] if args.skip_baseline else sorted({(tuple(m.tests), m.select) for m in mutants})
+        groups = [] if args.skip_baseline else sorted({(tuple(m.tests), m.select) for m in mutants},
+                                                     key=lambda g: (g[0], g[1] or ''))
         start = time.time()
         for tests, select in groups:
             passed, _, tail = run_tests(clean, list(tests), select)
