@@ -51,10 +51,11 @@ def interpret_compat() -> None:
 def _patch_language_once_a_launch() -> None:
     """
     The interpreter swaps triton.language's builtins for interpreted ones when a kernel launches, and again at every
-    call of a `@triton.jit` helper inside it, in every program: a scan of the language's modules each time (a large share of
-    the tests' time in kernels built from helpers). Inside a launch the helper's modules are already swapped, so the
-    helper's own swap changes nothing (its scan finds no builtin left to swap): it is skipped. A helper that sees a
-    language module the launch did not swap still swaps it. Triton's interpreter without these names is left alone.
+    call of a `@triton.jit` helper inside it, in every program: a scan of the language's modules each time (a large
+    share of the tests' time in kernels built from helpers). Inside a launch the helper's modules are already
+    swapped, so the helper's own swap changes nothing (its scan finds no builtin left to swap): it is skipped. A
+    helper that sees a language module the launch did not swap still swaps it. Triton's interpreter without these
+    names is left alone.
     """
     from triton.runtime import interpreter
 
