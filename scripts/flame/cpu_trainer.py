@@ -7,7 +7,6 @@ over gloo. Use it as run_gpu.sh's TRAINER with a small config (docs/flame.md, "V
 """
 
 import runpy
-import sys
 from types import SimpleNamespace
 
 import torch
