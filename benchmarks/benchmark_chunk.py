@@ -212,12 +212,13 @@ def ours_cg_time(q, k, v, g, beta, lamb, steps, tol, precondition=True, chunk=64
 
 def fla_cg_time(q, k, v, g, beta, lamb, steps, chunk=64):
     from fla.ops.mesa_net.chunk_cg_solver_fwd import chunk_mesa_cg_fwd
-    from fla.ops.mesa_net.chunk_h_fwd import chunk_mesa_fwd_states
+    # fla's own state pass (fla-mesa's is `chunk_mesa_fwd_states`)
+    from fla.ops.mesa_net.chunk_h_fwd import chunk_mesa_fwd_h
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
     q16, k16 = q.half(), k.half()
     g_cum = chunk_local_cumsum(g, chunk, scale=RCP_LN2)
-    h, h_kv, _, _ = chunk_mesa_fwd_states(k=k16, v=v, g=g_cum, beta=beta, h_init=None, h_kv_init=None,
+    h, h_kv, _, _ = chunk_mesa_fwd_h(k=k16, v=v, g=g_cum, beta=beta, h_init=None, h_kv_init=None,
                                      output_final_state=False, states_in_fp32=False, chunk_size=chunk)
     return bench(lambda: chunk_mesa_cg_fwd(q=q16, k=k16, h=h, h_kv=h_kv, v=v, g_local_cumsum=g_cum, beta=beta,
                                            lamb=lamb, chunk_size=chunk, max_CG_iteration=steps))
