@@ -219,7 +219,7 @@ def fla_cg_time(q, k, v, g, beta, lamb, steps, chunk=64):
     q16, k16 = q.half(), k.half()
     g_cum = chunk_local_cumsum(g, chunk, scale=RCP_LN2)
     h, h_kv, _, _ = chunk_mesa_fwd_h(k=k16, v=v, g=g_cum, beta=beta, h_init=None, h_kv_init=None,
-                                     output_final_state=False, states_in_fp32=False, chunk_size=chunk)
+                                      output_final_state=False, states_in_fp32=False, chunk_size=chunk)
     return bench(lambda: chunk_mesa_cg_fwd(q=q16, k=k16, h=h, h_kv=h_kv, v=v, g_local_cumsum=g_cum, beta=beta,
                                            lamb=lamb, chunk_size=chunk, max_CG_iteration=steps))
 
