@@ -661,7 +661,7 @@ def chunk_mesa_cg(
             # e goes: the CG kernel (one program a multiprocessor) keeps its registers for the solve, no memory added
             x = chunk_mesa_bwd_dx(do, k, v, g_cum, beta, h_kv, cu_seqlens, chunk_indices, chunk_size, precision)
         steps = k.new_empty(B, T, H, dtype=torch.int32)
-    tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))
+    tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32, precision))
     # the first pass of 'auto' (the call that the rescue branch above makes)
     first = need is not None and not rescue
 

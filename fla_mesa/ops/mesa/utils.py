@@ -23,14 +23,22 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def residual_floor2(dtype: torch.dtype) -> float:
+# the unit roundoff of a CG's products where they are not plain `ieee` in the solve's dtype
+# (`kernel_utils.DOT_PRECISIONS`): a split (x3) product carries each operand in two parts, twice the bits of one
+UNIT_ROUNDOFF = {'bf16': 2.0 ** -8, 'tf32': 2.0 ** -11, 'bf16x3': 2.0 ** -16, 'tf32x3': 2.0 ** -22}
+
+
+def residual_floor2(dtype: torch.dtype, precision: str = 'ieee') -> float:
     """
-    The squared relative residual under which every CG path stops a row, also with `cg_tol=None`: the square root of
-    the dtype's smallest normal number (1e-19 in float32, i.e. a relative residual of 3e-10). Far below what the
-    dtype can attain, so it changes no result; it keeps rᵀr, rᵀz and pᵀw of the normalised rows out of the denormal
-    range, where their rounding made float32 CG blow up in rows run far past convergence.
+    The squared relative residual under which every CG path stops a row, also with `cg_tol=None`: `(u / 64)²`, `u`
+    the unit roundoff of the solve's arithmetic (its products' `precision`, at least `dtype`'s own). Below it a step
+    changes x by less than the rounding of its products (the recurrence residual keeps falling, the error does not:
+    op README, "The solver"): a relative residual of 9e-10 in float32, 2e-7 with bf16x3 products (bf16 inputs'
+    default), 4e-9 with tf32x3, 2e-18 in float64. At least `√tiny`, which keeps rᵀr, rᵀz and pᵀw of the normalised
+    rows out of the denormal range, where their rounding made float32 CG blow up in rows run far past convergence.
     """
-    return torch.finfo(dtype).tiny ** 0.5
+    u = max(UNIT_ROUNDOFF.get(precision, 0.0), torch.finfo(dtype).eps / 2)
+    return max((u / 64) ** 2, torch.finfo(dtype).tiny ** 0.5)
 
 
 def min_log_decay(dtype: torch.dtype) -> float:
