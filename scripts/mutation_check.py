@@ -81,7 +81,7 @@ MUTANTS = [
            ['tests/ops/test_fused_recurrent.py'], 'float32_matches_exact'),
     Mutant("CG kernel's float32 residual floor raised (loosened stop)",
            'fla_mesa/ops/mesa/chunk_cg.py',
-           'tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32))',
+           'tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, residual_floor2(torch.float32, precision))',
            'tol2 = max(0.0 if cg_tol is None else float(cg_tol) ** 2, 1e-11)',
            ['tests/ops/test_chunk.py'], 'fp32_matches and triton and B2-T63'),
     Mutant("CG kernel's causal mask off by one (a token's own key left out of its chunk sum)",

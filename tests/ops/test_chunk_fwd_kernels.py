@@ -199,8 +199,9 @@ def test_no_readout_and_bf16_inputs():
 
 # about 3x the worst error of the interpreter's runs; on a GPU tf32 rounds its operands to 10 mantissa bits (2^-11
 # relative each, compounded by the CG steps), where the interpreter multiplies them as fp32: there the tf32 bounds are
-# those of its rounding
-PRECISION_TOLS = [('bf16', 2e-2), ('bf16x3', 1e-4), ('tf32', 6e-7 if is_interpreting() else 1e-2),
+# those of its rounding. The interpreter's tf32 solve stops at tf32's residual floor (`residual_floor2`, 8e-6
+# relative), its x 4e-6 off where tf32x3's (a floor of 4e-9) is on float32's
+PRECISION_TOLS = [('bf16', 2e-2), ('bf16x3', 1e-4), ('tf32', 1.5e-5 if is_interpreting() else 1e-2),
                   ('tf32x3', 6e-7 if is_interpreting() else 2e-5)]
 
 

@@ -68,8 +68,9 @@ def test_cg_tol_and_step_counts():
         means.append(steps.float().mean().item())
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-7
     assert means[0] < means[1] < means[2] <= 16 + 1
-    _, _, fixed = naive_chunk_mesa(*inputs, cg_max_steps=7, cg_tol=None, return_cg_steps=True)
-    assert (fixed == 7).all()
+    # no tolerance: every row runs cg_max_steps (well above the float64 residual floor after 4 of them)
+    _, _, fixed = naive_chunk_mesa(*inputs, cg_max_steps=4, cg_tol=None, return_cg_steps=True)
+    assert (fixed == 4).all()
 
 
 def test_solver_scale_invariant_and_zero_rhs():

@@ -454,7 +454,8 @@ def fused_recurrent_mesa(
             at most this many CG iterations per token; `0` skips the solve (`q* = q`). Default: `30`.
         cg_tol (float, Optional):
             a token stops once its relative residual is at most `cg_tol`; `None` runs every token for
-            `cg_max_steps`, unless its residual falls below 3e-10 (float32; 1e-77 in float64). Default: `1e-4`.
+            `cg_max_steps`, unless its residual falls below 9e-10 (float32; 2e-18 in float64; `utils.residual_floor2`).
+            Default: `1e-4`.
         precondition (bool, Optional):
             Jacobi-preconditioned CG; `False` plain CG. `'chunk'` is refused: the chunk-start
             preconditioner is `chunk_mesa`'s (op README). Default: `True`.

@@ -12,7 +12,7 @@ The solver is fla's, step for step: plain (unpreconditioned) CG from the Jacobi 
   about `K`), both starts give the exact solve; with a few steps the results differ.
 - fla adds `1e-5` to three denominators (the Jacobi start, α and β of CG); here each right-hand side is normalised
   and nothing is added, so results do not depend on the scale of q. A row also stops early once its relative residual
-  is under 3e-10 (float32), where further steps change nothing.
+  is under what the solve's arithmetic attains (`utils.residual_floor2`), where further steps change nothing.
 - fla's chunk op runs q and k in float16 and needs `V == K`; here q and k keep their dtype (products at fp32 level),
   and `V` may differ from `K`. The backward is an implicit (adjoint-CG) one, as in fla.
 - `mesa_net_decoding_one_step` needs `prev_h_kk` symmetric (every state Mesa makes is); fla's reads it as given.

@@ -36,7 +36,7 @@ def cg_solve(
             At most this many iterations; 0 returns the Jacobi start.
         tol (float, Optional):
             A row stops once `||r|| <= tol * ||b||`. `None` runs every row for `max_steps` steps, unless
-            `||r||² <= residual_floor2(dtype) · ||b||²` (3e-10 relative in float32) stops it first.
+            `||r||² <= residual_floor2(dtype) · ||b||²` (9e-10 relative in float32) stops it first.
         precondition (bool or Callable):
             `True`: Jacobi-preconditioned CG (`z = r / diag`); a callable maps `r [..., K]` to `z = M⁻¹ r` for an SPD
             `M` of its own (the chunk preconditioner: `chunk_torch.ChunkPieces.chunk_start_preconditioner`); `False`:
