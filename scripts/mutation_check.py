@@ -2,13 +2,13 @@
 """
 Plants semantic bugs in a copy of the package, one at a time, and checks that the tests catch each.
 
-Each mutant is a textual replacement in one file of `fla_mesa/` (its anchor must occur exactly once: a missing or
-repeated anchor fails the run loudly, as the code it targeted has moved) and names the few test files (and a `-k`
-filter) that should catch it. For every mutant the committed tree of the commit asked for (`git archive`, default
-HEAD: other people's uncommitted edits are not checked) is unpacked to a fresh temporary directory, the mutant
-applied there, and pytest run in that directory, whose `fla_mesa` is imported before the installed one (checked:
-the run fails if the copy is not what gets imported). A mutant is caught when the tests fail. The unmutated copy runs
-every mutant's tests first: they must pass, else a "catch" would mean nothing.
+Each mutant is a textual replacement in one file of `fla_mesa/` or of a benchmark a test guards (its anchor must
+occur exactly once: a missing or repeated anchor fails the run loudly, as the code it targeted has moved) and names
+the few test files (and a `-k` filter) that should catch it. For every mutant the committed tree of the commit asked
+for (`git archive`, default HEAD: other people's uncommitted edits are not checked) is unpacked to a fresh temporary
+directory, the mutant applied there, and pytest run in that directory, whose `fla_mesa` is imported before the
+installed one (checked: the run fails if the copy is not what gets imported). A mutant is caught when the tests
+fail. The unmutated copy runs every mutant's tests first: they must pass, else a "catch" would mean nothing.
 
 Run from the repository root (CPU, the Triton kernels under the interpreter, as CI):
 
@@ -64,7 +64,7 @@ MUTANTS = [
            'b_d = mesa_dot(b_m, b_kf * b_kf, b_e[:, None] * b_hd[None, :] + b_lamb[None, :], DIAG_PREC, False)',
            'b_d = b_e[:, None] * b_hd[None, :] + b_lamb[None, :] + 0 * b_m[:, :1]',
            ['tests/ops/test_cg_fixed_steps.py'], 'chunk'),
-    Mutant("recurrent kernel's float32 residual floor raised (1e-19 to 1e-12)",
+    Mutant("recurrent kernel's float32 residual floor raised (9e-19 to 1e-12)",
            'fla_mesa/ops/mesa/fused_recurrent.py',
            'FLOOR2=residual_floor2(dtype),',
            'FLOOR2=residual_floor2(dtype) if dtype == torch.float64 else 1e-12,',
@@ -322,6 +322,11 @@ MUTANTS = [
            "@ x.reshape(-1, x.shape[-1])",
            "@ x.reshape(-1, x.shape[-1]).roll(1, 0)",
            ['tests/modules/test_projections.py'], 'match_separate'),
+    Mutant("chunk benchmark: fla's state pass imported by a name fla lacks (its column silently 'n/a')",
+           'benchmarks/benchmark_chunk.py',
+           'from fla.ops.mesa_net.chunk_h_fwd import chunk_mesa_fwd_h',
+           'from fla.ops.mesa_net.chunk_h_fwd import chunk_mesa_fwd_states as chunk_mesa_fwd_h',
+           ['tests/test_fla_imports.py'], 'tools'),
 ]
 
 

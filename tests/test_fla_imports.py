@@ -33,14 +33,17 @@ PRIVATE = {
 }
 
 
-def fla_imports():
-    """(module, name, file) for every `from fla... import name` in fla_mesa/, at any depth (also lazy imports)."""
+def fla_imports(folders=('fla_mesa',)):
+    """
+    (module, name, file) for every `from fla... import name` in `folders`, at any depth (also lazy imports); the
+    package itself must import names, the tools may `import fla` (for its version).
+    """
     found = []
-    for path in sorted((ROOT / 'fla_mesa').rglob('*.py')):
+    for path in sorted(p for folder in folders for p in (ROOT / folder).rglob('*.py')):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] == 'fla':
                 found += [(node.module, alias.name, path.relative_to(ROOT).as_posix()) for alias in node.names]
-            elif isinstance(node, ast.Import):
+            elif isinstance(node, ast.Import) and folders == ('fla_mesa',):
                 assert all(a.name.split('.')[0] != 'fla' for a in node.names), f"{path}: import a name from fla"
     return found
 
@@ -68,3 +71,21 @@ def test_private_fla_name(module_name, name):
     assert PRIVATE[module_name, name](obj), f"{module_name}.{name} is not what fla_mesa relies on any more"
     doc = (ROOT / 'docs' / 'upstream.md').read_text()
     assert f'`{module_name}`' in doc and name in doc, f"docs/upstream.md gives no reason for {module_name}.{name}"
+
+
+def test_tools_fla_imports_resolve():
+    """
+    The benchmarks, scripts and examples import fla's ops (the peers they time) inside try blocks that turn a failure
+    into an "n/a" cell: a name fla does not have (a renamed module or function) would pass unnoticed there.
+    """
+    imports = fla_imports(('benchmarks', 'scripts', 'examples'))
+    assert imports, 'found no import from fla: the scan is broken'
+    missing = []
+    for module_name, name, path in imports:
+        module = importlib.import_module(module_name)
+        if not hasattr(module, name):
+            try:
+                importlib.import_module(f'{module_name}.{name}')
+            except ImportError:
+                missing.append((path, module_name, name))
+    assert not missing, f"fla has no such name: {missing}"
