@@ -33,17 +33,17 @@ PRIVATE = {
 }
 
 
-def fla_imports(folders=('fla_mesa',)):
+def fla_imports(folders=('fla_mesa',), names_only=True):
     """
-    (module, name, file) for every `from fla... import name` in `folders`, at any depth (also lazy imports); the
-    package itself must import names, the tools may `import fla` (for its version).
+    (module, name, file) for every `from fla... import name` in `folders`, at any depth (also lazy imports).
+    `names_only`: a plain `import fla...` fails (the package imports names; the tools may `import fla` for its version).
     """
     found = []
     for path in sorted(p for folder in folders for p in (ROOT / folder).rglob('*.py')):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split('.')[0] == 'fla':
                 found += [(node.module, alias.name, path.relative_to(ROOT).as_posix()) for alias in node.names]
-            elif isinstance(node, ast.Import) and folders == ('fla_mesa',):
+            elif isinstance(node, ast.Import) and names_only:
                 assert all(a.name.split('.')[0] != 'fla' for a in node.names), f"{path}: import a name from fla"
     return found
 
@@ -78,7 +78,7 @@ def test_tools_fla_imports_resolve():
     The benchmarks, scripts and examples import fla's ops (the peers they time) inside try blocks that turn a failure
     into an "n/a" cell: a name fla does not have (a renamed module or function) would pass unnoticed there.
     """
-    imports = fla_imports(('benchmarks', 'scripts', 'examples'))
+    imports = fla_imports(('benchmarks', 'scripts', 'examples'), names_only=False)
     assert imports, 'found no import from fla: the scan is broken'
     missing = []
     for module_name, name, path in imports:

@@ -224,7 +224,7 @@ def chunk_mesa(
         cg_tol (float, Optional):
             a token stops once its relative residual `||b - A x|| / ||b||` is at most `cg_tol`; `None` runs every
             token for `cg_max_steps`, unless its residual falls below what the solve's arithmetic attains
-            (`utils.residual_floor2`: on the Triton path 2e-7 with bf16 keys, 4e-9 with float32 ones; on the PyTorch
+            (`utils.residual_floor2`: on the Triton path 2e-7 with 16-bit keys, 4e-9 with float32 ones; on the PyTorch
             path 9e-10, 2e-18 in float64), past which steps change x by less than their own rounding. The backward's
             adjoint solve uses the same rule.
             Default: `1e-4`, which the paper found to match 30 fixed steps at about 9 steps on average.
